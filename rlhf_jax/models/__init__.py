@@ -9,3 +9,4 @@ from rlhf_jax.models.transformer import (
     init_params,
     param_logical_axes,
 )
+from rlhf_jax.models.hf import from_pretrained, save_pretrained
