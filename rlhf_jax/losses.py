@@ -1,0 +1,162 @@
+"""Losses for the InstructGPT recipe: LM/SFT, reward-model ranking, PPO policy/value, PPO-ptx.
+
+Pure `jax.numpy` functions, safe under `jax.jit` / `jax.vmap`; all reductions are fp32 and
+"token-mean" means sum over valid tokens of the whole batch / number of valid tokens (every token
+weighs the same, not every sequence). Losses with diagnostics return `(loss, aux)`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.rl import kl_k3, masked_count, masked_mean
+
+# --------------------------------------------------------------------------------------------
+# Token log-probabilities and entropy
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits)[token] in fp32: `[..., T, V]`, `[..., T]` -> `[..., T]`.
+
+    Computed as z[token] - logsumexp(z) so the full `[..., T, V]` log-softmax is never kept.
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+    """H_t = logsumexp(z) - sum_v softmax(z)_v z_v in fp32: `[..., T, V]` -> `[..., T]`."""
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
+
+
+def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Token-mean of the policy entropy H_t over positions with mask 1 (0 if none)."""
+    return masked_mean(token_entropy(logits), mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Language modelling (pretraining, SFT, ptx)
+# --------------------------------------------------------------------------------------------
+
+
+def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
+    """Token-mean of -log p(x_t | x_<t) over t with loss_mask[t] = 1 (logits at t-1 predict token t).
+
+    `logits [B, T, V]` from the model on `input_ids [B, T]`; `loss_mask[:, 0]` is ignored (nothing
+    predicts the first token). SFT: loss_mask marks response tokens; pretraining: the attention
+    mask. aux: `tokens` (number of targets) and `accuracy` (argmax hits / targets).
+    """
+    prediction_logits = logits[..., :-1, :]
+    targets = input_ids[..., 1:]
+    target_mask = loss_mask[..., 1:]
+    nll = -token_logprobs(prediction_logits, targets)
+    hits = (jnp.argmax(prediction_logits, axis=-1) == targets).astype(jnp.float32)
+    aux = {"tokens": masked_count(target_mask), "accuracy": masked_mean(hits, target_mask)}
+    return masked_mean(nll, target_mask), aux
+
+
+sft_loss = lm_loss  # SFT is the LM loss with loss_mask = response tokens (the shared batch format).
+
+
+def ppo_ptx_loss(actor_loss: jax.Array, ptx_lm_loss: jax.Array, ptx_coef) -> jax.Array:
+    """L = L_actor + ptx_coef * L_LM(pretraining batch): InstructGPT's PPO-ptx (Ouyang et al. 2022, eq. 2).
+
+    Maximising E[r - beta*KL] + gamma * E_pretrain[log pi] is minimising this with gamma = ptx_coef.
+    """
+    return actor_loss + ptx_coef * ptx_lm_loss
+
+
+# --------------------------------------------------------------------------------------------
+# Reward model
+# --------------------------------------------------------------------------------------------
+
+
+def pairwise_ranking_loss(chosen_scores: jax.Array, rejected_scores: jax.Array) -> jax.Array:
+    """mean of -log sigmoid(r_chosen - r_rejected): the Bradley-Terry RM loss (Stiennon et al. 2020)."""
+    margin = chosen_scores.astype(jnp.float32) - rejected_scores.astype(jnp.float32)
+    return jnp.mean(-jax.nn.log_sigmoid(margin))
+
+
+def _better_pairs(ranks: jax.Array) -> jax.Array:
+    """better[p, i, j] = 1.0 when response i is strictly better ranked than j (both present: rank >= 0)."""
+    ranks = ranks.astype(jnp.int32)
+    present = ranks >= 0
+    better = (ranks[..., :, None] < ranks[..., None, :]) & present[..., :, None] & present[..., None, :]
+    return better.astype(jnp.float32)
+
+
+def ranking_loss(scores: jax.Array, ranks: jax.Array) -> jax.Array:
+    """mean_prompts [ mean_{(i,j): rank_i < rank_j} -log sigmoid(s_i - s_j) ]: InstructGPT RM loss (eq. 1).
+
+    `scores [P, K]`, `ranks [P, K]` with 0 = best. Each prompt contributes the mean over its
+    K(K-1)/2 ordered pairs (one batch element per prompt, so a prompt with many responses does not
+    dominate). Tied ranks form no pair; rank < 0 marks an absent response. Prompts without any
+    pair are left out of the mean.
+    """
+    better = _better_pairs(ranks)
+    scores = scores.astype(jnp.float32)
+    pair_loss = -jax.nn.log_sigmoid(scores[..., :, None] - scores[..., None, :])
+    pairs_per_prompt = jnp.sum(better, axis=(-2, -1))
+    per_prompt = jnp.sum(better * pair_loss, axis=(-2, -1)) / jnp.maximum(pairs_per_prompt, 1.0)
+    return masked_mean(per_prompt, pairs_per_prompt > 0)
+
+
+def ranking_accuracy(scores: jax.Array, ranks: jax.Array) -> jax.Array:
+    """Fraction of ordered pairs (rank_i < rank_j) with s_i > s_j, averaged per prompt like `ranking_loss`."""
+    better = _better_pairs(ranks)
+    scores = scores.astype(jnp.float32)
+    correct = (scores[..., :, None] > scores[..., None, :]).astype(jnp.float32)
+    pairs_per_prompt = jnp.sum(better, axis=(-2, -1))
+    per_prompt = jnp.sum(better * correct, axis=(-2, -1)) / jnp.maximum(pairs_per_prompt, 1.0)
+    return masked_mean(per_prompt, pairs_per_prompt > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# PPO (Schulman et al. 2017)
+# --------------------------------------------------------------------------------------------
+
+
+def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
+                    mask: jax.Array, clip_eps) -> tuple[jax.Array, dict]:
+    """Token-mean of max(-A*rho, -A*clip(rho, 1-eps, 1+eps)), rho = exp(log pi - log pi_old).
+
+    The clipped surrogate of PPO (Schulman et al. 2017, eq. 7) as a loss. aux: `clipfrac` =
+    fraction of valid tokens where the clipped term wins (its gradient is 0), `approx_kl` =
+    token-mean k3 estimate of KL(pi_old || pi) = (rho - 1) - log rho (as in CleanRL), `ratio` =
+    token-mean rho. `old_logprobs` and `advantages` are treated as constants.
+    """
+    old_logprobs = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
+    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
+    log_ratio = logprobs.astype(jnp.float32) - old_logprobs
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    aux = {
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(jax.lax.stop_gradient(kl_k3(old_logprobs, logprobs)), mask),
+        "ratio": masked_mean(jax.lax.stop_gradient(ratio), mask),
+    }
+    return loss, aux
+
+
+def ppo_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,
+                   clip_eps) -> tuple[jax.Array, dict]:
+    """Token-mean of 0.5 * max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2).
+
+    The clipped value loss of OpenAI baselines' PPO2 (used by InstructGPT-style trainers: TRL,
+    DeepSpeed-Chat). aux: `clipfrac` = fraction of valid tokens where the clipped term wins.
+    """
+    values = values.astype(jnp.float32)
+    old_values = jax.lax.stop_gradient(old_values.astype(jnp.float32))
+    returns = jax.lax.stop_gradient(returns.astype(jnp.float32))
+    clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+    unclipped_error = jnp.square(values - returns)
+    clipped_error = jnp.square(clipped_values - returns)
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped_error, clipped_error), mask)
+    aux = {"clipfrac": masked_mean((clipped_error > unclipped_error).astype(jnp.float32), mask)}
+    return loss, aux
