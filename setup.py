@@ -14,6 +14,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "transformers>=4.50",
         "tokenizers>=0.20",
+        "jinja2>=3.1",  # chat templates (apply_chat_template)
         "safetensors>=0.4",
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",
