@@ -1,0 +1,84 @@
+"""Rule-based (programmatic) rewards for PPO, as jnp functions of the sampled response.
+
+In the spirit of GPT-4's rule-based reward models: a reward that code can compute, added to the
+reward-model score with a weight from the config (or used alone, with no reward model at all).
+Every rule maps `(tokens [B, N], mask [B, N]) -> [B]` float32 and runs on device inside the
+jitted PPO iteration. `mask` is the generation mask: 1 up to and including the first EOS.
+
+Rules (config `rewards.<name>` with a `weight`; weight 0 switches a rule off):
+- `target_token`: number of response tokens equal to `token` ("emit token X"; a trivially
+  learnable reward for tests and smoke runs).
+- `length`: −|response length − `target`| (prefer responses of a given length).
+- `missing_eos`: −1 when the response never emits `eos_id` (truncated rambling), else 0.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+RewardFn = Callable[[Array, Array], Array]
+
+
+def target_token_count(tokens: Array, mask: Array, *, token: int) -> Array:
+    """Σ_t mask_t · [tokens_t = token]: how often the response emits `token`."""
+    return jnp.sum((tokens == token) & mask.astype(bool), axis=-1).astype(jnp.float32)
+
+
+def length_deviation(tokens: Array, mask: Array, *, target: int) -> Array:
+    """−|Σ_t mask_t − target|: zero at the target length, one less per token away from it."""
+    del tokens
+    return -jnp.abs(jnp.sum(mask, axis=-1).astype(jnp.float32) - target)
+
+
+def missing_eos(tokens: Array, mask: Array, *, eos_id: int) -> Array:
+    """−1 for a response without an EOS among its valid tokens (it hit max_new_tokens), else 0."""
+    has_eos = jnp.any((tokens == eos_id) & mask.astype(bool), axis=-1)
+    return jnp.where(has_eos, 0.0, -1.0).astype(jnp.float32)
+
+
+# name -> (function, the config keys it takes besides `weight`)
+RULES: dict[str, tuple[Callable[..., Array], tuple[str, ...]]] = {
+    "target_token": (target_token_count, ("token",)),
+    "length": (length_deviation, ("target",)),
+    "missing_eos": (missing_eos, ("eos_id",)),
+}
+
+
+def active_rules(rules_config: Mapping, config_path: str = "config.rewards.rules") -> dict[str, dict]:
+    """Validated `{name: {"weight": w, **params}}` of the rules with a non-zero weight.
+
+    Unknown rule names or missing/extra parameters raise a ValueError naming the config key.
+    """
+    active = {}
+    for name, entry in dict(rules_config).items():
+        if name not in RULES:
+            raise ValueError(f"{config_path}.{name}: unknown rule (allowed: {', '.join(sorted(RULES))})")
+        entry = dict(entry)
+        if "weight" not in entry:
+            raise ValueError(f"{config_path}.{name}: missing 'weight'")
+        expected = set(RULES[name][1]) | {"weight"}
+        if set(entry) != expected:
+            raise ValueError(f"{config_path}.{name}: has keys {sorted(entry)}, expected {sorted(expected)}")
+        if float(entry["weight"]) != 0.0:
+            active[name] = entry
+    return active
+
+
+def make_rule_reward(rules_config: Mapping) -> Callable[[Array, Array], tuple[Array, dict[str, Array]]]:
+    """`fn(tokens, mask) -> (Σ_i weight_i · rule_i [B], {name: rule_i [B]})` over the active rules."""
+    rules = active_rules(rules_config)
+
+    def rule_reward(tokens: Array, mask: Array):
+        total = jnp.zeros(tokens.shape[:1], jnp.float32)
+        parts = {}
+        for name, entry in rules.items():
+            fn, param_names = RULES[name]
+            value = fn(tokens, mask, **{k: entry[k] for k in param_names})
+            parts[name] = value
+            total = total + float(entry["weight"]) * value
+        return total, parts
+
+    return rule_reward
