@@ -1,0 +1,164 @@
+"""Pipeline: evaluation helpers, report outputs, stage bookkeeping, and the smoke run end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import evaluation, pipeline, report, tasks
+from rlhf_jax.tasks import tokenizer as task_tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: pure helpers
+# ----------------------------------------------------------------------------------------------
+def test_padded_chunks_cover_every_row_once_with_fixed_shape():
+    chunks = evaluation.padded_chunks(5, 2)
+    # 5 rows in chunks of 2: [0 1] [2 3] [4 0]; the trailing 0 is filler.
+    assert [c.tolist() for c in chunks] == [[0, 1], [2, 3], [4, 0]]
+    with pytest.raises(ValueError, match="num_rows"):
+        evaluation.padded_chunks(0, 4)
+
+
+def test_map_batched_drops_filler_rows_and_keeps_order():
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape)
+        return {"double": 2 * x}
+
+    out = evaluation.map_batched(fn, {"x": np.arange(7)}, batch_size=3)
+    assert calls == [(3,), (3,), (3,)]  # one shape for every call
+    np.testing.assert_array_equal(out["double"], 2 * np.arange(7))
+
+
+def test_pairwise_accuracy_by_hand():
+    # Prompt 1: ranks [0, 1, 2] (response 0 best); scores 3 > 2 > 1 agree on all 3 pairs -> 3/3.
+    # Prompt 2: ranks [2, 0, 1]; the labeler's pairs: (1 over 0), (2 over 0), (1 over 2).
+    #   scores [5, 5, 1]: (1 vs 0) tie -> 1/2, (2 over 0): 1 < 5 -> 0, (1 over 2): 5 > 1 -> 1.
+    # Total (3 + 1.5) / 6 = 0.75.
+    scores = np.array([[3.0, 2.0, 1.0], [5.0, 5.0, 1.0]])
+    ranks = np.array([[0, 1, 2], [2, 0, 1]])
+    assert evaluation.pairwise_accuracy(scores, ranks) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="one shape"):
+        evaluation.pairwise_accuracy(scores, ranks[:, :2])
+
+
+def test_pairwise_accuracy_matches_a_loop_reference():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 3, size=(20, 4)).astype(float)  # many ties
+    ranks = np.stack([rng.permutation(4) for _ in range(20)])
+    total = 0.0
+    for s, r in zip(scores, ranks):
+        for i in range(4):
+            for j in range(4):
+                if r[i] < r[j]:
+                    total += 1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0
+    assert evaluation.pairwise_accuracy(scores, ranks) == pytest.approx(total / (20 * 6))
+
+
+def test_sequence_kl_sums_valid_tokens_only():
+    policy = np.array([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    reference = np.array([[-1.5, -1.0, -7.0], [-1.0, -0.25, 0.0]])
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    # row 0: (-1 + 1.5) + (-2 + 1) = -0.5 (third token masked); row 1: 0.5 - 0.25 - 9 = -8.75
+    np.testing.assert_allclose(evaluation.sequence_kl(policy, reference, mask), [-0.5, -8.75])
+
+
+def test_best_of_n_and_distinct_first():
+    np.testing.assert_array_equal(evaluation.best_of_n_indices(np.array([[0.1, 0.9, 0.9], [2.0, 1.0, 0.0]])),
+                                  [1, 0])  # first index on ties
+    assert evaluation.distinct_first(["a", "a", "b", "c", "b"], 3) == [0, 2, 3]
+    assert evaluation.distinct_first(["a", "a", "b"], 3) is None
+
+
+def test_decode_responses_stops_at_eos_and_keeps_other_specials():
+    tok = task_tokenizer.build_tokenizer()
+    eos = tok.eos_token_id
+    ids = tok("a c d", add_special_tokens=False)["input_ids"]
+    user = tok.convert_tokens_to_ids("<user>")
+    tokens = np.array([ids + [eos, 0], [ids[0], user, ids[1], ids[2], 0]])
+    mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert evaluation.decode_responses(tok, tokens, mask, eos) == ["a c d", "a <user> c d <pad>"]
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+def _summary(**overrides):
+    values = dict(sft_gold=0.4, best_of_4_gold=0.5, ppo_gold=0.7, rm_heldout_accuracy=0.71,
+                  labeler_agreement=0.74, kl_to_sft=3.2, win_rate_vs_sft=0.8, wall_seconds=100.0)
+    values.update(overrides)
+    return values
+
+
+def test_write_summary_rejects_missing_and_nonfinite(tmp_path):
+    path = tmp_path / "summary.json"
+    report.write_summary(path, _summary())
+    assert json.loads(path.read_text())["ppo_gold"] == 0.7
+    with pytest.raises(ValueError, match="kl_to_sft=nan"):
+        report.write_summary(path, _summary(kl_to_sft=float("nan")))
+    bad = _summary()
+    del bad["win_rate_vs_sft"]
+    with pytest.raises(ValueError, match="win_rate_vs_sft: missing"):
+        report.write_summary(path, bad)
+
+
+def test_markdown_table_and_series():
+    table = report.markdown_table([{"a": 1, "b": 0.123456}, {"a": "x|y"}], ("a", "b"))
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| x\\|y |  |"]
+    rows = [{"step": 1, "kl": 0.5}, {"step": 2}, {"step": 3, "kl": float("nan")}, {"step": 4, "kl": 1.5}]
+    assert report.series(rows, "kl") == ([1, 4], [0.5, 1.5])
+
+
+def test_plots_and_report_files(tmp_path):
+    ppo_rows = [{"step": s, "reward/mean": 0.1 * s, "kl": 0.2 * s, "kl_coef": 0.05} for s in range(1, 6)]
+    assert report.plot_ppo_curves(ppo_rows, tmp_path / "ppo.png") == ["reward/mean", "kl", "kl_coef"]
+    rm_rows = [{"step": 1, "accuracy": 0.6}, {"step": 2, "accuracy": 0.7, "eval/accuracy": 0.65}]
+    assert report.plot_rm_accuracy(rm_rows, tmp_path / "rm.png", ceiling=0.74) == ["accuracy", "eval/accuracy"]
+    sweep_rows = [{"kl_coef": c, "kl_to_sft": k, "ppo_gold": g, "ppo_rm_score": r}
+                  for c, k, g, r in ((0.2, 1.0, 0.5, 0.3), (0.01, 9.0, 0.4, 1.2), (0.05, 4.0, 0.6, 0.9))]
+    report.plot_overoptimization(sweep_rows, tmp_path / "sweep.png")
+    for name in ("ppo.png", "rm.png", "sweep.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [{"prompt": "sort : b a", "sft": "sure ! a b", "sft_gold": 0.8, "ppo": "a b", "ppo_gold": 1.0}]
+    report.write_report(tmp_path / "report.md", _summary(), samples, {"PPO curves": "ppo.png"})
+    text = (tmp_path / "report.md").read_text()
+    assert "| sort : b a | sure ! a b (0.80) | a b (1.00) |" in text
+    assert "![PPO curves](ppo.png)" in text and "| win_rate_vs_sft | 0.8 |" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline bookkeeping
+# ----------------------------------------------------------------------------------------------
+def test_run_stage_runs_once_then_skips(tmp_path):
+    calls = []
+    first = pipeline.run_stage("demo", tmp_path / "demo", lambda: calls.append(1) or {"n": 3}, echo=lambda _: None)
+    again = pipeline.run_stage("demo", tmp_path / "demo", lambda: calls.append(1) or {"n": 4}, echo=lambda _: None)
+    assert calls == [1]
+    assert first["info"] == again["info"] == {"n": 3}
+    assert math.isfinite(first["seconds"]) and (tmp_path / "demo" / pipeline.DONE).exists()
+
+
+def test_failed_stage_leaves_no_marker(tmp_path):
+    def boom():
+        raise RuntimeError("stage failed")
+
+    with pytest.raises(RuntimeError, match="stage failed"):
+        pipeline.run_stage("demo", tmp_path / "demo", boom, echo=lambda _: None)
+    assert pipeline.stage_info(tmp_path / "demo") is None
+
+
+def test_distinct_candidates_and_labels_sorted_at_zero_temperature():
+    examples = tasks.sample_examples(2, seed=3)
+    good = examples[0].answer
+    texts = [[good, good, "sure ! " + good, "", "x"], ["a", "a", "a", "b", ""]]
+    rows, chosen = pipeline.distinct_candidates(texts, 3)
+    assert rows == [0] and chosen == [[good, "sure ! " + good, "x"]]
+    records, gold_sets = pipeline.label_rankings([examples[0]], chosen, temperature=0.0, seed=0)
+    # noise-free labeler: best gold first; the exact answer (gold 1) beats the chatty one (0.8).
+    expected = np.argsort(-gold_sets[0], kind="stable").tolist()
+    assert records[0]["ranking"] == expected and expected[0] == 0
