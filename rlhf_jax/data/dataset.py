@@ -1,0 +1,150 @@
+"""`load_split`: files -> TFDS array_record -> tokenized examples -> batch iterator."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from rlhf_jax.data import batching, builders, chat, formats, tokenization
+from rlhf_jax.data.iterator import BatchIterator
+
+BATCH_FORMATS = tokenization.BATCH_FORMATS
+DEFAULT_BATCH_FORMAT = {"demonstrations": "lm", "text": "lm", "comparisons": "ranking", "rankings": "ranking",
+                        "hh": "ranking", "prompts": "prompts"}
+
+
+class TokenizedSplit:
+    """Tokenized examples of one split, with random access and a checkpointable iterator.
+
+    `split[i]` is the i-th kept example (dict of numpy arrays, see tokenization.py);
+    `split.record(i)` its parsed source record, read back from the array_record file;
+    `split.num_dropped` / `split.drop_counts` / `split.dropped_lines` account for rows dropped
+    for length (logged once at load). `split.collate(rows)` pads examples into a batch.
+    """
+
+    def __init__(self, *, kind, batch_format, paths, source, examples, drops, max_len, max_prompt_len, pad_id,
+                 num_responses, num_source_rows):
+        self.kind, self.batch_format, self.paths, self.source = kind, batch_format, paths, source
+        self.examples, self.max_len, self.max_prompt_len, self.pad_id = examples, max_len, max_prompt_len, pad_id
+        self.num_responses, self.num_source_rows = num_responses, num_source_rows
+        self.drop_counts = dict(drops.counts)
+        self.dropped_lines = {k: list(v) for k, v in drops.lines.items()}
+        self.num_dropped = int(sum(drops.counts.values()))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+    def record(self, i: int) -> dict:
+        """The parsed source record of example i (for a packed text split: of source row i)."""
+        row = i if self.kind == "text" else int(self.examples[i]["index"])
+        return builders.decode_record(self.source[row])
+
+    def length(self, i: int) -> int:
+        """Longest sequence of example i (what bucketing sorts by)."""
+        e = self.examples[i]
+        if self.batch_format == "ranking":
+            return max(len(s) for s in e["input_ids"])
+        return len(e["prompt_ids"] if self.batch_format == "prompts" else e["input_ids"])
+
+    def full_length(self) -> int:
+        return self.max_prompt_len if self.batch_format == "prompts" else self.max_len
+
+    def collate(self, rows: Sequence[int], bucket_boundaries: Sequence[int] | None = None) -> dict:
+        """Pads examples `rows` (-1 = a padding row) into a batch; T = max_len (prompts: max_prompt_len)
+        or the smallest bucket boundary that fits the batch."""
+        examples = [self.examples[int(r)] if r >= 0 else None for r in rows]
+        pad_len = self.full_length()
+        if bucket_boundaries:
+            longest = max([self.length(int(r)) for r in rows if r >= 0] or [1])
+            pad_len = batching.bucket_length(longest, bucket_boundaries)
+        if self.batch_format == "lm":
+            return batching.collate_lm(examples, pad_len, self.pad_id)
+        if self.batch_format == "ranking":
+            return batching.collate_ranking(examples, pad_len, self.pad_id, self.num_responses)
+        return batching.collate_prompts(examples, pad_len, self.pad_id)
+
+    def iterator(self, batch_size: int, seed: int = 0, *, shuffle: bool = True, drop_remainder: bool = True,
+                 num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
+                 bucket_boundaries: Sequence[int] | None = None, bucket_window: int = 16) -> BatchIterator:
+        """A BatchIterator over this split (see iterator.py). `batch_size` is GLOBAL; each process gets
+        batch_size / process_count rows. With `bucket_boundaries` (e.g. (128, 256, 512)) batches hold
+        rows of similar length and are padded to the smallest boundary that fits (max_len is always a
+        boundary), so there is one compiled shape per boundary."""
+        lengths, boundaries = None, None
+        if bucket_boundaries:
+            full = self.full_length()
+            boundaries = sorted({int(b) for b in bucket_boundaries if b < full} | {full})
+            lengths = np.asarray([self.length(i) for i in range(len(self))])
+        return BatchIterator(len(self), lambda rows: self.collate(rows, boundaries), batch_size, seed,
+                             shuffle=shuffle, drop_remainder=drop_remainder, num_epochs=num_epochs,
+                             process_index=process_index, process_count=process_count,
+                             lengths=lengths, bucket_window=bucket_window if boundaries else 0)
+
+
+def prompt_budget(max_len: int, max_prompt_len: int | None, batch_format: str) -> int:
+    """max_prompt_len, defaulted (max_len // 2; prompt batches: max_len) and range-checked."""
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if max_prompt_len is None:
+        return max_len if batch_format == "prompts" else max_len // 2
+    upper = max_len if batch_format == "prompts" else max_len - 1  # a response keeps >= 1 token
+    if not 1 <= max_prompt_len <= upper:
+        raise ValueError(f"max_prompt_len={max_prompt_len} must be in [1, {upper}] for max_len={max_len}")
+    return max_prompt_len
+
+
+def load_split(kind: str, path: str | Sequence[str], tokenizer, *, max_len: int, max_prompt_len: int | None = None,
+               batch_format: str | None = None, template: str = "auto", truncate: bool = True,
+               data_dir: str | None = None, text_separator: str = "blank_line") -> TokenizedSplit:
+    """Builds/reads the TFDS array_record copy of `path` and tokenizes it for `batch_format`.
+
+    kind: formats.KINDS; batch_format: "lm" | "ranking" | "prompts" (default by kind: demonstrations
+    and text -> lm, comparisons/rankings/hh -> ranking, prompts -> prompts; any chat kind can give
+    "prompts", and "lm" trains on the best response). max_len: sequence length T of lm/ranking
+    batches; max_prompt_len: prompt budget (default max_len // 2; for prompt batches it is P,
+    default max_len). template: chat.TEMPLATES. data_dir: TFDS cache (default ~/.cache/rlhf_jax/tfds).
+    """
+    formats.check_kind(kind)
+    batch_format = batch_format or DEFAULT_BATCH_FORMAT[kind]
+    if batch_format not in BATCH_FORMATS:
+        raise ValueError(f"batch_format must be one of {BATCH_FORMATS}, got {batch_format!r}")
+    allowed = {"text": ("lm",), "prompts": ("prompts",), "demonstrations": ("lm", "prompts")}.get(kind, BATCH_FORMATS)
+    if batch_format not in allowed:
+        raise ValueError(f"kind={kind!r} gives batch_format {allowed}, not {batch_format!r}")
+    chat.resolve_template(tokenizer, template)
+    max_prompt_len = prompt_budget(max_len, max_prompt_len, batch_format)
+    paths = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
+    source = builders.prepare_source(kind, paths, data_dir, text_separator)
+    records = [builders.decode_record(r) for r in source.__getitems__(list(range(len(source))))]
+    drops = tokenization.DropCounter()
+    args = (records, tokenizer, template)
+    if kind == "text":
+        examples = tokenization.packed_text_examples(records, tokenizer, max_len)
+    elif batch_format == "lm":
+        examples = tokenization.lm_examples(*args, max_len, max_prompt_len, truncate, drops)
+    elif batch_format == "ranking":
+        examples = tokenization.ranking_examples(*args, max_len, max_prompt_len, truncate, drops)
+    else:
+        examples = tokenization.prompt_examples(*args, max_prompt_len, truncate, drops)
+    if drops.counts:
+        logging.warning("%s: dropped %d of %d rows %s", ", ".join(paths), sum(drops.counts.values()),
+                        len(records), dict(drops.counts))
+    if not examples:
+        raise formats.DataError(", ".join(paths), None, None,
+                                f"empty split: all {len(records)} rows were dropped {dict(drops.counts)}")
+    num_responses = len(examples[0]["input_ids"]) if batch_format == "ranking" else 0
+    return TokenizedSplit(kind=kind, batch_format=batch_format, paths=paths, source=source, examples=examples,
+                          drops=drops, max_len=max_len, max_prompt_len=max_prompt_len, pad_id=chat.pad_id(tokenizer),
+                          num_responses=num_responses, num_source_rows=len(records))
+
+
+def hh_ranking_batches(path: str, tokenizer, *, max_len: int, batch_size: int, seed: int = 0,
+                       data_dir: str | None = None, template: str = "auto", **iterator_kwargs) -> BatchIterator:
+    """Ranking batches (K=2, chosen rank 0) from an Anthropic HH-RLHF JSONL(.gz) file."""
+    split = load_split("hh", path, tokenizer, max_len=max_len, data_dir=data_dir, template=template)
+    return split.iterator(batch_size, seed, **iterator_kwargs)

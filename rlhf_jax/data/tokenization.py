@@ -1,0 +1,138 @@
+"""Normalized records -> fixed-budget token examples for the three batch formats.
+
+Truncation (`truncate=True`): the prompt loses tokens from the LEFT (the most recent context is
+kept; a leading BOS is kept too), responses lose tokens from the RIGHT. The prompt keeps
+    p = min(len(prompt), max(max_len - longest response, max_prompt_len))
+tokens: it is cut only as far as the responses need, but never below `max_prompt_len`; each
+response then keeps min(len(response), max_len - p) tokens. With `truncate=False` a row that does
+not fit is dropped instead. Every dropped row is counted under a reason:
+- "too_long": does not fit and truncate=False;
+- "tied_responses": a ranking row with two identical responses (after truncation), which carries
+  no preference.
+Examples (numpy, int32):
+- "lm":      {"input_ids" [n], "loss_mask" [n]} (loss on assistant tokens), "index"
+- "ranking": {"input_ids": [K arrays], "ranks" [K]}, "index"
+- "prompts": {"prompt_ids" [p]}, "index"
+Text corpora are packed for language modelling: documents + EOS concatenated and cut into
+blocks of max_len tokens (the last block may be shorter); no document is dropped.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from rlhf_jax.data import chat
+
+BATCH_FORMATS = ("lm", "ranking", "prompts")
+
+
+def truncation_budget(prompt_len: int, response_len: int, max_len: int, max_prompt_len: int) -> tuple[int, int]:
+    """(prompt tokens kept, response tokens kept) under the rule in the module docstring."""
+    keep_prompt = min(prompt_len, max(max_len - response_len, max_prompt_len))
+    return keep_prompt, min(response_len, max_len - keep_prompt)
+
+
+def left_truncate(ids: np.ndarray, keep: int, bos: int | None = None) -> np.ndarray:
+    """The last `keep` tokens; a leading BOS survives (it replaces the oldest kept token)."""
+    return ids[kept_positions(ids, keep, bos)]
+
+
+def kept_positions(ids: np.ndarray, keep: int, bos: int | None = None) -> np.ndarray:
+    """Positions of `ids` that left truncation to `keep` tokens keeps (see left_truncate)."""
+    n = len(ids)
+    if n <= keep:
+        return np.arange(n)
+    if bos is not None and keep > 0 and ids[0] == bos:
+        return np.concatenate([[0], np.arange(n - keep + 1, n)]).astype(np.int64)
+    return np.arange(n - keep, n)
+
+
+class DropCounter:
+    """Counts dropped rows per reason and remembers their source lines."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+        self.lines = collections.defaultdict(list)
+
+    def drop(self, reason: str, line: int) -> None:
+        self.counts[reason] += 1
+        self.lines[reason].append(line)
+
+
+def _bos_id(tokenizer) -> int | None:
+    return tokenizer.bos_token_id
+
+
+def tokenize_chat(records: list[dict], tokenizer, template: str, with_responses: bool):
+    """Each record -> (prompt ids, prompt target flags, [response ids], [response target flags])."""
+    prompt_rows = [chat.prompt_segments(tokenizer, r["messages"], template) for r in records]
+    prompts = chat.tokenize_segments(tokenizer, prompt_rows)
+    if not with_responses:
+        return [(p, t, [], []) for p, t in prompts]
+    response_rows = [chat.response_segments(tokenizer, r["messages"], resp, template)
+                     for r in records for resp in r["responses"]]
+    eos = chat.eos_id(tokenizer)
+    responses = iter(chat.ensure_eos(ids, t, eos) for ids, t in chat.tokenize_segments(tokenizer, response_rows))
+    out = []
+    for (p, t), r in zip(prompts, records):
+        pairs = [next(responses) for _ in r["responses"]]
+        out.append((p, t, [ids for ids, _ in pairs], [tm for _, tm in pairs]))
+    return out
+
+
+def lm_examples(records, tokenizer, template, max_len, max_prompt_len, truncate, drops: DropCounter):
+    """Prompt + best (rank 0) response; loss on every assistant token (earlier turns included)."""
+    out = []
+    for r, (p, pt, responses, rts) in zip(records, tokenize_chat(records, tokenizer, template, True)):
+        best = int(np.argmin(r["ranks"]))
+        resp, rt = responses[best], rts[best]
+        if len(p) + len(resp) > max_len and not truncate:
+            drops.drop("too_long", r["line"])
+            continue
+        keep_p, keep_r = truncation_budget(len(p), len(resp), max_len, max_prompt_len)
+        kept = kept_positions(p, keep_p, _bos_id(tokenizer))
+        p2, pt2 = p[kept], pt[kept]
+        out.append({"input_ids": np.concatenate([p2, resp[:keep_r]]).astype(np.int32),
+                    "loss_mask": np.concatenate([pt2, rt[:keep_r]]).astype(np.int32),
+                    "index": np.int32(r["index"])})
+    return out
+
+
+def ranking_examples(records, tokenizer, template, max_len, max_prompt_len, truncate, drops: DropCounter):
+    """Prompt + each of the K responses, all with the same (truncated) prompt."""
+    out = []
+    for r, (p, _, responses, _) in zip(records, tokenize_chat(records, tokenizer, template, True)):
+        longest = max(len(x) for x in responses)
+        if len(p) + longest > max_len and not truncate:
+            drops.drop("too_long", r["line"])
+            continue
+        keep_p, keep_r = truncation_budget(len(p), longest, max_len, max_prompt_len)
+        p2 = left_truncate(p, keep_p, _bos_id(tokenizer))
+        seqs = [np.concatenate([p2, x[:keep_r]]).astype(np.int32) for x in responses]
+        if len({s.tobytes() for s in seqs}) < len(seqs):
+            drops.drop("tied_responses", r["line"])
+            continue
+        out.append({"input_ids": seqs, "ranks": np.asarray(r["ranks"], np.int32), "index": np.int32(r["index"])})
+    return out
+
+
+def prompt_examples(records, tokenizer, template, max_prompt_len, truncate, drops: DropCounter):
+    """The dialogue up to the generation prompt, left-truncated to max_prompt_len."""
+    out = []
+    for r, (p, _, _, _) in zip(records, tokenize_chat(records, tokenizer, template, False)):
+        if len(p) > max_prompt_len and not truncate:
+            drops.drop("too_long", r["line"])
+            continue
+        out.append({"prompt_ids": left_truncate(p, max_prompt_len, _bos_id(tokenizer)).astype(np.int32),
+                    "index": np.int32(r["index"])})
+    return out
+
+
+def packed_text_examples(records, tokenizer, max_len):
+    """Documents + EOS, concatenated and cut into max_len blocks; loss on every real token."""
+    eos = chat.eos_id(tokenizer)
+    docs = tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]
+    stream = np.asarray([t for doc in docs for t in (*doc, eos)], np.int32)
+    return [{"input_ids": stream[s:s + max_len], "loss_mask": np.ones(len(stream[s:s + max_len]), np.int32),
+             "index": np.int32(s // max_len)} for s in range(0, len(stream), max_len)]
