@@ -9,6 +9,8 @@ Checked with tensorflow-datasets 4.9.10 and tensorflow not installed.
 
 The config name holds a SHA-256 of the kind, the options and the bytes of every source file, so
 editing a file rebuilds, and an unchanged file is read from the cache under `data_dir`.
+tfds writes into a temporary folder and renames it when done; on several hosts sharing one
+data_dir, let process 0 build first (or give each host its own data_dir).
 """
 from __future__ import annotations
 
