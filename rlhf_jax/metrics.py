@@ -1,0 +1,114 @@
+"""Metric logging: DIR/metrics.jsonl + TensorBoard events, a tqdm progress bar, and plots.
+
+Names are the same in every trainer (DESIGN.md): `loss`, `lr`, `reward/mean`, `kl`, `kl_coef`,
+`entropy`, `policy/clipfrac`, `policy/approx_kl`, `value/loss`, `value/explained_variance`,
+`response/length`, `gold/mean`, `nonfinite_steps`, `eval/...`, `time/...` (seconds).
+Only process 0 writes. A resumed run drops rows logged after the checkpoint it resumed from
+(they are logged again), so metrics.jsonl of an interrupted + resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def to_scalar(value: Any) -> float | int:
+    """Python number from a 0-d (device or numpy) array; rejects anything with more elements."""
+    array = np.asarray(jax.device_get(value))
+    if array.size != 1:
+        raise ValueError(f"metric value must be a scalar, got shape {array.shape}")
+    item = array.reshape(()).item()
+    return item if isinstance(item, int) else float(item)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Rows of a metrics.jsonl (`path` is the file or its run directory)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricWriter:
+    """Append `{"step": s, name: value, ...}` rows to DIR/metrics.jsonl and TensorBoard events."""
+
+    def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None):
+        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # a fresh run owns its metrics file
+        from tensorboardX import SummaryWriter
+
+        # purge_step makes TensorBoard hide events after the resume step from the interrupted run.
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge)
+
+    def _truncate_after(self, step: int) -> None:
+        kept = [row for row in read_metrics(self.path) if row["step"] <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        """Log one row (values may be device scalars); returns the row as Python numbers."""
+        row = {"step": int(step), **{name: to_scalar(value) for name, value in metrics.items()}}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, allow_nan=True) + "\n")
+            for name, value in row.items():
+                if name != "step" and math.isfinite(value):
+                    self._tb.add_scalar(name, value, step)
+            self._tb.flush()
+        return row
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = "train") -> tqdm.tqdm:
+    """Step progress bar (disabled on processes other than 0); `.set_postfix` shows metrics."""
+    return tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                     disable=jax.process_index() != 0)
+
+
+def short_postfix(row: Mapping[str, Any], keys: Iterable[str] = ("loss", "eval/loss", "eval/accuracy",
+                                                                    "reward/mean", "kl")) -> dict:
+    """A few headline metrics formatted for the progress bar."""
+    return {key: f"{row[key]:.4g}" for key in keys if key in row}
+
+
+def plot_metrics(workdir: str | os.PathLike, keys: Iterable[str], out_path: str | os.PathLike) -> None:
+    """One line plot per metric key against step, saved as an image (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    keys = list(keys)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.5 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_ylabel(key)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
