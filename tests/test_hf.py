@@ -1,6 +1,7 @@
 """Hugging Face interop: logit parity with transformers' PyTorch models, round trips, clear errors."""
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -54,14 +55,26 @@ def _randomize(torch_model):
     return torch_model.eval()
 
 
-@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
-def hf_dir(request, tmp_path_factory):
-    """(model_type, directory written by transformers, the torch model)."""
-    torch.manual_seed(0)
-    model = _randomize(transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[request.param]()))
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return request.param, path, model
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """model_type -> (model_type, directory written by transformers, the torch model); built once."""
+    built = {}
+
+    def get(model_type):
+        if model_type not in built:
+            torch.manual_seed(0)
+            model = _randomize(transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[model_type]()))
+            path = tmp_path_factory.mktemp(model_type)
+            model.save_pretrained(path)
+            built[model_type] = (model_type, path, model)
+        return built[model_type]
+
+    return get
+
+
+@pytest.fixture(params=sorted(HF_CONFIGS))
+def hf_dir(request, hf_models):
+    return hf_models(request.param)
 
 
 def _batch():
@@ -89,8 +102,13 @@ def _random_params(model, seed, scale):
     return jax.tree_util.tree_map(lambda s: jnp.asarray(scale * rng.randn(*s.shape), jnp.float32), shapes)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, ids, mask):
+    return model.apply({"params": params}, ids, mask)
+
+
 def _our_logits(model, params, ids, mask):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).logits)
+    return np.asarray(_forward(model, params, ids, mask).logits)
 
 
 def _max_real_diff(a, b, mask):
@@ -173,18 +191,16 @@ def test_value_head_model_is_a_sequence_classifier(tmp_path):
     ids[mask == 0] = 0
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()[:, 0]
-    values = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).values
+    values = _forward(model, params, ids, mask).values
     np.testing.assert_allclose(np.asarray(last_token_values(values, jnp.asarray(mask))), ref, atol=TOL)
     loaded, loaded_params = from_pretrained(tmp_path)
     assert loaded.heads == ("value",)
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded_params, params)
 
 
-def test_sharded_and_bf16_checkpoints(hf_dir, tmp_path):
+def test_sharded_and_bf16_checkpoints(hf_models, tmp_path):
     """A sharded index and bf16 storage load to the same (bf16-rounded) parameters."""
-    model_type, _, torch_model = hf_dir
-    if model_type != "llama":
-        pytest.skip("one architecture is enough for the file-format paths")
+    _, _, torch_model = hf_models("llama")
     torch_model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
     torch_model.to(torch.float32)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -217,10 +233,8 @@ def _edit_tensors(path, edit):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_errors_name_what_is_wrong(hf_dir, tmp_path):
-    model_type, path, _ = hf_dir
-    if model_type != "mistral":
-        pytest.skip("error paths are architecture independent; checked once")
+def test_errors_name_what_is_wrong(hf_models, tmp_path):
+    _, path, _ = hf_models("mistral")
     bad = _copy_dir(path, tmp_path / "bad")
     _edit_config(bad, model_type="bert")
     with pytest.raises(ValueError, match=r"model_type='bert' is not supported \(supported: gpt2, llama, qwen2, mistral\)"):

@@ -1,0 +1,179 @@
+"""The Transformer on its own: padding invariance, KV cache = full forward, GQA = repeated heads,
+sliding window reach, heads, logical axes, config validation."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models import (
+    Transformer,
+    TransformerConfig,
+    init_cache,
+    init_params,
+    last_token_index,
+    last_token_values,
+    lm_params_to_scalar,
+    param_logical_axes,
+)
+
+VOCAB = 61
+CONFIGS = {
+    "gpt2": TransformerConfig.gpt2(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, max_len=32),
+    "llama-gqa": TransformerConfig.llama(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64),
+}
+
+
+def _random_params(model, seed=0, scale=0.3):
+    """N(0, scale²) everywhere except norm scales (1 + noise): outputs far from the init regime."""
+    rng = np.random.RandomState(seed)
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+
+    def draw(path, s):
+        base = 1.0 if path[-1].key == "scale" else 0.0
+        return jnp.asarray(base + scale * rng.randn(*s.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, ids, mask=None, cache=None, cache_index=0):
+    """`model.apply` compiled once per model and shapes (cache_index is traced, not baked in)."""
+    return model.apply({"params": params}, ids, mask, cache=cache, cache_index=cache_index)
+
+
+def _logits(model, params, ids, mask=None):
+    return np.asarray(_forward(model, params, ids, mask).logits)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_left_padding_gives_the_unpadded_logits(name):
+    model = Transformer(CONFIGS[name])
+    params = _random_params(model)
+    ids = np.random.RandomState(1).randint(1, VOCAB, (1, 6))
+    padded_ids = np.concatenate([np.zeros((1, 3), np.int64), ids], 1)
+    padded_mask = np.concatenate([np.zeros((1, 3)), np.ones((1, 6))], 1).astype(np.int32)
+    unpadded = _logits(model, params, ids)
+    padded = _logits(model, params, padded_ids, padded_mask)
+    np.testing.assert_allclose(padded[:, 3:], unpadded, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kv_cache_decoding_equals_full_forward(name):
+    """Prefill 5 left-padded slots, then feed 3 tokens one at a time: same logits as one full pass."""
+    cfg = CONFIGS[name]
+    model = Transformer(cfg)
+    params = _random_params(model, seed=2)
+    ids = np.random.RandomState(3).randint(1, VOCAB, (2, 8))
+    mask = np.ones((2, 8), np.int32)
+    mask[1, :2] = 0
+    full = _logits(model, params, ids, mask)
+
+    cache = init_cache(cfg, batch_size=2, max_len=8)
+    cache_mask = np.concatenate([mask[:, :5], np.zeros((2, 3), np.int32)], 1)
+    out = _forward(model, params, ids[:, :5], cache_mask, cache, 0)
+    step_logits = [np.asarray(out.logits)]
+    for t in range(5, 8):
+        cache_mask[:, t] = 1
+        out = _forward(model, params, ids[:, t:t + 1], cache_mask, out.cache, t)
+        step_logits.append(np.asarray(out.logits))
+    incremental = np.concatenate(step_logits, 1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(incremental[real], full[real], atol=1e-5)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+    """GQA with 2 kv heads = MHA with 4 heads whose k/v projections repeat each kv head twice."""
+    gqa_cfg = CONFIGS["llama-gqa"]
+    gqa = Transformer(gqa_cfg)
+    params = _random_params(gqa, seed=4)
+    mha = Transformer(gqa_cfg.replace(n_kv_heads=None))
+    head_dim, groups = gqa_cfg.dim_per_head, gqa_cfg.n_heads // gqa_cfg.kv_heads
+
+    def repeat_heads(kernel):  # [L, d, kvh*hd] -> [L, d, kvh*groups*hd], query head h uses kv head h // groups
+        layers, d, _ = kernel.shape
+        per_head = kernel.reshape(layers, d, gqa_cfg.kv_heads, 1, head_dim)
+        return jnp.broadcast_to(per_head, (layers, d, gqa_cfg.kv_heads, groups, head_dim)).reshape(layers, d, -1)
+
+    attn = dict(params["layers"]["attn"])
+    for name in ("k", "v"):
+        attn[name] = {"kernel": repeat_heads(attn[name]["kernel"])}
+    mha_params = {**params, "layers": {**params["layers"], "attn": attn}}
+    ids = np.random.RandomState(5).randint(0, VOCAB, (2, 7))
+    np.testing.assert_allclose(_logits(mha, mha_params, ids), _logits(gqa, params, ids), atol=1e-5)
+
+
+def test_sliding_window_reach():
+    """Window 3, 2 layers: position t sees tokens back to t - 2·(3-1) = t - 4 and nothing earlier."""
+    cfg = CONFIGS["llama-gqa"].replace(sliding_window=3)
+    model = Transformer(cfg)
+    params = _random_params(model, seed=6)
+    ids = np.random.RandomState(7).randint(1, VOCAB, (1, 9))
+    changed = ids.copy()
+    changed[0, 0] = (ids[0, 0] + 1) % VOCAB
+    diff = np.abs(_logits(model, params, ids) - _logits(model, params, changed)).max(-1)[0]
+    assert (diff[:5] > 1e-4).all()  # positions 0..4 reach token 0
+    np.testing.assert_allclose(diff[5:], 0.0, atol=1e-6)  # positions 5.. do not
+    full_model = Transformer(cfg.replace(sliding_window=None))
+    diff_full = np.abs(_logits(full_model, params, ids) - _logits(full_model, params, changed)).max(-1)[0]
+    assert (diff_full > 1e-4).all()
+
+
+def test_reward_head_reads_the_last_real_token():
+    values = jnp.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0]])  # right-, un-, left+right-padded
+    np.testing.assert_array_equal(np.asarray(last_token_index(mask)), [2, 3, 2])
+    np.testing.assert_array_equal(np.asarray(last_token_values(values, mask)), [3.0, 8.0, 11.0])
+
+
+def test_lm_params_to_scalar_builds_a_reward_model():
+    cfg = CONFIGS["llama-gqa"]
+    lm = Transformer(cfg)
+    lm_params = _random_params(lm, seed=8)
+    rm_params = lm_params_to_scalar(lm_params, jax.random.PRNGKey(1), cfg.d_model)
+    assert "lm_head" not in rm_params and rm_params["value_head"]["kernel"].shape == (cfg.d_model, 1)
+    std = float(np.std(np.asarray(rm_params["value_head"]["kernel"])))
+    assert 0.5 / (cfg.d_model + 1) ** 0.5 < std < 1.5 / (cfg.d_model + 1) ** 0.5  # N(0, 1/(d+1)) init
+    rm = Transformer(cfg, heads=("value",))
+    out = _forward(rm, rm_params, jnp.ones((2, 5), jnp.int32))
+    assert out.logits is None and out.values.shape == (2, 5) and out.values.dtype == jnp.float32
+    # The trunk is shared unchanged: values = final hidden state · value kernel, with the LM's trunk.
+    both = Transformer(cfg, heads=("lm", "value"))
+    shared = _forward(both, {**lm_params, "value_head": rm_params["value_head"]}, jnp.ones((2, 5), jnp.int32))
+    np.testing.assert_allclose(np.asarray(shared.values), np.asarray(out.values), atol=1e-6)
+
+
+def test_logical_axes_cover_every_parameter():
+    model = Transformer(CONFIGS["gpt2"], heads=("lm", "value"))
+    params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    axes = param_logical_axes(model)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    specs = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    for path, leaf in leaves:
+        assert len(specs[path]) == leaf.ndim, jax.tree_util.keystr(path)
+    assert specs[next(p for p, _ in leaves if "embed" in jax.tree_util.keystr(p))] == jax.sharding.PartitionSpec(
+        "vocab", "embed")
+    q_path = next(p for p, _ in leaves if jax.tree_util.keystr(p).endswith("['q']['kernel']"))
+    assert specs[q_path] == jax.sharding.PartitionSpec("layers", "embed", "heads")
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits():
+    cfg = CONFIGS["llama-gqa"]
+    params = _random_params(Transformer(cfg), seed=9)
+    ids = np.random.RandomState(10).randint(0, VOCAB, (2, 6))
+    out32 = _logits(Transformer(cfg), params, ids)
+    out16 = Transformer(cfg.replace(dtype="bfloat16")).apply({"params": params}, jnp.asarray(ids)).logits
+    assert out16.dtype == jnp.float32
+    assert np.abs(np.asarray(out16) - out32).max() < 0.05 * np.abs(out32).max()  # bf16 has ~3 significant digits
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match=r"norm='batchnorm' \(allowed: 'rmsnorm', 'layernorm'\)"):
+        TransformerConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="n_heads=4 is not divisible by n_kv_heads=3"):
+        TransformerConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown entries"):
+        Transformer(TransformerConfig(), heads=("policy",)).init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))
