@@ -48,9 +48,11 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
                  read_only: bool = False):
         self.directory = epath.Path(directory).absolute()
-        self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
-            read_only=read_only)
+        if read_only:  # what Orbax forces for read-only managers (it warns when told otherwise)
+            self._options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                                         save_interval_steps=0)
+        else:
+            self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:

@@ -22,6 +22,7 @@ after `max_nonfinite_streak` consecutive bad steps, leaving the last good checkp
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import signal
 import threading
@@ -38,6 +39,7 @@ from jax.sharding import Mesh
 from rlhf_jax import checkpoint as checkpoint_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import sharding
+from rlhf_jax.models import Transformer, TransformerConfig, init_params, lm_params_to_scalar
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
@@ -252,6 +254,24 @@ def validate_init(init_cfg, stage: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"config.init.path={init_cfg.path!r} does not exist")
 
 
+def validate_positive(config, keys: tuple[str, ...]) -> None:
+    """Each dotted config key must hold a positive int."""
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.{key}={value!r} must be a positive integer")
+
+
+def validate_paths(section, keys: tuple[str, ...], prefix: str = "data") -> None:
+    """Non-empty path fields (comma-separated lists allowed) must exist."""
+    for key in keys:
+        for path in (p.strip() for p in str(section[key]).split(",") if p.strip()):
+            if not pathlib.Path(path).exists():
+                raise ValueError(f"config.{prefix}.{key}: {path!r} does not exist")
+
+
 def setup_run(config, workdir: str, validate: Callable[[tuple[int, int, int]], None] | None = None) -> Mesh:
     """Start a run: distributed init, config checks (before any compilation), DIR/config.json, mesh.
 
@@ -343,8 +363,42 @@ def restore_or_init(checkpointer: checkpoint_lib.Checkpointer, state_shape: Trai
     restored = checkpointer.restore(state_items(target))
     if restored is None:
         return init_fn(), {}, None
-    logging.info("Resuming from %s/%d", checkpointer.directory, restored.step)
+    logging.warning("Resuming from %s/%d", checkpointer.directory, restored.step)
     return state_from_items(restored.items), restored.meta, restored.step
+
+
+@dataclasses.dataclass
+class StageState:
+    """What `build_state` sets up for a single-model stage (SFT, RM)."""
+
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    param_sh: Any
+    state_sh: TrainState
+    state: TrainState
+    meta: dict  # metadata of the resumed checkpoint ({} for a fresh run)
+    resumed: int | None  # resumed step, None for a fresh run
+    checkpointer: checkpoint_lib.Checkpointer
+
+
+def build_state(config, model: Transformer, mesh: Mesh, workdir: str, num_steps: int) -> StageState:
+    """Optimizer, shardings and the train state: resumed from WORKDIR/checkpoints when it holds a
+    checkpoint (no init work then), else initialised from config.init (`initial_params`)."""
+    optimizer, schedule = make_optimizer(config.optim, num_steps)
+    param_sh = sharding.param_shardings(model, mesh)
+    params_shape = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    state_sh = train_state_shardings(optimizer, params_shape, param_sh, mesh)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    def init_state():
+        params = initial_params(config, model, mesh, param_sh, init_rng)
+        return init_train_state(params, optimizer, state_rng, state_sh)
+
+    checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints",
+                                               max_to_keep=config.checkpoint.max_to_keep)
+    state_shape = jax.eval_shape(lambda: TrainState.create(params_shape, optimizer, state_rng))
+    state, meta, resumed = restore_or_init(checkpointer, state_shape, state_sh, init_state)
+    return StageState(optimizer, schedule, param_sh, state_sh, state, meta, resumed, checkpointer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,29 +414,31 @@ class LoopResult:
 
 def train_loop(config, *, state: TrainState, train_step: Callable, batches: Iterator, mesh: Mesh,
                checkpointer: checkpoint_lib.Checkpointer, writer: metrics_lib.MetricWriter,
-               meta_fn: Callable[[], dict], eval_fn: Callable[[TrainState], dict] | None = None,
-               desc: str = "train") -> LoopResult:
-    """Run `config.num_steps` steps from `state.step`: log, eval, save, handle preemption and NaNs.
+               meta_fn: Callable[[TrainState], dict], eval_fn: Callable[[TrainState], dict] | None = None,
+               num_steps: int | None = None, desc: str = "train") -> LoopResult:
+    """Run up to `num_steps` (default config.num_steps) from `state.step`: log, eval, save, handle
+    preemption and NaNs.
 
-    Reads config.num_steps, log_every, eval_every (0 = only at the end), checkpoint.save_every,
-    max_nonfinite_streak. `batches` yields host numpy batches; `meta_fn()` gives the JSON metadata
-    saved with each checkpoint (data position, model config, ...). The final step is always saved
+    Reads config.log_every, eval_every (0 = only at the end), checkpoint.save_every,
+    max_nonfinite_streak. `batches` yields host numpy batches; `meta_fn(state)` gives the JSON
+    metadata saved with each checkpoint (data position, model config, ...). The final step is always saved
     and evaluated. Timing metrics: `time/step` (wall seconds per step since the last log),
     `time/data` (host seconds fetching + placing batches per step), `time/eval`.
     """
+    num_steps = config.num_steps if num_steps is None else num_steps
     step = int(jax.device_get(state.step))
     start_step, last_saved, last_row = step, checkpointer.latest_step(), {}
-    bar = metrics_lib.progress_bar(config.num_steps, initial=step, desc=desc)
+    bar = metrics_lib.progress_bar(num_steps, initial=step, desc=desc)
     tick, data_time, steps_since_log = time.perf_counter(), 0.0, 0
     preempted = False
 
     def save(at_step):
         nonlocal last_saved
-        checkpointer.save(at_step, state_items(state), meta_fn())
+        checkpointer.save(at_step, state_items(state), meta_fn(state))
         last_saved = at_step
 
     with PreemptionGuard() as guard:
-        while step < config.num_steps:
+        while step < num_steps:
             t0 = time.perf_counter()
             batch = sharding.shard_batch(next(batches), mesh)
             data_time += time.perf_counter() - t0
@@ -391,7 +447,7 @@ def train_loop(config, *, state: TrainState, train_step: Callable, batches: Iter
             steps_since_log += 1
             bar.update(1)
 
-            is_last = step == config.num_steps
+            is_last = step == num_steps
             stop = guard.should_stop(step)
             do_log = step % config.log_every == 0 or is_last or stop
             do_eval = eval_fn is not None and (is_last or (config.eval_every and step % config.eval_every == 0))
@@ -429,3 +485,138 @@ def train_loop(config, *, state: TrainState, train_step: Callable, batches: Iter
         print(f"Preempted ({guard.signal_name}) at step {step}: checkpoint {checkpointer.directory}/{step} saved; "
               f"rerun the same command to resume.", flush=True)
     return LoopResult(state=state, step=step, preempted=preempted, last_row=last_row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: architecture from config / earlier stage / HF dir, and the starting parameters
+# ----------------------------------------------------------------------------------------------
+def transformer_config(model_cfg, vocab_size: int | None = None) -> TransformerConfig:
+    """`TransformerConfig` from a config.model section (configs/common.model_config fields).
+
+    vocab_size 0 in the config means `vocab_size` (the tokenizer's); n_kv_heads 0 means n_heads.
+    """
+    fields = {k: v for k, v in model_cfg.items() if k != "family"}
+    if not fields.get("vocab_size"):
+        if not vocab_size:
+            raise ValueError("config.model.vocab_size is 0 (= the tokenizer's) but no tokenizer size is known")
+        fields["vocab_size"] = vocab_size
+    fields["n_kv_heads"] = fields.get("n_kv_heads") or None
+    families = {"llama": TransformerConfig.llama, "gpt2": TransformerConfig.gpt2}
+    family = model_cfg.get("family", "llama")
+    if family not in families:
+        raise ValueError(f"config.model.family={family!r} (allowed: 'llama', 'gpt2')")
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = set(fields) - known
+    if unknown:
+        raise ValueError(f"config.model has fields {sorted(unknown)} that TransformerConfig does not know")
+    return families[family](**fields)
+
+
+def _runtime_fields(model_cfg) -> dict:
+    """Fields a stage may change on a loaded architecture: compute dtype, remat, dropout."""
+    return {k: model_cfg[k] for k in ("dtype", "remat", "dropout_rate") if k in model_cfg}
+
+
+def model_meta(model: Transformer) -> dict:
+    """JSON description of a model saved with each checkpoint (how later stages rebuild it)."""
+    return {"config": dataclasses.asdict(model.config), "heads": list(model.heads)}
+
+
+def model_from_meta(meta_model: Mapping[str, Any], **overrides) -> Transformer:
+    return Transformer(TransformerConfig(**{**meta_model["config"], **overrides}), heads=tuple(meta_model["heads"]))
+
+
+def architecture(config, heads: tuple, vocab_size: int | None = None) -> Transformer:
+    """The stage's model (no weights): from config.model when config.init.source is "scratch",
+    else from the earlier stage's checkpoint metadata or the HF config.json; runtime fields
+    (dtype, remat, dropout_rate) always come from config.model."""
+    source, path = config.init.source, config.init.path
+    if source == "scratch":
+        return Transformer(transformer_config(config.model, vocab_size), heads=heads)
+    runtime = _runtime_fields(config.model)
+    if source == "checkpoint":
+        meta = checkpoint_lib.read_meta(path)
+        if "model" not in meta:
+            raise ValueError(f"config.init.path={path!r}: checkpoint metadata has no 'model' entry "
+                             "(not written by an rlhf_jax trainer?)")
+        return Transformer(model_from_meta(meta["model"], **runtime).config, heads=heads)
+    if source == "hf":
+        from rlhf_jax.models import hf
+
+        config_file = pathlib.Path(path) / "config.json"
+        return Transformer(hf.config_from_hf(json.loads(config_file.read_text()), str(config_file), **runtime),
+                           heads=heads)
+    raise ValueError(f"config.init.source={source!r} (allowed: 'scratch', 'checkpoint', 'hf')")
+
+
+def initial_params(config, model: Transformer, mesh: Mesh, param_sh: Any, rng: jax.Array) -> Any:
+    """Starting parameters of `model`, placed on `param_sh`.
+
+    scratch: fresh init (jitted straight onto the shardings). checkpoint / hf: the earlier model's
+    weights; a value head that the source lacks is added fresh (reward model / critic from an LM:
+    unembedding dropped, `heads.lm_params_to_scalar`), an unused lm_head or value_head is dropped.
+    """
+    source, path = config.init.source, config.init.path
+    if source == "scratch":
+        return jax.jit(lambda r: init_params(model, r), out_shardings=param_sh)(rng)
+    if source == "checkpoint":
+        saved = model_from_meta(checkpoint_lib.read_meta(path)["model"])
+        target = checkpoint_lib.abstract_tree(jax.eval_shape(lambda: init_params(saved, jax.random.PRNGKey(0))),
+                                              sharding.param_shardings(saved, mesh))
+        params = checkpoint_lib.load_params(path, target)
+    else:
+        from rlhf_jax.models import from_pretrained
+
+        _, params = from_pretrained(path)
+    params = dict(params)
+    if "value" in model.heads and "value_head" not in params:
+        params = lm_params_to_scalar(params, rng, model.config.d_model)
+    if "value" not in model.heads:
+        params.pop("value_head", None)
+    if "lm" not in model.heads:
+        params.pop("lm_head", None)
+    if "lm" in model.heads and not model.config.tie_embeddings and "lm_head" not in params:
+        raise ValueError(f"config.init.path={path!r} holds no LM head (a reward model?); this stage needs one")
+    expected = jax.tree.structure(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))))
+    if jax.tree.structure(params) != expected:
+        raise ValueError(f"config.init.path={path!r}: parameter tree does not match the model "
+                         f"({jax.tree.structure(params)} vs {expected})")
+    return sharding.shard_params(params, param_sh)
+
+
+def load_tokenizer(path: str):
+    """A local Hugging Face tokenizer directory (no network, no remote code)."""
+    from transformers import AutoTokenizer
+
+    if not pathlib.Path(path, "tokenizer_config.json").exists() and not pathlib.Path(path, "tokenizer.json").exists():
+        raise ValueError(f"tokenizer path {path!r} has no tokenizer.json / tokenizer_config.json")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
+def tokenizer_path(config, task_files: Mapping[str, str] | None = None) -> str:
+    """Tokenizer dir: config.data.tokenizer, else the HF init dir, else the one recorded in the
+    init checkpoint's metadata, else the built-in task's; error naming the key when none applies."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    if config.init.source == "hf":
+        return config.init.path
+    if config.init.source == "checkpoint":
+        recorded = checkpoint_lib.read_meta(config.init.path).get("tokenizer")
+        if recorded and pathlib.Path(recorded).exists():
+            return recorded
+    if task_files:
+        return task_files["tokenizer"]
+    raise ValueError("config.data.tokenizer is empty and no tokenizer comes with config.init "
+                     "(give a local Hugging Face tokenizer directory)")
+
+
+def save_tokenizer(tokenizer, workdir: str) -> None:
+    """Copy the run's tokenizer to WORKDIR/tokenizer (later stages find it through the checkpoint)."""
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(str(pathlib.Path(workdir) / "tokenizer"))
+
+
+def check_vocab(model: Transformer, tokenizer) -> None:
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size} (config.model.vocab_size or the init checkpoint)")

@@ -1,0 +1,103 @@
+"""Config pieces shared by every stage (configs/sft.py, rm.py, ppo.py, ...).
+
+Each helper returns an `ml_collections.ConfigDict` with a comment on every field; keyword
+arguments override the defaults. The trainers read them through rlhf_jax.trainers.common.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def model_config(**fields) -> ml_collections.ConfigDict:
+    """Architecture when a model is built from scratch (rlhf_jax.models.TransformerConfig fields).
+
+    When a stage starts from a checkpoint or a Hugging Face directory the architecture comes from
+    there and only the runtime fields (dtype, remat, dropout_rate) are taken from here.
+    """
+    base = dict(
+        family="llama",  # "llama" (RoPE, RMSNorm, SwiGLU; Qwen2 with qkv_bias) or "gpt2" (learned pos, LayerNorm, GELU)
+        vocab_size=0,  # token vocabulary; 0 = the tokenizer's size
+        d_model=64,  # residual width
+        n_layers=2,  # decoder blocks
+        n_heads=4,  # attention heads
+        n_kv_heads=0,  # grouped-query KV heads; 0 means n_heads
+        d_ff=256,  # MLP hidden width
+        max_len=128,  # longest sequence (learned position table / RoPE range)
+        qkv_bias=False,  # q/k/v projection bias (Qwen2)
+        dropout_rate=0.0,  # residual/embedding dropout while training (0 = off)
+        dtype="float32",  # compute dtype ("bfloat16" on accelerators); params stay float32
+        remat=False,  # recompute blocks in the backward pass to save memory
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def init_config(source: str = "scratch", path: str = "") -> ml_collections.ConfigDict:
+    """Where a stage's model starts (stage hand-off)."""
+    return ml_collections.ConfigDict(dict(
+        source=source,  # "scratch" (fresh config.model), "checkpoint" (an earlier stage), "hf" (HF dir)
+        path=path,  # checkpoint: a stage workdir, its checkpoints/ dir or one step dir; hf: local HF dir
+    ))
+
+
+def optim_config(**fields) -> ml_collections.ConfigDict:
+    """AdamW with linear warmup + cosine decay (rlhf_jax.trainers.common.make_optimizer)."""
+    base = dict(
+        learning_rate=1e-3,  # peak learning rate
+        warmup_steps=10,  # linear warmup from 0, in optimizer updates
+        decay_steps=0,  # cosine decay ends here (in updates); 0 = num_steps
+        final_lr_ratio=0.1,  # lr at the end of the decay / peak (1 = constant after warmup)
+        max_grad_norm=1.0,  # global-norm gradient clipping; 0 = off
+        b1=0.9,  # Adam beta1
+        b2=0.95,  # Adam beta2
+        eps=1e-8,  # Adam epsilon
+        weight_decay=0.1,  # decoupled weight decay on matrices (kernels, embeddings)
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def mesh_config(**fields) -> ml_collections.ConfigDict:
+    """Device mesh (rlhf_jax.sharding.make_mesh): data * fsdp * tensor = number of devices."""
+    base = dict(
+        data=-1,  # data-parallel axis; -1 = all devices left over
+        fsdp=1,  # parameter-sharding (ZeRO-3) axis; also splits the batch
+        tensor=1,  # tensor-parallel axis (heads, MLP, vocab)
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def distributed_config(**fields) -> ml_collections.ConfigDict:
+    """Multi-process / multi-host start-up (jax.distributed.initialize)."""
+    base = dict(
+        initialize=False,  # call jax.distributed.initialize before anything else
+        coordinator_address="",  # "host:port" of process 0; "" = auto-detect (SLURM, TPU, Open MPI)
+        num_processes=-1,  # -1 = auto-detect
+        process_id=-1,  # -1 = auto-detect
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def checkpoint_config(**fields) -> ml_collections.ConfigDict:
+    """Orbax checkpoints under WORKDIR/checkpoints (the last step is always saved)."""
+    base = dict(
+        save_every=50,  # steps between checkpoints
+        max_to_keep=2,  # newest checkpoints kept on disk
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def add_run_fields(c: ml_collections.ConfigDict, *, num_steps: int, log_every: int, eval_every: int,
+                   save_every: int) -> None:
+    """Fields every stage has: seed, length, logging/eval cadence, mesh, distributed, checkpoints."""
+    c.seed = 0  # seeds model init, data order, dropout and sampling
+    c.num_steps = num_steps  # optimizer updates in the whole run (a resumed run continues up to it)
+    c.log_every = log_every  # steps between metric rows (metrics.jsonl, TensorBoard, progress bar)
+    c.eval_every = eval_every  # steps between evaluations; 0 = only at the end
+    c.max_nonfinite_streak = 5  # stop after this many consecutive steps with NaN/Inf loss or gradients
+    c.mesh = mesh_config()
+    c.distributed = distributed_config()
+    c.checkpoint = checkpoint_config(save_every=save_every)

@@ -1,0 +1,211 @@
+"""SFT trainer (InstructGPT stage 1), also used for pretraining (loss on every token).
+
+    from rlhf_jax.trainers import sft
+    result = sft.train(config, workdir)    # configs/sft.py; resumes from WORKDIR/checkpoints
+
+Loss: token-mean next-token NLL over the targets of `loss_mask` (responses for demonstrations,
+every token for a text corpus): `rlhf_jax.losses.sft_loss`. Gradient accumulation weighs each
+microbatch by its number of target tokens, so it equals one big batch. Evaluation: the same loss
+on the held-out file, plus greedy/temperature samples of a few held-out prompts written to
+WORKDIR/samples.jsonl. Checkpoints hold the params, optimizer state, step, RNG and data position;
+their metadata describes the model and tokenizer so the RM and PPO stages can load it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from rlhf_jax import losses, sharding
+from rlhf_jax import metrics as metrics_lib
+from rlhf_jax.trainers import common
+
+DATA_KINDS = ("demonstrations", "text", "comparisons", "rankings", "hh")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks (before anything is compiled) and data
+# ----------------------------------------------------------------------------------------------
+def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
+    """One-line errors naming the key, raised before any data is read or compiled."""
+    common.validate_init(config.init, "sft", ("scratch", "checkpoint", "hf"))
+    common.validate_batch("batch_size", config.batch_size, mesh_shape, config.grad_accum, "grad_accum")
+    common.validate_batch("eval.batch_size", config.eval.batch_size, mesh_shape)
+    common.validate_positive(config, ("num_steps", "log_every", "checkpoint.save_every", "data.max_len",
+                                      "grad_accum", "max_nonfinite_streak"))
+    if config.data.kind not in DATA_KINDS:
+        raise ValueError(f"config.data.kind={config.data.kind!r} (allowed: {', '.join(map(repr, DATA_KINDS))})")
+    common.validate_paths(config.data, ("train", "eval", "tokenizer"))
+
+
+@dataclasses.dataclass
+class DataFiles:
+    """Resolved data paths: training files, held-out file (or None) and tokenizer directory."""
+
+    train: list[str]
+    eval: str | None
+    tokenizer: str
+
+
+def builtin_task(workdir: str, seed: int) -> dict:
+    """Export the built-in instruction task into WORKDIR/task once (deterministic in `seed`),
+    plus `sft_eval.jsonl`: demonstrations of held-out prompts. Returns {name: path}."""
+    from rlhf_jax import tasks
+
+    out = pathlib.Path(workdir) / "task"
+    index = out / "files.json"
+    if index.exists():
+        return json.loads(index.read_text())
+    paths = tasks.export_task(out, seed=seed)
+    paths["sft_eval"] = str(out / "sft_eval.jsonl")
+    tasks.write_demonstrations(paths["sft_eval"], tasks.sample_examples(200, seed, split="heldout"), seed + 1)
+    if jax.process_index() == 0:
+        index.write_text(json.dumps(paths, indent=2))
+    return paths
+
+
+def resolve_data(config, workdir: str) -> DataFiles:
+    """Training/eval files and tokenizer: the config's, else the built-in task's (see configs/sft.py)."""
+    data = config.data
+    task = builtin_task(workdir, config.seed) if not data.train else None
+    if task:
+        train = [task["corpus"] if data.kind == "text" else task["sft"]]
+        eval_file = data.eval or (None if data.kind == "text" else task["sft_eval"])
+    else:
+        train, eval_file = [p.strip() for p in data.train.split(",") if p.strip()], data.eval or None
+    return DataFiles(train=train, eval=eval_file, tokenizer=common.tokenizer_path(config, task))
+
+
+def load_lm_split(config, files, tokenizer, workdir: str, batch_format: str = "lm"):
+    from rlhf_jax import data
+
+    max_prompt_len = config.data.max_prompt_len or None
+    if batch_format == "prompts":
+        max_prompt_len = max_prompt_len or config.data.max_len // 2
+    return data.load_split(config.data.kind, files, tokenizer, max_len=config.data.max_len,
+                           max_prompt_len=max_prompt_len, batch_format=batch_format,
+                           template=config.data.template, data_dir=config.data.cache_dir or f"{workdir}/data")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and evaluation
+# ----------------------------------------------------------------------------------------------
+def make_loss_fn(model):
+    """loss_fn(params, batch, rng) -> (token-mean NLL, {"accuracy"}); dropout when configured."""
+    deterministic = model.config.dropout_rate == 0.0
+
+    def loss_fn(params, batch, rng):
+        out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                          deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+        loss, aux = losses.sft_loss(out.logits, batch["input_ids"], batch["loss_mask"])
+        return loss, {"accuracy": aux["accuracy"]}
+    return loss_fn
+
+
+def target_tokens(batch) -> jax.Array:
+    """Number of predicted tokens in a batch (loss_mask without its first column)."""
+    return jnp.sum(batch["loss_mask"][..., 1:])
+
+
+def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param_sh, workdir: str):
+    """eval_fn(state) -> {"eval/loss", "eval/accuracy"} over held-out batches; also writes samples."""
+    loss_fn = make_loss_fn(model.clone(config=model.config.replace(dropout_rate=0.0)))
+
+    @functools.partial(jax.jit, in_shardings=(param_sh, sharding.batch_sharding(mesh)))
+    def eval_step(params, batch):
+        loss, aux = loss_fn(params, batch, None)
+        tokens = target_tokens(batch)
+        return {"loss_sum": loss * tokens, "hits": aux["accuracy"] * tokens, "tokens": tokens}
+
+    def eval_fn(state) -> dict:
+        out = {}
+        if eval_split is not None:
+            batches = eval_split.iterator(config.eval.batch_size, seed=0, shuffle=False, drop_remainder=False,
+                                          num_epochs=1)
+            totals = {"loss_sum": 0.0, "hits": 0.0, "tokens": 0.0}
+            for i, batch in enumerate(batches):
+                if config.eval.num_batches and i >= config.eval.num_batches:
+                    break
+                sums = jax.device_get(eval_step(state.params, sharding.shard_batch(batch, mesh)))
+                totals = {k: totals[k] + float(sums[k]) for k in totals}
+            tokens = max(totals["tokens"], 1.0)
+            out = {"eval/loss": totals["loss_sum"] / tokens, "eval/accuracy": totals["hits"] / tokens}
+        if prompt_split is not None:
+            write_samples(config, model, state, prompt_split, tokenizer, workdir)
+        return out
+
+    return eval_fn
+
+
+def write_samples(config, model, state, prompt_split, tokenizer, workdir: str) -> None:
+    """Sample the first eval.num_samples held-out prompts; append them to WORKDIR/samples.jsonl."""
+    from rlhf_jax import generation
+
+    step = int(jax.device_get(state.step))
+    batch = prompt_split.collate(np.arange(min(config.eval.num_samples, len(prompt_split))))
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    gen = generation.generate(model, state.params, batch["prompt_ids"], batch["prompt_mask"],
+                              jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
+                              max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature,
+                              eos_id=eos, pad_id=pad)
+    tokens, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
+    if jax.process_index() != 0:
+        return
+    with open(pathlib.Path(workdir) / "samples.jsonl", "a") as f:
+        for row in range(tokens.shape[0]):
+            prompt = batch["prompt_ids"][row][batch["prompt_mask"][row] > 0]
+            response = tokens[row][mask[row] > 0]
+            record = {"step": step, "prompt": tokenizer.decode(prompt), "response": tokenizer.decode(response)}
+            f.write(json.dumps(record) + "\n")
+            if row == 0:
+                logging.info("sample @%d: %s -> %s", step, record["prompt"], record["response"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train(config, workdir: str) -> common.LoopResult:
+    """Run (or resume) SFT in `workdir`; returns the loop result (final state, step, last metrics row,
+    whether a signal stopped it)."""
+    mesh = common.setup_run(config, workdir, validate=functools.partial(validate_config, config))
+    files = resolve_data(config, workdir)
+    tokenizer = common.load_tokenizer(files.tokenizer)
+    common.save_tokenizer(tokenizer, workdir)
+    train_split = load_lm_split(config, files.train, tokenizer, workdir)
+    eval_split = prompt_split = None
+    if files.eval:
+        eval_split = load_lm_split(config, files.eval, tokenizer, workdir)
+        if config.eval.num_samples and config.data.kind != "text":
+            prompt_split = load_lm_split(config, files.eval, tokenizer, workdir, batch_format="prompts")
+
+    # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ----------------------
+    model = common.architecture(config, heads=("lm",), vocab_size=len(tokenizer))
+    common.check_vocab(model, tokenizer)
+    setup = common.build_state(config, model, mesh, workdir, config.num_steps)
+    batches = train_split.iterator(config.batch_size, seed=config.seed)
+    if setup.resumed is not None:
+        batches.set_state(setup.meta["data"])
+
+    # ---- jitted step and loop ---------------------------------------------------------------------
+    step_fn = common.make_train_step(make_loss_fn(model), setup.optimizer, setup.schedule,
+                                     grad_accum=config.grad_accum, weight_fn=target_tokens)
+    train_step = common.jit_train_step(step_fn, setup.state_sh, sharding.batch_sharding(mesh))
+    eval_fn = make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, setup.param_sh, workdir)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=setup.resumed)
+    meta_fn = lambda state: {"data": batches.get_state(), "model": common.model_meta(model),  # noqa: E731
+                             "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()), "stage": "sft"}
+    try:
+        result = common.train_loop(config, state=setup.state, train_step=train_step, batches=batches, mesh=mesh,
+                                   checkpointer=setup.checkpointer, writer=writer, meta_fn=meta_fn,
+                                   eval_fn=eval_fn, desc="sft")
+    finally:
+        writer.close()
+        setup.checkpointer.close()
+    return result
