@@ -7,22 +7,22 @@ sampler and its scoring pass once per run.
 Conventions (shared with the trainers):
 - prompts are LEFT-padded `[B, P]`; responses are `generate` outputs `[B, N]` whose mask is 1 up
   to and including the first EOS;
-- the RM score of a response is the scalar head at the last real token of prompt + response
-  (`last_token_values`), as in the RM trainer's ranking batches;
+- the RM score of a response is the scalar head at the last real token of prompt + response,
+  normalised with the RM's stored `reward_norm` (`rlhf_jax.trainers.rm.score`);
 - the sequence KL of a response y to a reference is the single-sample estimate
   sum_t (log pi(y_t | .) - log pi_ref(y_t | .)) over its valid tokens (Ziegler et al. 2019);
 - pairwise accuracy counts a tie in the model's scores as one half (a coin flip).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import generation
-from rlhf_jax.models import Transformer, last_token_values
+from rlhf_jax.models import Transformer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,17 +99,20 @@ def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
     return input_ids, attention_mask
 
 
-def make_score_fn(model: Transformer) -> Callable:
+def make_score_fn(model: Transformer, norm: Mapping[str, float] | None = None) -> Callable:
     """Jitted `score(params, prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`: the
-    scalar head at the last real token of the left-padded prompt followed by the response."""
+    reward model's normalised score (`rlhf_jax.trainers.rm.score`, norm {"mean", "std"}) of the
+    left-padded prompt followed by the response, read at its last real token."""
+    from rlhf_jax.trainers import rm
+
     if "value" not in model.heads:
         raise ValueError(f"scoring needs a model with a 'value' head, got heads={model.heads}")
+    norm = dict(norm or rm.IDENTITY_NORM)
 
     @jax.jit
     def score(params, prompt_ids, prompt_mask, response_ids, response_mask):
         input_ids, attention_mask = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
-        values = model.apply({"params": params}, input_ids, attention_mask).values
-        return last_token_values(values, attention_mask)
+        return rm.score(model, params, norm, input_ids, attention_mask)
 
     return score
 

@@ -125,19 +125,24 @@ def plot_rm_accuracy(rows: Sequence[Mapping[str, Any]], out_path: PathLike,
 
 
 def plot_overoptimization(rows: Sequence[Mapping[str, Any]], out_path: PathLike, *, x: str = "kl_to_sft",
-                          gold: str = "ppo_gold", rm: str = "ppo_rm_score", label: str = "kl_coef") -> None:
+                          gold: str = "ppo_gold", rm: str = "ppo_rm_score", label: str = "kl_coef",
+                          baseline: tuple[float, float, float] | None = None) -> None:
     """Gold and RM score against KL to SFT, one point per run (Gao et al. 2022, Fig. 1 style).
 
     The RM score (what PPO optimises) keeps rising with KL while the gold score (what we want)
     peaks and falls: over-optimisation. Two y axes, since the scales differ; points labelled.
+    `baseline` = (kl, gold, rm) of the starting policy (SFT: kl 0) starts both curves.
     """
     plt = _pyplot()
     ordered = sorted(rows, key=lambda r: r[x])
-    xs = [r[x] for r in ordered]
+    start = [baseline] if baseline is not None else []
+    xs = [b[0] for b in start] + [r[x] for r in ordered]
     fig, ax_gold = plt.subplots(figsize=(6.5, 4.5))
     ax_rm = ax_gold.twinx()
-    ax_gold.plot(xs, [r[gold] for r in ordered], "o-", color="tab:green", label="gold score")
-    ax_rm.plot(xs, [r[rm] for r in ordered], "s--", color="tab:blue", label="RM score")
+    ax_gold.plot(xs, [b[1] for b in start] + [r[gold] for r in ordered], "o-", color="tab:green", label="gold score")
+    ax_rm.plot(xs, [b[2] for b in start] + [r[rm] for r in ordered], "s--", color="tab:blue", label="RM score")
+    if baseline is not None:
+        ax_gold.annotate("SFT", (baseline[0], baseline[1]), textcoords="offset points", xytext=(4, 6), fontsize=8)
     for r in ordered:
         ax_gold.annotate(f"{label}={r[label]:g}", (r[x], r[gold]), textcoords="offset points", xytext=(4, 6),
                          fontsize=8)

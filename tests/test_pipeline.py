@@ -121,7 +121,7 @@ def test_plots_and_report_files(tmp_path):
     assert report.plot_rm_accuracy(rm_rows, tmp_path / "rm.png", ceiling=0.74) == ["accuracy", "eval/accuracy"]
     sweep_rows = [{"kl_coef": c, "kl_to_sft": k, "ppo_gold": g, "ppo_rm_score": r}
                   for c, k, g, r in ((0.2, 1.0, 0.5, 0.3), (0.01, 9.0, 0.4, 1.2), (0.05, 4.0, 0.6, 0.9))]
-    report.plot_overoptimization(sweep_rows, tmp_path / "sweep.png")
+    report.plot_overoptimization(sweep_rows, tmp_path / "sweep.png", baseline=(0.0, 0.45, 0.0))
     for name in ("ppo.png", "rm.png", "sweep.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [{"prompt": "sort : b a", "sft": "sure ! a b", "sft_gold": 0.8, "ppo": "a b", "ppo_gold": 1.0}]

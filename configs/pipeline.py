@@ -1,0 +1,136 @@
+"""End-to-end pipeline configs (experiments/run_pipeline.py): `get_config("tiny" | "smoke")`.
+
+    python experiments/run_pipeline.py --workdir /tmp/rlhf                       # tiny
+    python experiments/run_pipeline.py --workdir /tmp/rlhf --config.seed=1 --config.ppo.kl.coef=0.1
+
+- tiny  : the default: the whole recipe on a 2-core CPU in <= 10 minutes, from a fresh workdir.
+- smoke : a few steps per stage, for the test suite (well under a minute of steps).
+
+The stage sections `pretrain`, `sft`, `rm`, `ppo` are complete stage configs (configs/sft.py,
+rm.py, ppo.py), so every stage field can be overridden (`--config.rm.optim.learning_rate=...`).
+The pipeline fills in, at run time, what ties the stages together and says so in each stage's
+config.json: data files, tokenizer, init/checkpoint paths, the TFDS cache and `seed` (every stage
+gets `config.seed`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import ppo as ppo_configs
+from configs import rm as rm_configs
+from configs import sft as sft_configs
+
+PRESETS = ("tiny", "smoke")
+
+
+def task_config(**fields) -> ml_collections.ConfigDict:
+    """The built-in instruction task (rlhf_jax.tasks.export_task) and its imperfect demonstrators."""
+    base = dict(
+        n_sft=2000,  # demonstrations for SFT
+        n_sft_eval=100,  # demonstrations of held-out prompts, for the SFT eval loss only
+        n_rm_prompts=600,  # prompts whose SFT samples get ranked (the last n_rm_heldout are held out)
+        n_rm_heldout=100,  # of those, prompts kept out of RM training (held-out RM accuracy)
+        n_ppo_prompts=2000,  # PPO training prompts
+        n_heldout=200,  # held-out prompts for the final evaluation (a split no stage trains on)
+        n_corpus=5000,  # pretraining documents
+        error_rate=0.25,  # chance that a demonstration is a wrong answer
+        verbose_rate=0.3,  # chance that a demonstration is wrapped in chatty filler
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def rankings_config(**fields) -> ml_collections.ConfigDict:
+    """Comparison data: K SFT samples per prompt ranked by a simulated (noisy) labeler."""
+    base = dict(
+        num_responses=4,  # K responses ranked per prompt (InstructGPT: 4 to 9)
+        candidates=12,  # SFT samples drawn per prompt to find K distinct ones (prompts with fewer are skipped)
+        temperature=1.0,  # sampling temperature of the candidates
+        labeler_temperature=0.15,  # Plackett-Luce temperature on gold scores: 0 = noise-free labeler
+        batch_size=256,  # sampling batch (rows)
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def eval_config(**fields) -> ml_collections.ConfigDict:
+    """Final evaluation on the held-out prompts."""
+    base = dict(
+        num_samples=4,  # samples per prompt from SFT and from PPO (gold means and win rate use all)
+        best_of=4,  # best-of-n: the RM picks among the first n SFT samples
+        temperature=1.0,  # sampling temperature (the policy PPO trained is the one at rollout.temperature)
+        batch_size=200,  # rows per sampling / scoring call
+        num_report_samples=8,  # prompts shown before/after PPO in report.md
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"configs/pipeline.py: unknown preset {preset!r} (allowed: {', '.join(map(repr, PRESETS))})")
+    c = ml_collections.ConfigDict()
+    c.preset = preset  # which preset built this config (informational)
+    c.seed = 0  # seeds the task data, every stage (their `seed` is set to this) and the evaluation
+    c.task = task_config()
+    c.rankings = rankings_config()
+    c.eval = eval_config()
+
+    # ---- stage 0: pretraining on the task corpus (the architecture of every later model) ---------
+    c.pretrain = sft_configs.get_config("tiny_pretrain")
+    c.pretrain.model.update(d_model=64, n_layers=2, n_heads=4, d_ff=256, max_len=64)
+    c.pretrain.data.max_len = 64  # packed corpus blocks
+    c.pretrain.batch_size = 32
+    c.pretrain.num_steps = 300
+    c.pretrain.optim.update(learning_rate=3e-3, warmup_steps=20)
+    c.pretrain.log_every, c.pretrain.eval_every, c.pretrain.checkpoint.save_every = 25, 0, 100
+
+    # ---- stage 1: SFT on demonstrations -----------------------------------------------------------
+    c.sft = sft_configs.get_config("tiny")
+    c.sft.data.update(max_len=40, max_prompt_len=16)  # prompts <= 12 tokens, responses <= 24
+    c.sft.batch_size = 32
+    c.sft.num_steps = 300
+    c.sft.optim.update(learning_rate=1e-3, warmup_steps=20)
+    c.sft.log_every, c.sft.eval_every, c.sft.checkpoint.save_every = 25, 150, 150
+    c.sft.eval.update(batch_size=32, num_batches=2, num_samples=4, max_new_tokens=24)
+
+    # ---- stage 2: reward model on the rankings -----------------------------------------------------
+    c.rm = rm_configs.get_config("tiny")
+    c.rm.data.update(max_len=40, max_prompt_len=16)
+    c.rm.batch_size = 16
+    c.rm.num_steps = 0  # 0 = rm.num_epochs passes over the rankings
+    c.rm.num_epochs = 2
+    c.rm.optim.update(learning_rate=5e-4, warmup_steps=5)
+    c.rm.log_every, c.rm.eval_every, c.rm.checkpoint.save_every = 5, 20, 100
+    c.rm.eval.update(batch_size=16, num_batches=0)
+
+    # ---- stage 3: PPO against the RM ---------------------------------------------------------------
+    c.ppo = ppo_configs.get_config("tiny")
+    c.ppo.num_steps = 100
+    c.ppo.critic_init = "reward"  # critic from the RM (InstructGPT / DeepSpeed-Chat)
+    c.ppo.rewards.rm_weight = 1.0
+    c.ppo.rewards.rules.target_token.weight = 0.0  # no rule rewards: the RM is the only reward
+    c.ppo.rollout.update(batch_size=64, prompt_len=12, max_new_tokens=24, temperature=1.0, eos_id=1, pad_id=0)
+    c.ppo.ppo.update(epochs=2, num_minibatches=2)
+    c.ppo.kl.update(coef=0.05, adaptive=False)
+    c.ppo.actor_optim.update(learning_rate=3e-4)
+    c.ppo.critic_optim.update(learning_rate=1e-3)
+    c.ppo.log_every, c.ppo.checkpoint.save_every = 1, 50
+
+    if preset == "smoke":
+        c.task.update(n_sft=128, n_sft_eval=16, n_rm_prompts=48, n_rm_heldout=16, n_ppo_prompts=64, n_heldout=16,
+                      n_corpus=200)
+        c.rankings.update(candidates=8, batch_size=64)
+        c.eval.update(num_samples=4, batch_size=64, num_report_samples=4)
+        c.pretrain.update(num_steps=4, log_every=2)
+        c.pretrain.checkpoint.save_every = 4
+        c.sft.update(num_steps=4, log_every=2, eval_every=4)
+        c.sft.checkpoint.save_every = 4
+        c.sft.eval.update(num_batches=1, num_samples=0)
+        c.rm.update(num_steps=2, log_every=1, eval_every=2)
+        c.rm.batch_size = 8
+        c.rm.eval.batch_size = 8
+        c.ppo.num_steps = 2
+        c.ppo.rollout.batch_size = 16
+    return c

@@ -1,0 +1,45 @@
+"""The whole InstructGPT recipe on the built-in task: pretrain -> SFT -> rankings -> RM -> PPO -> eval.
+
+    python experiments/run_pipeline.py --workdir /tmp/rlhf            # configs/pipeline.py:tiny
+    python experiments/run_pipeline.py --workdir /tmp/rlhf --config configs/pipeline.py:smoke
+    python experiments/run_pipeline.py --workdir /tmp/rlhf --config.seed=1 --config.ppo.kl.coef=0.1
+
+Writes DIR/summary.json, DIR/report.md and DIR/*.png; each stage has its own sub-directory with
+checkpoints. Running the same command again skips finished stages and resumes an interrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # repo root: configs/
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rlhf_jax import pipeline  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "pipeline.py") + ":tiny",
+                                          "Pipeline config file[:preset].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage, the report and the plots.",
+                               required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the progress bars readable
+        logging.set_verbosity(logging.WARNING)
+    try:
+        summary = pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value)
+    except pipeline.StageInterrupted as stop:
+        print(stop)
+        sys.exit(1)
+    print(json.dumps(summary, indent=2))
+    print(f"Report: {_WORKDIR.value}/report.md")
+
+
+if __name__ == "__main__":
+    app.run(main)
