@@ -31,6 +31,23 @@ def model_config(**fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(base)
 
 
+def optim_config(**fields) -> ml_collections.ConfigDict:
+    """AdamW with warmup + cosine decay (rlhf_jax.trainers.common.make_optimizer fields)."""
+    base = dict(
+        learning_rate=3e-3,  # peak learning rate
+        warmup_steps=0,  # linear warmup, in optimizer updates (epochs x minibatches per iteration)
+        decay_steps=0,  # cosine decay length in updates; 0 = the whole run
+        final_lr_ratio=1.0,  # lr at the end of the decay / peak (1 = constant after warmup)
+        max_grad_norm=1.0,  # global-norm clipping; 0 = off
+        b1=0.9,  # Adam beta1
+        b2=0.95,  # Adam beta2
+        eps=1e-8,  # Adam epsilon
+        weight_decay=0.0,  # decoupled weight decay on matrices
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "tiny"
     if preset not in ("tiny", "gpt2", "qwen2"):
@@ -46,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reward_checkpoint = ""  # RM checkpoint dir; "" = no reward model (rule rewards only)
     c.critic = "token"  # "token": separate per-token critic (DeepSpeed-Chat); "shared": value head
     #                      on the actor trunk; "sequence": one scalar per prompt (ColossalChat)
-    c.critic_init = "reward"  # critic trunk from "reward" (the RM) or "actor" (the SFT model)
+    c.critic_init = "actor"  # critic trunk (+ fresh value head) from "actor" (SFT) or "reward" (the RM)
     c.ema_decay = 0.0  # EMA of actor weights (e.g. 0.992 as in DeepSpeed-Chat); 0 = off
 
     # ---- rollout ------------------------------------------------------------------------------
@@ -61,10 +78,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pad_id=0,  # padding token
     ))
     c.data = ml_collections.ConfigDict(dict(
-        prompts="",  # JSONL prompts file; "" = synthetic random prompts (tiny standalone only)
-        tokenizer="",  # local HF tokenizer dir for `prompts`
-        min_prompt_len=2,  # synthetic prompts: shortest prompt (rest is left padding)
-        ptx="",  # plain-text pretraining corpus for PPO-ptx; "" = synthetic tokens (tiny only)
+        prompts="",  # JSONL prompts file; "" = synthetic random prompts (from-scratch actor only)
+        tokenizer="",  # local HF tokenizer dir for `prompts` / `ptx`
+        template="auto",  # chat template (rlhf_jax.data.chat.TEMPLATES)
+        cache_dir="",  # TFDS array_record cache; "" = WORKDIR/data
+        min_prompt_len=2,  # synthetic prompts: shortest prompt (the rest is left padding)
+        ptx="",  # plain-text pretraining corpus for PPO-ptx; "" = synthetic counting sequences
     ))
 
     # ---- reward -------------------------------------------------------------------------------
@@ -104,60 +123,64 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
 
     # ---- optimisation -------------------------------------------------------------------------
-    c.actor_optimizer = ml_collections.ConfigDict(dict(
-        lr=3e-3,  # peak learning rate
-        warmup_steps=0,  # linear warmup (in optimizer updates)
-        weight_decay=0.0,  # AdamW decoupled weight decay
-        grad_clip=1.0,  # global-norm clipping; 0 = off
-        b1=0.9,  # Adam beta1
-        b2=0.95,  # Adam beta2
-    ))
-    c.critic_optimizer = ml_collections.ConfigDict(dict(
-        lr=3e-3, warmup_steps=0, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.95))  # same fields
-    c.max_bad_steps = 3  # stop after this many consecutive iterations with a non-finite update
+    c.actor_optim = optim_config(learning_rate=3e-3)  # actor AdamW (and the shared value head)
+    c.critic_optim = optim_config(learning_rate=3e-3)  # separate critic AdamW
+    c.max_nonfinite_streak = 3  # stop after this many consecutive iterations with a skipped update
 
-    # ---- mesh, checkpoints, logging -----------------------------------------------------------
+    # ---- mesh, distributed, checkpoints, logging ----------------------------------------------
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1,  # data-parallel axis size; -1 = all devices left over
         fsdp=1,  # parameter-sharding axis size
         tensor=1,  # tensor-parallel axis size
     ))
-    c.checkpoint_every = 10  # iterations between checkpoints (and at the end)
-    c.keep_checkpoints = 2  # checkpoints kept on disk
-    c.log_every = 1  # iterations between metric writes
-    c.profile_phases = False  # also time rollout / update phases with separately jitted calls
+    c.distributed = ml_collections.ConfigDict(dict(
+        initialize=False,  # call jax.distributed.initialize (multi-process / multi-host)
+        coordinator_address="",  # "host:port" of process 0; "" = auto-detect (SLURM, TPU, ...)
+        num_processes=-1,  # -1 = auto-detect
+        process_id=-1,  # -1 = auto-detect
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        save_every=10,  # iterations between checkpoints (the last iteration is always saved)
+        keep=2,  # checkpoints kept on disk
+    ))
+    c.log_every = 1  # iterations between metric rows
+    c.profile_phases = False  # jit rollout and update apart to log time/rollout and time/update
 
     if preset == "gpt2":
         c.model = model_config(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
                                d_ff=3072, max_len=1024, dtype="bfloat16")
         c.actor_checkpoint = "checkpoints/sft_gpt2"
         c.reward_checkpoint = "checkpoints/rm_gpt2"
+        c.critic_init = "reward"
+        c.data.update(prompts="data/prompts.jsonl", tokenizer="checkpoints/sft_gpt2/tokenizer")
         c.rewards.rm_weight = 1.0
         c.rewards.rules.target_token.weight = 0.0
         c.rewards.rules.missing_eos.update(weight=1.0, eos_id=50256)
         c.rollout.update(batch_size=64, prompt_len=256, max_new_tokens=256, eos_id=50256, pad_id=50256)
         c.ppo.update(epochs=1, num_minibatches=4)
         c.kl.update(coef=0.1, adaptive=True)
-        c.actor_optimizer.update(lr=1e-6, warmup_steps=10)
-        c.critic_optimizer.update(lr=5e-6, warmup_steps=10)
+        c.actor_optim.update(learning_rate=1e-6, warmup_steps=10)
+        c.critic_optim.update(learning_rate=5e-6, warmup_steps=10)
         c.ema_decay = 0.992
         c.num_steps = 1000
-        c.checkpoint_every = 100
+        c.checkpoint.save_every = 100
     elif preset == "qwen2":
         c.model = model_config(family="llama", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
                                n_kv_heads=2, d_ff=4864, max_len=2048, qkv_bias=True, dtype="bfloat16",
                                remat=True)
         c.actor_checkpoint = "checkpoints/sft_qwen2"
         c.reward_checkpoint = "checkpoints/rm_qwen2"
+        c.critic_init = "reward"
+        c.data.update(prompts="data/prompts.jsonl", tokenizer="checkpoints/sft_qwen2/tokenizer")
         c.rewards.rm_weight = 1.0
         c.rewards.rules.target_token.weight = 0.0
         c.rewards.rules.missing_eos.update(weight=1.0, eos_id=151643)
         c.rollout.update(batch_size=64, prompt_len=512, max_new_tokens=512, eos_id=151643, pad_id=151643)
         c.ppo.update(epochs=1, num_minibatches=4)
         c.kl.update(coef=0.05, adaptive=True)
-        c.actor_optimizer.update(lr=5e-7, warmup_steps=10)
-        c.critic_optimizer.update(lr=5e-6, warmup_steps=10)
-        c.mesh.update(data=-1, fsdp=1, tensor=1)
+        c.actor_optim.update(learning_rate=5e-7, warmup_steps=10)
+        c.critic_optim.update(learning_rate=5e-6, warmup_steps=10)
+        c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.num_steps = 1000
-        c.checkpoint_every = 100
+        c.checkpoint.save_every = 100
     return c

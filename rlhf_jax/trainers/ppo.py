@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from rlhf_jax import checkpoint as checkpoint_lib
 from rlhf_jax import generation
@@ -304,13 +307,13 @@ def make_update(models: Models, settings: PPOSettings, actor_opt: optax.Gradient
             mb_ptx = None if ptx is None else constrain(jax.tree.map(lambda x: jnp.take(x, mb_ptx_rows, axis=0), ptx))
             (loss, metrics), grads = jax.value_and_grad(actor_loss, has_aux=True)(actor, mb, mb_ptx)
             actor, actor_state, finite = _guarded_update(actor_opt, actor, actor_state, grads, loss)
-            metrics = {**metrics, "loss": loss, "policy/grad_norm": optax.global_norm(grads)}
+            metrics = {**metrics, "loss": loss, "policy/grad_norm": optax.tree.norm(grads)}
             if settings.critic != "shared":
                 (_, critic_metrics), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(critic, mb)
                 critic, critic_state, critic_finite = _guarded_update(
                     critic_opt, critic, critic_state, critic_grads, critic_metrics["value/loss"])
                 finite = finite & critic_finite
-                metrics.update(critic_metrics, **{"value/grad_norm": optax.global_norm(critic_grads)})
+                metrics.update(critic_metrics, **{"value/grad_norm": optax.tree.norm(critic_grads)})
             metrics["nonfinite_updates"] = (~finite).astype(jnp.float32)
             return (actor, actor_state, critic, critic_state, all_finite & finite), metrics
 
@@ -386,3 +389,533 @@ def make_iteration(models: Models, settings: PPOSettings, actor_opt, critic_opt,
         return state, metrics, outputs
 
     return iteration
+
+
+# ==============================================================================================
+# Host side: config checks, models, state, data, the loop
+# ==============================================================================================
+def settings_from_config(config, reward_offset: float = 0.0) -> PPOSettings:
+    """Static iteration settings from the ConfigDict (rules validated, -1 eos -> None)."""
+    rollout, ppo, kl = config.rollout, config.ppo, config.kl
+    rules = rewards_lib.active_rules(config.rewards.rules)
+    return PPOSettings(
+        sampling=generation.SamplingConfig(
+            max_new_tokens=rollout.max_new_tokens, temperature=float(rollout.temperature), top_k=rollout.top_k,
+            top_p=float(rollout.top_p), eos_id=None if rollout.eos_id < 0 else rollout.eos_id,
+            pad_id=rollout.pad_id),
+        critic=config.critic, epochs=ppo.epochs, num_minibatches=ppo.num_minibatches, clip_eps=ppo.clip_eps,
+        value_clip_eps=ppo.value_clip_eps, gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=ppo.whiten_advantages,
+        vf_coef=ppo.vf_coef, entropy_coef=ppo.entropy_coef, kl_adaptive=kl.adaptive, kl_target=kl.target,
+        kl_horizon=kl.horizon, score_clip=config.rewards.score_clip or None, rm_weight=config.rewards.rm_weight,
+        reward_offset=reward_offset,
+        rules=tuple((name, tuple(sorted(entry.items()))) for name, entry in sorted(rules.items())),
+        ptx_coef=config.ptx.coef, ema_decay=config.ema_decay)
+
+
+def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
+    """One-line errors naming the config key, before anything is built or compiled."""
+    def fail(message):
+        raise ValueError(message)
+
+    if config.critic not in CRITICS:
+        fail(f"config.critic={config.critic!r} (allowed: {', '.join(map(repr, CRITICS))})")
+    if config.critic_init not in ("actor", "reward"):
+        fail(f"config.critic_init={config.critic_init!r} (allowed: 'actor', 'reward')")
+    for key in ("actor_checkpoint", "reward_checkpoint", "data.prompts", "data.tokenizer", "data.ptx"):
+        path = config[key.split(".")[0]] if "." not in key else config.data[key.split(".")[1]]
+        if path and not epath.Path(path).exists():
+            fail(f"config.{key}={path!r} does not exist")
+    if config.critic_init == "reward" and config.critic != "shared" and not config.reward_checkpoint:
+        fail("config.critic_init='reward' needs config.reward_checkpoint (or set config.critic_init='actor')")
+    if config.rewards.rm_weight and not config.reward_checkpoint:
+        fail(f"config.rewards.rm_weight={config.rewards.rm_weight} but config.reward_checkpoint is empty: set the RM "
+             "checkpoint path or --config.rewards.rm_weight=0 (rule rewards only)")
+    rules = rewards_lib.active_rules(config.rewards.rules)
+    if not config.rewards.rm_weight and not rules:
+        fail("config.rewards: no reward at all (rm_weight=0 and every rule weight is 0)")
+    if not config.data.prompts and config.actor_checkpoint:
+        fail("config.data.prompts is empty: synthetic prompts are only for a from-scratch actor "
+             "(config.actor_checkpoint='')")
+    if (config.data.prompts or config.data.ptx) and not config.data.tokenizer:
+        fail("config.data.tokenizer is empty but config.data.prompts/ptx is set: give a local HF tokenizer dir")
+    if config.rollout.temperature <= 0:
+        fail(f"config.rollout.temperature={config.rollout.temperature}: PPO samples from the policy, need > 0")
+    for key in ("epochs", "num_minibatches"):
+        if config.ppo[key] < 1:
+            fail(f"config.ppo.{key}={config.ppo[key]}: need >= 1")
+    if not 0.0 <= config.ema_decay < 1.0:
+        fail(f"config.ema_decay={config.ema_decay}: need 0 <= ema_decay < 1 (0 = off)")
+    if config.kl.coef < 0 or config.kl.target <= 0 or config.kl.horizon <= 0:
+        fail(f"config.kl: need coef >= 0, target > 0, horizon > 0 (got {config.kl.coef}, {config.kl.target}, "
+             f"{config.kl.horizon})")
+    common.validate_batch("rollout.batch_size", config.rollout.batch_size, mesh_shape,
+                          config.ppo.num_minibatches, "ppo.num_minibatches")
+    if config.ptx.coef:
+        common.validate_batch("ptx.batch_size", config.ptx.batch_size, mesh_shape,
+                              config.ppo.num_minibatches, "ppo.num_minibatches")
+    if not config.actor_checkpoint:
+        total = config.rollout.prompt_len + config.rollout.max_new_tokens
+        if total > config.model.max_len:
+            fail(f"config.rollout.prompt_len + max_new_tokens = {total} exceeds config.model.max_len="
+                 f"{config.model.max_len}")
+        vocab = config.model.vocab_size
+        for key in ("eos_id", "pad_id"):
+            if config.rollout[key] >= vocab:
+                fail(f"config.rollout.{key}={config.rollout[key]} is outside the vocabulary ({vocab})")
+        if config.data.min_prompt_len < 1 or config.data.min_prompt_len > config.rollout.prompt_len:
+            fail(f"config.data.min_prompt_len={config.data.min_prompt_len}: need 1..rollout.prompt_len")
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and parameters
+# ----------------------------------------------------------------------------------------------
+def transformer_config(model_cfg) -> TransformerConfig:
+    """TransformerConfig from `config.model` (family preset + fields; n_kv_heads 0 = n_heads)."""
+    fields = dict(model_cfg)
+    family = fields.pop("family")
+    if family not in ("llama", "gpt2"):
+        raise ValueError(f"config.model.family={family!r} (allowed: 'llama', 'gpt2')")
+    fields["n_kv_heads"] = fields["n_kv_heads"] or None
+    return getattr(TransformerConfig, family)(**fields)
+
+
+def _is_hf_dir(path: str) -> bool:
+    return (epath.Path(path) / "config.json").exists()
+
+
+def checkpoint_model_config(path: str) -> TransformerConfig:
+    """Architecture of an earlier stage's model: HF config.json or the Orbax checkpoint's meta."""
+    if _is_hf_dir(path):
+        from rlhf_jax.models import hf
+
+        return hf.config_from_hf(json.loads((epath.Path(path) / "config.json").read_text()), path)
+    meta = checkpoint_lib.read_meta(path)
+    if "model" not in meta:
+        raise ValueError(f"checkpoint {path}: its metadata has no 'model' entry (keys: {sorted(meta)})")
+    return TransformerConfig(**meta["model"])
+
+
+def build_models(config) -> Models:
+    """The four roles' modules from the config and the earlier stages' checkpoints."""
+    actor_cfg = (checkpoint_model_config(config.actor_checkpoint) if config.actor_checkpoint
+                 else transformer_config(config.model))
+    actor_cfg = actor_cfg.replace(dropout_rate=0.0)  # PPO runs with dropout off
+    reward = critic = None
+    if config.reward_checkpoint:
+        reward = Transformer(checkpoint_model_config(config.reward_checkpoint).replace(dropout_rate=0.0),
+                             heads=("value",))
+    if config.critic != "shared":
+        trunk = reward.config if config.critic_init == "reward" else actor_cfg
+        critic = Transformer(trunk, heads=("value",))
+    actor_heads = ("lm", "value") if config.critic == "shared" else ("lm",)
+    return Models(actor=Transformer(actor_cfg, heads=actor_heads), ref=Transformer(actor_cfg, heads=("lm",)),
+                  critic=critic, reward=reward)
+
+
+def load_stage_params(path: str, model: Transformer, shardings) -> Any:
+    """Parameters of an earlier stage (Orbax checkpoint or HF dir), placed on `shardings`."""
+    if _is_hf_dir(path):
+        from rlhf_jax.models import hf
+
+        _, params = hf.from_pretrained(path)
+        return sharding.shard_params(params, shardings)
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    return checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(shapes, shardings))
+
+
+def reward_offset_from_meta(path: str) -> float:
+    """Normalisation stored with the RM: the mean score of reference responses (subtracted)."""
+    if not path or _is_hf_dir(path):
+        return 0.0
+    meta = checkpoint_lib.read_meta(path)
+    return float(meta.get("reward_offset", 0.0))
+
+
+@dataclasses.dataclass
+class Optimizers:
+    actor: optax.GradientTransformation
+    critic: Optional[optax.GradientTransformation]
+    lr_schedule: Callable
+
+
+def make_optimizers(config, models: Models) -> Optimizers:
+    """AdamW per trained network; schedules count optimizer updates (epochs x minibatches each iteration)."""
+    updates = config.num_steps * config.ppo.epochs * config.ppo.num_minibatches
+    actor_opt, schedule = common.make_optimizer(config.actor_optim, updates)
+    critic_opt = None if models.critic is None else common.make_optimizer(config.critic_optim, updates)[0]
+    return Optimizers(actor=actor_opt, critic=critic_opt, lr_schedule=schedule)
+
+
+def state_shardings(models: Models, optimizers: Optimizers, mesh, ema: bool) -> PPOState:
+    """PPOState of NamedShardings: params by their logical axes, optimizer moments alike, scalars replicated."""
+    rep = sharding.replicated(mesh)
+
+    def shapes(model):
+        return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+
+    actor_sh = sharding.param_shardings(models.actor, mesh)
+    critic_sh = None if models.critic is None else sharding.param_shardings(models.critic, mesh)
+    return PPOState(
+        step=rep, actor=actor_sh,
+        actor_opt=common.opt_state_shardings(optimizers.actor, shapes(models.actor), actor_sh, mesh),
+        critic=critic_sh,
+        critic_opt=None if critic_sh is None else common.opt_state_shardings(
+            optimizers.critic, shapes(models.critic), critic_sh, mesh),
+        ref=sharding.param_shardings(models.ref, mesh),
+        reward=None if models.reward is None else sharding.param_shardings(models.reward, mesh),
+        ema=actor_sh if ema else None, kl_coef=rep, rng=rep, nonfinite_steps=rep, nonfinite_streak=rep)
+
+
+def create_state(actor, critic, ref, reward, optimizers: Optimizers, kl_coef: float, rng, ema: bool) -> PPOState:
+    """Fresh state (traceable: jit it with out_shardings so optimizer moments are born sharded)."""
+    zero = jnp.zeros((), jnp.int32)
+    return PPOState(step=zero, actor=actor, actor_opt=optimizers.actor.init(actor), critic=critic,
+                    critic_opt=None if critic is None else optimizers.critic.init(critic), ref=ref, reward=reward,
+                    ema=jax.tree.map(jnp.copy, actor) if ema else None, kl_coef=jnp.asarray(kl_coef, jnp.float32),
+                    rng=rng, nonfinite_steps=zero, nonfinite_streak=zero)
+
+
+def initial_state(config, models: Models, optimizers: Optimizers, state_sh: PPOState) -> PPOState:
+    """Actor/ref from the SFT checkpoint (or a fresh init), RM, critic from RM or actor."""
+    seed_rng = jax.random.PRNGKey(config.seed)
+    init_rng, head_rng, state_rng = jax.random.split(seed_rng, 3)
+    ref_sh = state_sh.ref
+    if config.actor_checkpoint:
+        ref = load_stage_params(config.actor_checkpoint, models.ref, ref_sh)
+    else:
+        ref = jax.jit(lambda r: init_params(models.ref, r), out_shardings=ref_sh)(init_rng)
+    reward = None
+    if models.reward is not None:
+        reward = load_stage_params(config.reward_checkpoint, models.reward, state_sh.reward)
+
+    def scalar_model(lm_params):  # unembedding dropped, fresh value head (Stiennon et al. init)
+        return lm_params_to_scalar(lm_params, head_rng, models.ref.config.d_model)
+
+    actor = ref
+    if config.critic == "shared":  # LM head kept, value head added on the same trunk
+        actor = jax.jit(lambda p: {**p, "value_head": scalar_model(p)["value_head"]},
+                        out_shardings=state_sh.actor)(ref)
+    critic = None
+    if models.critic is not None:
+        if config.critic_init == "reward":
+            critic = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_sh.critic)(reward)
+        else:
+            critic = jax.jit(scalar_model, out_shardings=state_sh.critic)(ref)
+    make = functools.partial(create_state, optimizers=optimizers, kl_coef=config.kl.coef, ema=config.ema_decay > 0)
+    actor = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_sh.actor)(actor)  # not aliased to ref
+    return jax.jit(lambda a, c, r, w, k: make(a, c, r, w, rng=k), out_shardings=state_sh)(
+        actor, critic, ref, reward, state_rng)
+
+
+def abstract_state(models: Models, optimizers: Optimizers, state_sh: PPOState, config) -> PPOState:
+    """Shapes of the state (no parameters materialised): the checkpoint restore target."""
+    def shapes(model):
+        return None if model is None else jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+
+    shaped = jax.eval_shape(
+        lambda a, c, r, w: create_state(a, c, r, w, optimizers, config.kl.coef, jax.random.PRNGKey(0),
+                                        config.ema_decay > 0),
+        shapes(models.actor), shapes(models.critic), shapes(models.ref), shapes(models.reward))
+    return checkpoint_lib.abstract_tree(shaped, state_sh)
+
+
+def state_items(state: PPOState) -> dict:
+    """Checkpoint items: "params" = the actor (what evaluation / export loads) and "train" = the rest."""
+    return {"params": state.actor, "train": state.replace(actor=None)}
+
+
+def state_from_items(items: Mapping[str, Any]) -> PPOState:
+    return items["train"].replace(actor=items["params"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: prompts and the ptx stream (checkpointable iterators)
+# ----------------------------------------------------------------------------------------------
+class SyntheticPrompts:
+    """Random-token prompts of random length, left-padded; batch s is a pure function of (seed, s).
+
+    For standalone runs without data. Tokens avoid `reserved` ids (pad, EOS). Each process gets
+    its contiguous slice of the global batch; the position (batches drawn) is the iterator state.
+    """
+
+    def __init__(self, batch_size: int, prompt_len: int, min_len: int, vocab_size: int, reserved, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.batch_size, self.prompt_len, self.min_len, self.seed = batch_size, prompt_len, min_len, seed
+        self.choices = np.array([t for t in range(vocab_size) if t not in set(reserved)], np.int32)
+        per_process = batch_size // process_count
+        self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rng = np.random.default_rng([self.seed, 1, self.position])
+        self.position += 1
+        ids = rng.choice(self.choices, size=(self.batch_size, self.prompt_len)).astype(np.int32)
+        lengths = rng.integers(self.min_len, self.prompt_len + 1, size=self.batch_size)
+        mask = (np.arange(self.prompt_len)[None, :] >= self.prompt_len - lengths[:, None]).astype(np.int32)
+        index = (self.position - 1) * self.batch_size + np.arange(self.batch_size)
+        batch = {"prompt_ids": ids * mask, "prompt_mask": mask, "index": index.astype(np.int32)}
+        return {key: value[self.rows] for key, value in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: Mapping) -> None:
+        self.position = int(state["position"])
+
+
+class SyntheticText:
+    """LM batches of counting sequences (a, a+1, a+2, ... mod vocab): a learnable stand-in corpus for
+    standalone PPO-ptx runs. Batch s is a pure function of (seed, s); process-sliced like prompts."""
+
+    def __init__(self, batch_size: int, seq_len: int, vocab_size: int, low: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.batch_size, self.seq_len, self.vocab_size, self.low, self.seed = batch_size, seq_len, vocab_size, low, seed
+        per_process = batch_size // process_count
+        self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rng = np.random.default_rng([self.seed, 2, self.position])
+        self.position += 1
+        span = self.vocab_size - self.low
+        start = rng.integers(0, span, size=(self.batch_size, 1))
+        ids = (self.low + (start + np.arange(self.seq_len)[None, :]) % span).astype(np.int32)
+        ones = np.ones_like(ids)
+        return {key: value[self.rows] for key, value in
+                {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}.items()}
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: Mapping) -> None:
+        self.position = int(state["position"])
+
+
+def make_data(config, workdir: str):
+    """(prompt iterator, ptx iterator or None) from the config: files through rlhf_jax.data, else synthetic."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    tokenizer = None
+    if config.data.tokenizer:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(config.data.tokenizer, local_files_only=True)
+    cache_dir = config.data.cache_dir or str(pathlib.Path(workdir) / "data")
+    if config.data.prompts:
+        from rlhf_jax import data as data_lib
+
+        split = data_lib.load_split("prompts", config.data.prompts, tokenizer, max_len=config.rollout.prompt_len,
+                                    batch_format="prompts", template=config.data.template, data_dir=cache_dir)
+        prompts = split.iterator(config.rollout.batch_size, config.seed)
+    else:
+        vocab = config.model.vocab_size
+        prompts = SyntheticPrompts(config.rollout.batch_size, config.rollout.prompt_len, config.data.min_prompt_len,
+                                   vocab, (config.rollout.pad_id, config.rollout.eos_id), config.seed, pid, nproc)
+    ptx = None
+    if config.ptx.coef:
+        if config.data.ptx:
+            from rlhf_jax import data as data_lib
+
+            split = data_lib.load_split("text", config.data.ptx, tokenizer, max_len=config.ptx.seq_len,
+                                        data_dir=cache_dir)
+            ptx = split.iterator(config.ptx.batch_size, config.seed + 1)
+        else:
+            low = max(config.rollout.pad_id, config.rollout.eos_id) + 1
+            ptx = SyntheticText(config.ptx.batch_size, config.ptx.seq_len, config.model.vocab_size, low, config.seed,
+                                pid, nproc)
+    return prompts, ptx
+
+
+# ----------------------------------------------------------------------------------------------
+# Gold scoring (host callback, e.g. the built-in task's hidden judge)
+# ----------------------------------------------------------------------------------------------
+GoldScorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _global_numpy(x) -> np.ndarray:
+    """All rows of a batch-sharded array (or this process's host rows) on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gold_mean(gold_scorer: GoldScorer, index: np.ndarray, outputs: Mapping[str, jax.Array]) -> float:
+    """Mean gold score of the rollout's responses; rows with index -1 (padding) are skipped."""
+    index = _global_numpy(index)
+    tokens, mask = _global_numpy(outputs["tokens"]), _global_numpy(outputs["mask"])
+    keep = index >= 0
+    scores = np.asarray(gold_scorer(index[keep], tokens[keep], mask[keep]), np.float64)
+    return float(scores.mean()) if scores.size else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def jit_iteration(models: Models, settings: PPOSettings, optimizers: Optimizers, state_sh: PPOState, mesh,
+                  with_ptx: bool):
+    """The iteration under `jax.jit` with explicit in/out shardings; the state is donated."""
+    batch_sh = sharding.batch_sharding(mesh)
+    iteration = make_iteration(models, settings, optimizers.actor, optimizers.critic, optimizers.lr_schedule,
+                               batch_sh)
+    prompts_sh = {"prompt_ids": batch_sh, "prompt_mask": batch_sh}
+    ptx_sh = {"input_ids": batch_sh, "attention_mask": batch_sh, "loss_mask": batch_sh} if with_ptx else None
+    rep = sharding.replicated(mesh)
+    return jax.jit(iteration, in_shardings=(state_sh, prompts_sh, ptx_sh),
+                   out_shardings=(state_sh, rep, batch_sh), donate_argnums=(0,))
+
+
+def _device_batches(prompts: Mapping, ptx: Optional[Mapping], mesh):
+    device_prompts = sharding.shard_batch({k: prompts[k] for k in ("prompt_ids", "prompt_mask")}, mesh)
+    device_ptx = None if ptx is None else sharding.shard_batch(
+        {k: ptx[k] for k in ("input_ids", "attention_mask", "loss_mask")}, mesh)
+    return device_prompts, device_ptx
+
+
+def _abstract_batches(config, mesh):
+    """Global ShapeDtypeStructs of one prompt (and ptx) batch, for ahead-of-time compilation."""
+    batch_sh = sharding.batch_sharding(mesh)
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+    prompts = {k: spec(config.rollout.batch_size, config.rollout.prompt_len) for k in ("prompt_ids", "prompt_mask")}
+    ptx = None
+    if config.ptx.coef:
+        ptx = {k: spec(config.ptx.batch_size, config.ptx.seq_len) for k in ("input_ids", "attention_mask", "loss_mask")}
+    return prompts, ptx
+
+
+def _memory_report(compiled) -> str:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 — not every backend reports memory
+        return "memory analysis unavailable"
+    if stats is None:
+        return "memory analysis unavailable"
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    return (f"arguments {mib(stats.argument_size_in_bytes)}, outputs {mib(stats.output_size_in_bytes)}, "
+            f"temporaries {mib(stats.temp_size_in_bytes)}, generated code {mib(stats.generated_code_size_in_bytes)}")
+
+
+@dataclasses.dataclass
+class PPOResult:
+    state: PPOState
+    step: int
+    preempted: bool
+    last_row: dict
+    models: Models
+
+
+def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, prompt_source: Optional[Iterator] = None,
+          ptx_source: Optional[Iterator] = None) -> PPOResult:
+    """Run PPO from `config` in `workdir` (resuming from its newest checkpoint if any).
+
+    `gold_scorer(index [B], tokens [B, N], mask [B, N]) -> [B]` (host numpy) adds `gold/mean`;
+    `prompt_source` / `ptx_source` replace the configured data (iterators yielding this
+    process's numpy batches, with `get_state()` / `set_state()` for exact resume).
+    """
+    mesh = common.setup_run(config, workdir, validate=lambda shape: validate_config(config, shape))
+    models = build_models(config)
+    settings = settings_from_config(config, reward_offset_from_meta(config.reward_checkpoint))
+    optimizers = make_optimizers(config, models)
+    state_sh = state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0)
+
+    prompts_it, ptx_it = make_data(config, workdir)
+    prompts_it = prompt_source or prompts_it
+    ptx_it = ptx_source or ptx_it
+
+    # ---- resume or initialise ---------------------------------------------------------------------
+    checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=config.checkpoint.keep)
+    target = abstract_state(models, optimizers, state_sh, config)
+    restored = checkpointer.restore(state_items(target))
+    if restored is None:
+        state, resume_step = initial_state(config, models, optimizers, state_sh), None
+    else:
+        state, resume_step = state_from_items(restored.items), restored.step
+        prompts_it.set_state(restored.meta["prompt_data"])
+        if ptx_it is not None:
+            ptx_it.set_state(restored.meta["ptx_data"])
+        logging.info("Resuming PPO from %s/%d", checkpointer.directory, resume_step)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=resume_step)
+
+    def meta():
+        info = {"model": dataclasses.asdict(models.actor.config), "heads": list(models.actor.heads),
+                "stage": "ppo", "prompt_data": prompts_it.get_state()}
+        if ptx_it is not None:
+            info["ptx_data"] = ptx_it.get_state()
+        return info
+
+    # ---- compile once, ahead of time --------------------------------------------------------------
+    t0 = time.perf_counter()
+    if config.profile_phases:
+        collect, learn = make_phases(models, settings, optimizers.actor, optimizers.critic, optimizers.lr_schedule,
+                                     sharding.batch_sharding(mesh))
+        collect_jit, learn_jit = jax.jit(collect), jax.jit(learn, donate_argnums=(0,))
+    else:
+        step_fn = jit_iteration(models, settings, optimizers, state_sh, mesh, ptx_it is not None)
+        step_fn = step_fn.lower(target, *_abstract_batches(config, mesh)).compile()
+        logging.info("PPO iteration compiled in %.1fs; %s", time.perf_counter() - t0, _memory_report(step_fn))
+    compile_seconds = time.perf_counter() - t0
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    step = int(jax.device_get(state.step))
+    start_step, last_saved, last_row, preempted = step, checkpointer.latest_step(), {}, False
+    bar = metrics_lib.progress_bar(config.num_steps, initial=step, desc="ppo")
+    with common.PreemptionGuard() as guard:
+        while step < config.num_steps:
+            tick = time.perf_counter()
+            host_prompts = next(prompts_it)
+            host_ptx = None if ptx_it is None else next(ptx_it)
+            prompts, ptx = _device_batches(host_prompts, host_ptx, mesh)
+            timings = {}
+            if config.profile_phases:
+                t0 = time.perf_counter()
+                batch, metrics, outputs, observed_kl = jax.block_until_ready(collect_jit(state, prompts))
+                timings["time/rollout"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                state, metrics = jax.block_until_ready(learn_jit(state, batch, metrics, observed_kl, ptx))
+                timings["time/update"] = time.perf_counter() - t0
+            else:
+                state, metrics, outputs = step_fn(state, prompts, ptx)
+            host = {name: metrics_lib.to_scalar(value) for name, value in metrics.items()}
+            step += 1
+            bar.update(1)
+            host["kl/blowup"] = float(host["kl"] > config.kl.blowup_threshold)
+            if host["kl/blowup"]:
+                logging.warning("KL BLOW-UP at step %d: kl=%.3g exceeds config.kl.blowup_threshold=%g", step,
+                                host["kl"], config.kl.blowup_threshold)
+            if host["nonfinite_streak"] >= config.max_nonfinite_streak:
+                raise common.NonFiniteError(
+                    f"PPO: {host['nonfinite_streak']} consecutive iterations with non-finite updates "
+                    f"(steps {step - host['nonfinite_streak'] + 1}..{step}); stopping. "
+                    f"Last good checkpoint: {checkpointer.directory}/{last_saved}")
+            if gold_scorer is not None:
+                host["gold/mean"] = gold_mean(gold_scorer, host_prompts["index"], outputs)
+            host.update(timings)
+            host["time/iteration"] = time.perf_counter() - tick
+            if step == start_step + 1:
+                host["time/compile"] = compile_seconds
+
+            is_last = step == config.num_steps
+            stop = guard.should_stop(step)
+            if step % config.log_every == 0 or is_last or stop:
+                last_row = writer.write(step, host)
+                bar.set_postfix(metrics_lib.short_postfix(last_row, ("reward/mean", "kl", "gold/mean")))
+            if is_last or stop or step % config.checkpoint.save_every == 0:
+                checkpointer.save(step, state_items(state), meta())
+                last_saved = step
+            if stop and not is_last:
+                preempted = True
+                break
+    bar.close()
+    checkpointer.wait()
+    writer.close()
+    if preempted:
+        print(f"Preempted ({guard.signal_name}) at step {step}: checkpoint {checkpointer.directory}/{step} saved; "
+              f"rerun the same command to resume.", flush=True)
+    checkpointer.close()
+    return PPOResult(state=state, step=step, preempted=preempted, last_row=last_row, models=models)

@@ -1,0 +1,38 @@
+"""Train a policy with PPO / PPO-ptx (InstructGPT stage 3).
+
+    python experiments/train_ppo.py --config configs/ppo.py:tiny --workdir /tmp/ppo
+    python experiments/train_ppo.py --config configs/ppo.py:gpt2 --workdir runs/ppo_gpt2 \
+        --config.actor_checkpoint=runs/sft_gpt2 --config.reward_checkpoint=runs/rm_gpt2
+
+Writes WORKDIR/config.json, metrics.jsonl, TensorBoard events and checkpoints/; running the same
+command again resumes from the newest checkpoint. `--config.num_steps=N` sets the run length.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: configs/
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rlhf_jax.trainers import ppo  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/ppo.py:tiny", "PPO config file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    result = ppo.train(_CONFIG.value, _WORKDIR.value)
+    if result.preempted:
+        sys.exit(0)
+    print(f"PPO finished at step {result.step}: " + ", ".join(
+        f"{k}={result.last_row[k]:.4g}" for k in ("reward/mean", "kl", "kl_coef") if k in result.last_row))
+
+
+if __name__ == "__main__":
+    app.run(main)
