@@ -15,7 +15,7 @@ and the split does not depend on the mesh. Microbatch results are combined with 
 `weight_fn` (e.g. the number of target tokens), so accumulation gives the same loss and gradient
 as one big batch.
 
-Non-finite loss or gradients skip the update inside the jitted step (`jnp.where` keeps the old
+Non-finite loss, gradients or updates skip the update inside the jitted step (`jnp.where` keeps the old
 params and optimizer state); `nonfinite_steps` counts them and `train_loop` stops with an error
 after `max_nonfinite_streak` consecutive bad steps, leaving the last good checkpoint intact.
 """
@@ -187,7 +187,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        finite = jnp.isfinite(loss) & tree_all_finite(grads)
+        finite = jnp.isfinite(loss) & tree_all_finite(grads) & tree_all_finite(updates)
         keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         bad = (~finite).astype(jnp.int32)
         new_state = state.replace(
@@ -453,25 +453,27 @@ def train_loop(config, *, state: TrainState, train_step: Callable, batches: Iter
             do_eval = eval_fn is not None and (is_last or (config.eval_every and step % config.eval_every == 0))
             do_save = is_last or stop or step % config.checkpoint.save_every == 0
 
+            diverged = False
             if do_log or do_save:  # host sync: also the point where a run of NaN steps is caught
                 host = {k: metrics_lib.to_scalar(v) for k, v in step_metrics.items()}
-                if host["nonfinite_streak"] >= config.max_nonfinite_streak:
-                    first_bad = step - host["nonfinite_streak"] + 1
-                    raise NonFiniteError(
-                        f"{host['nonfinite_streak']} consecutive non-finite steps ({first_bad}..{step}); stopping. "
-                        f"Last good checkpoint: {checkpointer.directory}/{last_saved}")
+                diverged = host["nonfinite_streak"] >= config.max_nonfinite_streak
             if do_log:
                 elapsed = time.perf_counter() - tick
                 row = {**host, "time/step": elapsed / steps_since_log, "time/data": data_time / steps_since_log}
-                if do_eval:
+                if do_eval and not diverged:
                     t0 = time.perf_counter()
                     row.update(eval_fn(state))
                     row["time/eval"] = time.perf_counter() - t0
                 last_row = writer.write(step, row)
                 bar.set_postfix(metrics_lib.short_postfix(last_row))
                 tick, data_time, steps_since_log = time.perf_counter(), 0.0, 0
-            elif do_eval:
+            elif do_eval and not diverged:
                 last_row = writer.write(step, eval_fn(state))
+            if diverged:
+                first_bad = step - host["nonfinite_streak"] + 1
+                good = "none saved yet" if last_saved is None else f"{checkpointer.directory}/{last_saved}"
+                raise NonFiniteError(f"{host['nonfinite_streak']} consecutive non-finite steps ({first_bad}..{step}); "
+                                     f"stopping. Last good checkpoint: {good}")
             if do_save:
                 save(step)
             if stop and not is_last:

@@ -1,0 +1,219 @@
+"""SFT trainer: same losses on any mesh, exact resume, SIGTERM + restart, the script, config errors."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import sft as sft_configs
+from rlhf_jax import checkpoint, metrics, tasks
+from rlhf_jax.trainers import common, sft
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_STEPS = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Persistent XLA cache: the runs below (and the script subprocesses) compile the same steps."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = tmp_path_factory.getbasetemp() / "jax_cache"
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    cc.set_cache_dir(str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cc.reset_cache()
+    yield path
+    cc.set_cache_dir(None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """64 training / 16 held-out demonstrations of the built-in task, its tokenizer, a TFDS cache."""
+    root = tmp_path_factory.mktemp("sft_data")
+    tasks.write_demonstrations(root / "train.jsonl", tasks.sample_examples(64, seed=0), seed=0)
+    tasks.write_demonstrations(root / "eval.jsonl", tasks.sample_examples(16, seed=0, split="heldout"), seed=1)
+    tasks.save_tokenizer(root / "tokenizer")
+    return root
+
+
+def tiny_config(files, **overrides):
+    config = sft_configs.get_config("tiny")
+    config.model.update(d_model=32, d_ff=64, n_heads=2)
+    config.data.update(train=str(files / "train.jsonl"), eval=str(files / "eval.jsonl"),
+                       tokenizer=str(files / "tokenizer"), max_len=32, cache_dir=str(files / "tfds"))
+    config.update(num_steps=NUM_STEPS, batch_size=8, log_every=1, eval_every=0)
+    config.eval.update(batch_size=8, num_batches=1, num_samples=0)
+    config.optim.update(decay_steps=NUM_STEPS)  # the schedule does not depend on a shortened first half
+    config.checkpoint.save_every = 1000
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def without_timings(rows):
+    """Rows minus timings, and minus the end-of-run evaluation of a shorter first half."""
+    return [{k: v for k, v in row.items() if not k.startswith("time/")
+             and not (k.startswith("eval/") and row is not rows[-1])} for row in rows]
+
+
+def final_params(workdir):
+    meta = checkpoint.read_meta(workdir)
+    model = common.model_from_meta(meta["model"])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    from rlhf_jax import sharding
+    from rlhf_jax.models import init_params
+
+    target = checkpoint.abstract_tree(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))),
+                                      sharding.param_shardings(model, mesh))
+    return jax.device_get(checkpoint.load_params(workdir, target))
+
+
+def assert_close_rows(rows, reference, rtol, keys=("loss", "accuracy", "grad_norm", "eval/loss")):
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for row, ref in zip(rows, reference):
+        for key in keys:
+            if key in ref:
+                np.testing.assert_allclose(row[key], ref[key], rtol=rtol, err_msg=f"step {row['step']} {key}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(task_files, tmp_path_factory):
+    """The uninterrupted run on mesh data=8: metrics rows and final parameters."""
+    workdir = tmp_path_factory.mktemp("sft_ref")
+    result = sft.train(tiny_config(task_files, **{"mesh.data": 8}), str(workdir))
+    assert result.step == NUM_STEPS and not result.preempted
+    return metrics.read_metrics(workdir), final_params(workdir), workdir
+
+
+def test_training_lowers_the_loss_and_writes_the_run_files(reference_run):
+    rows = reference_run[0]
+    assert len(rows) == NUM_STEPS
+    assert np.mean([r["loss"] for r in rows[-5:]]) < 0.8 * np.mean([r["loss"] for r in rows[:5]])
+    assert rows[-1]["eval/loss"] < rows[0]["loss"]
+    assert all(r["nonfinite_steps"] == 0 for r in rows)
+    # warmup 5 steps then cosine: lr logged at step s is schedule(s - 1)
+    np.testing.assert_allclose([rows[0]["lr"], rows[5]["lr"]], [0.0, 3e-3], atol=1e-9)
+
+
+def test_fsdp_tensor_mesh_logs_the_same_losses(task_files, reference_run, tmp_path):
+    config = tiny_config(task_files, num_steps=4, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    sft.train(config, str(tmp_path))
+    rows = metrics.read_metrics(tmp_path)
+    assert_close_rows(rows, reference_run[0][:4], rtol=1e-4, keys=("loss", "accuracy"))
+
+
+def test_resume_is_exact(task_files, reference_run, tmp_path):
+    """N/2 steps, then the same command with num_steps=N in the same workdir == N steps at once."""
+    first = sft.train(tiny_config(task_files, num_steps=NUM_STEPS // 2, **{"mesh.data": 8}), str(tmp_path))
+    assert first.step == NUM_STEPS // 2
+    second = sft.train(tiny_config(task_files, **{"mesh.data": 8}), str(tmp_path))
+    assert second.step == NUM_STEPS
+    rows, params, _ = reference_run
+    assert without_timings(metrics.read_metrics(tmp_path)) == without_timings(rows)
+    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path), params)
+
+
+def _script(workdir, devices, *flags):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return subprocess.Popen([sys.executable, str(REPO / "experiments" / "train_sft.py"), "--config",
+                             str(REPO / "configs" / "sft.py") + ":tiny", f"--workdir={workdir}", *flags],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _flags(files):
+    return [f"--config.data.train={files / 'train.jsonl'}", f"--config.data.eval={files / 'eval.jsonl'}",
+            f"--config.data.tokenizer={files / 'tokenizer'}", f"--config.data.cache_dir={files / 'tfds'}",
+            "--config.data.max_len=32", "--config.model.d_model=32", "--config.model.d_ff=64",
+            "--config.model.n_heads=2", f"--config.num_steps={NUM_STEPS}", "--config.batch_size=8",
+            "--config.log_every=1", "--config.eval_every=0", "--config.eval.batch_size=8",
+            "--config.eval.num_batches=1", f"--config.optim.decay_steps={NUM_STEPS}",
+            "--config.checkpoint.save_every=1000", "--config.eval.max_new_tokens=4", "--config.eval.num_samples=2"]
+
+
+def test_sigterm_saves_and_the_rerun_on_one_device_matches(task_files, reference_run, tmp_path):
+    """Script on 8 devices gets SIGTERM mid-run, saves and exits; the same command on 1 device
+    resumes (8-device checkpoint onto 1 device) and ends where the uninterrupted run ends."""
+    proc = _script(tmp_path, 8, *_flags(task_files))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "Preempted (SIGTERM) at step" in output, output[-3000:]
+    stopped_at = checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step()
+    assert 2 <= stopped_at < NUM_STEPS
+
+    proc = _script(tmp_path, 1, *_flags(task_files))
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0 and f"SFT finished at step {NUM_STEPS}" in output, output[-3000:]
+    rows, params, _ = reference_run
+    got = metrics.read_metrics(tmp_path)
+    assert_close_rows(got, rows, rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), final_params(tmp_path), params)
+    # The run directory has everything the DESIGN promises.
+    assert json.loads((tmp_path / "config.json").read_text())["num_steps"] == NUM_STEPS
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and samples[0]["step"] == NUM_STEPS and samples[0]["prompt"].startswith("<bos> <user>")
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": 6}, r"config.batch_size=6 must be a positive multiple of data\*fsdp=8"),
+    ({"grad_accum": 3}, r"config.batch_size=8 must be a positive multiple of data\*fsdp=8 \* grad_accum=3 = 24"),
+    ({"mesh.data": 3}, r"config.mesh: data\*fsdp\*tensor = 3\*1\*1 = 3 but jax.device_count\(\) = 8"),
+    ({"init.source": "checkpoint"}, r"config.init.path is empty but config.init.source='checkpoint'"),
+    ({"init.source": "hf", "init.path": "/nonexistent/gpt2"}, r"config.init.path='/nonexistent/gpt2' does not exist"),
+    ({"init.source": "pretrained"}, r"config.init.source='pretrained' \(allowed: 'scratch', 'checkpoint', 'hf'\)"),
+    ({"data.kind": "prompts"}, r"config.data.kind='prompts' \(allowed: 'demonstrations', 'text'"),
+    ({"data.train": "/nonexistent.jsonl"}, r"config.data.train: '/nonexistent.jsonl' does not exist"),
+    ({"log_every": 0}, r"config.log_every=0 must be a positive integer"),
+])
+def test_config_errors_name_the_key_before_any_work(task_files, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        sft.train(tiny_config(task_files, **override), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_config_key_fails_in_the_script(compilation_cache, tmp_path):
+    proc = _script(tmp_path, 1, "--config.optim.lerning_rate=0.1")
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "lerning_rate" in output
+
+
+def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(task_files, reference_run, tmp_path):
+    """Start from an SFT checkpoint whose weights are NaN: every step is skipped and counted,
+    then the run stops with an error naming the steps; no checkpoint of the bad state is written."""
+    _, params, reference_dir = reference_run
+    meta = checkpoint.read_meta(reference_dir)
+    poisoned = checkpoint.Checkpointer(tmp_path / "poisoned")
+    poisoned.save(1, {"params": jax.tree.map(lambda x: np.full_like(x, np.nan), params)}, meta)
+    poisoned.close()
+    config = tiny_config(task_files, num_steps=6, max_nonfinite_streak=3,
+                         **{"mesh.data": 8, "init.source": "checkpoint", "init.path": str(tmp_path / "poisoned")})
+    with pytest.raises(common.NonFiniteError,
+                       match=r"3 consecutive non-finite steps \(1\.\.3\); stopping. Last good checkpoint: none saved"):
+        sft.train(config, str(tmp_path / "run"))
+    rows = metrics.read_metrics(tmp_path / "run")
+    assert [(r["step"], r["nonfinite_steps"], r["nonfinite_streak"]) for r in rows] == [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
+    assert all(np.isnan(r["loss"]) for r in rows)
+    assert checkpoint.Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == []
