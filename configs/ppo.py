@@ -11,41 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-
-def model_config(**fields) -> ml_collections.ConfigDict:
-    """Architecture used when the actor is initialised from scratch (TransformerConfig fields)."""
-    base = dict(
-        family="llama",  # "llama" (RoPE, RMSNorm, SwiGLU) or "gpt2" (learned pos, LayerNorm, GELU)
-        vocab_size=64,  # token vocabulary
-        d_model=32,  # residual width
-        n_layers=2,  # decoder blocks
-        n_heads=4,  # attention heads
-        n_kv_heads=0,  # grouped-query KV heads; 0 means n_heads
-        d_ff=64,  # MLP hidden width
-        max_len=64,  # longest prompt + response
-        qkv_bias=False,  # q/k/v projection bias (Qwen2)
-        dtype="float32",  # compute dtype ("bfloat16" on accelerators); params stay float32
-        remat=False,  # recompute blocks in the backward pass to save memory
-    )
-    base.update(fields)
-    return ml_collections.ConfigDict(base)
-
-
-def optim_config(**fields) -> ml_collections.ConfigDict:
-    """AdamW with warmup + cosine decay (rlhf_jax.trainers.common.make_optimizer fields)."""
-    base = dict(
-        learning_rate=3e-3,  # peak learning rate
-        warmup_steps=0,  # linear warmup, in optimizer updates (epochs x minibatches per iteration)
-        decay_steps=0,  # cosine decay length in updates; 0 = the whole run
-        final_lr_ratio=1.0,  # lr at the end of the decay / peak (1 = constant after warmup)
-        max_grad_norm=1.0,  # global-norm clipping; 0 = off
-        b1=0.9,  # Adam beta1
-        b2=0.95,  # Adam beta2
-        eps=1e-8,  # Adam epsilon
-        weight_decay=0.0,  # decoupled weight decay on matrices
-    )
-    base.update(fields)
-    return ml_collections.ConfigDict(base)
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -58,8 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_steps = 40  # PPO iterations (rollout + update) to run in total
 
     # ---- models and stage hand-off ------------------------------------------------------------
-    c.model = model_config()  # architecture for a from-scratch actor (ignored when loading one)
-    c.actor_checkpoint = ""  # SFT checkpoint dir (Orbax) or HF dir; "" = fresh init (tiny only)
+    c.model = common.model_config(vocab_size=64, d_model=32, d_ff=64, max_len=64)  # a from-scratch actor
+    #          (actor_checkpoint=""); with a checkpoint only dtype / remat come from here (dropout is off)
+    c.actor_checkpoint = ""  # SFT run dir (Orbax checkpoints) or a local HF dir; "" = fresh init
     c.reward_checkpoint = ""  # RM checkpoint dir; "" = no reward model (rule rewards only)
     c.critic = "token"  # "token": separate per-token critic (DeepSpeed-Chat); "shared": value head
     #                      on the actor trunk; "sequence": one scalar per prompt (ColossalChat)
@@ -79,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.data = ml_collections.ConfigDict(dict(
         prompts="",  # JSONL prompts file; "" = synthetic random prompts (from-scratch actor only)
-        tokenizer="",  # local HF tokenizer dir for `prompts` / `ptx`
+        tokenizer="",  # local HF tokenizer dir; "" = the one recorded with actor_checkpoint (or its HF dir)
         template="auto",  # chat template (rlhf_jax.data.chat.TEMPLATES)
         cache_dir="",  # TFDS array_record cache; "" = WORKDIR/data
         min_prompt_len=2,  # synthetic prompts: shortest prompt (the rest is left padding)
@@ -122,37 +89,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seq_len=16,  # pretraining sequence length
     ))
 
-    # ---- optimisation -------------------------------------------------------------------------
-    c.actor_optim = optim_config(learning_rate=3e-3)  # actor AdamW (and the shared value head)
-    c.critic_optim = optim_config(learning_rate=3e-3)  # separate critic AdamW
+    # ---- optimisation (AdamW per network; steps count updates = epochs x minibatches per iteration) --
+    ppo_optim = dict(warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0)  # constant lr, no decay
+    c.actor_optim = common.optim_config(learning_rate=3e-3, **ppo_optim)  # actor (+ shared value head)
+    c.critic_optim = common.optim_config(learning_rate=3e-3, **ppo_optim)  # separate critic
     c.max_nonfinite_streak = 3  # stop after this many consecutive iterations with a skipped update
 
     # ---- mesh, distributed, checkpoints, logging ----------------------------------------------
-    c.mesh = ml_collections.ConfigDict(dict(
-        data=-1,  # data-parallel axis size; -1 = all devices left over
-        fsdp=1,  # parameter-sharding axis size
-        tensor=1,  # tensor-parallel axis size
-    ))
-    c.distributed = ml_collections.ConfigDict(dict(
-        initialize=False,  # call jax.distributed.initialize (multi-process / multi-host)
-        coordinator_address="",  # "host:port" of process 0; "" = auto-detect (SLURM, TPU, ...)
-        num_processes=-1,  # -1 = auto-detect
-        process_id=-1,  # -1 = auto-detect
-    ))
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        save_every=10,  # iterations between checkpoints (the last iteration is always saved)
-        keep=2,  # checkpoints kept on disk
-    ))
+    c.mesh = common.mesh_config()
+    c.distributed = common.distributed_config()
+    c.checkpoint = common.checkpoint_config(save_every=10)
     c.log_every = 1  # iterations between metric rows
     c.profile_phases = False  # jit rollout and update apart to log time/rollout and time/update
 
     if preset == "gpt2":
-        c.model = model_config(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
-                               d_ff=3072, max_len=1024, dtype="bfloat16")
-        c.actor_checkpoint = "checkpoints/sft_gpt2"
-        c.reward_checkpoint = "checkpoints/rm_gpt2"
+        c.model = common.model_config(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
+                                      d_ff=3072, max_len=1024, dtype="bfloat16")
+        c.actor_checkpoint = "runs/sft_gpt2"  # train_sft.py --config configs/sft.py:gpt2 --workdir runs/sft_gpt2
+        c.reward_checkpoint = "runs/rm_gpt2"  # train_rm.py --config configs/rm.py:gpt2 --workdir runs/rm_gpt2
         c.critic_init = "reward"
-        c.data.update(prompts="data/prompts.jsonl", tokenizer="checkpoints/sft_gpt2/tokenizer")
+        c.data.prompts = "prompts.jsonl"  # your PPO prompts; the tokenizer comes with the SFT checkpoint
         c.rewards.rm_weight = 1.0
         c.rewards.rules.target_token.weight = 0.0
         c.rewards.rules.missing_eos.update(weight=1.0, eos_id=50256)
@@ -165,13 +121,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.num_steps = 1000
         c.checkpoint.save_every = 100
     elif preset == "qwen2":
-        c.model = model_config(family="llama", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
-                               n_kv_heads=2, d_ff=4864, max_len=2048, qkv_bias=True, dtype="bfloat16",
-                               remat=True)
-        c.actor_checkpoint = "checkpoints/sft_qwen2"
-        c.reward_checkpoint = "checkpoints/rm_qwen2"
+        c.model = common.model_config(family="llama", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
+                                      n_kv_heads=2, d_ff=4864, max_len=2048, qkv_bias=True, dtype="bfloat16",
+                                      remat=True)
+        c.actor_checkpoint = "runs/sft_qwen2"  # train_sft.py --config configs/sft.py:qwen2 --workdir runs/sft_qwen2
+        c.reward_checkpoint = "runs/rm_qwen2"  # train_rm.py --config configs/rm.py:qwen2 --workdir runs/rm_qwen2
         c.critic_init = "reward"
-        c.data.update(prompts="data/prompts.jsonl", tokenizer="checkpoints/sft_qwen2/tokenizer")
+        c.data.prompts = "prompts.jsonl"  # your PPO prompts; the tokenizer comes with the SFT checkpoint
         c.rewards.rm_weight = 1.0
         c.rewards.rules.target_token.weight = 0.0
         c.rewards.rules.missing_eos.update(weight=1.0, eos_id=151643)
@@ -180,7 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.kl.update(coef=0.05, adaptive=True)
         c.actor_optim.update(learning_rate=5e-7, warmup_steps=10)
         c.critic_optim.update(learning_rate=5e-6, warmup_steps=10)
-        c.mesh.update(data=1, fsdp=-1, tensor=1)
+        c.mesh.update(data=1, fsdp=-1, tensor=1)  # ZeRO-3 style: params sharded, batch split
         c.num_steps = 1000
         c.checkpoint.save_every = 100
     return c

@@ -33,20 +33,23 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from etils import epath
 
 from rlhf_jax import checkpoint as checkpoint_lib
+from rlhf_jax import data as data_lib
 from rlhf_jax import generation
 from rlhf_jax import losses
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax import rl
 from rlhf_jax import sharding
-from rlhf_jax.models import Transformer, TransformerConfig, init_params, last_token_values, lm_params_to_scalar
+from rlhf_jax.models import Transformer, init_params, lm_params_to_scalar
 from rlhf_jax.trainers import common
+from rlhf_jax.trainers import rm as rm_lib
 
 CRITICS = ("token", "shared", "sequence")
 
@@ -74,7 +77,7 @@ class PPOSettings:
     kl_horizon: float = 10000.0
     score_clip: Optional[float] = None
     rm_weight: float = 0.0
-    reward_offset: float = 0.0  # subtracted from the raw RM score (normalisation stored with the RM)
+    reward_norm: tuple = (0.0, 1.0)  # RM score = (raw − mean) / std, stored with the RM (rm.reward_norm)
     rules: tuple = ()  # ((name, ((key, value), ...)), ...): hashable form of config.rewards.rules
     ptx_coef: float = 0.0
     ema_decay: float = 0.0
@@ -175,8 +178,8 @@ def make_rollout(models: Models, settings: PPOSettings):
         scores, parts = rule_reward(tokens, mask)
         metrics = {f"reward/{name}": jnp.mean(value) for name, value in parts.items()}
         if models.reward is not None:
-            rm_values = models.reward.apply({"params": state.reward}, seq_ids, seq_mask).values
-            rm_score = last_token_values(rm_values, seq_mask) - settings.reward_offset
+            mean, std = settings.reward_norm
+            rm_score = rm_lib.score(models.reward, state.reward, {"mean": mean, "std": std}, seq_ids, seq_mask)
             scores = scores + settings.rm_weight * rm_score
             metrics["reward/rm"] = jnp.mean(rm_score)
 
@@ -394,7 +397,7 @@ def make_iteration(models: Models, settings: PPOSettings, actor_opt, critic_opt,
 # ==============================================================================================
 # Host side: config checks, models, state, data, the loop
 # ==============================================================================================
-def settings_from_config(config, reward_offset: float = 0.0) -> PPOSettings:
+def settings_from_config(config, reward_norm: tuple[float, float] = (0.0, 1.0)) -> PPOSettings:
     """Static iteration settings from the ConfigDict (rules validated, -1 eos -> None)."""
     rollout, ppo, kl = config.rollout, config.ppo, config.kl
     rules = rewards_lib.active_rules(config.rewards.rules)
@@ -407,7 +410,7 @@ def settings_from_config(config, reward_offset: float = 0.0) -> PPOSettings:
         value_clip_eps=ppo.value_clip_eps, gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=ppo.whiten_advantages,
         vf_coef=ppo.vf_coef, entropy_coef=ppo.entropy_coef, kl_adaptive=kl.adaptive, kl_target=kl.target,
         kl_horizon=kl.horizon, score_clip=config.rewards.score_clip or None, rm_weight=config.rewards.rm_weight,
-        reward_offset=reward_offset,
+        reward_norm=tuple(reward_norm),
         rules=tuple((name, tuple(sorted(entry.items()))) for name, entry in sorted(rules.items())),
         ptx_coef=config.ptx.coef, ema_decay=config.ema_decay)
 
@@ -436,8 +439,6 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     if not config.data.prompts and config.actor_checkpoint:
         fail("config.data.prompts is empty: synthetic prompts are only for a from-scratch actor "
              "(config.actor_checkpoint='')")
-    if (config.data.prompts or config.data.ptx) and not config.data.tokenizer:
-        fail("config.data.tokenizer is empty but config.data.prompts/ptx is set: give a local HF tokenizer dir")
     if config.rollout.temperature <= 0:
         fail(f"config.rollout.temperature={config.rollout.temperature}: PPO samples from the policy, need > 0")
     for key in ("epochs", "num_minibatches"):
@@ -467,68 +468,44 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models and parameters
+# Models and parameters (hand-off: actor and reference from SFT, reward model and critic from the RM)
 # ----------------------------------------------------------------------------------------------
-def transformer_config(model_cfg) -> TransformerConfig:
-    """TransformerConfig from `config.model` (family preset + fields; n_kv_heads 0 = n_heads)."""
-    fields = dict(model_cfg)
-    family = fields.pop("family")
-    if family not in ("llama", "gpt2"):
-        raise ValueError(f"config.model.family={family!r} (allowed: 'llama', 'gpt2')")
-    fields["n_kv_heads"] = fields["n_kv_heads"] or None
-    return getattr(TransformerConfig, family)(**fields)
+def init_source(path: str) -> str:
+    """"scratch" for "", "hf" for a directory with config.json, else "checkpoint" (an rlhf_jax run)."""
+    if not path:
+        return "scratch"
+    return "hf" if (epath.Path(path) / "config.json").exists() else "checkpoint"
 
 
-def _is_hf_dir(path: str) -> bool:
-    return (epath.Path(path) / "config.json").exists()
-
-
-def checkpoint_model_config(path: str) -> TransformerConfig:
-    """Architecture of an earlier stage's model: HF config.json or the Orbax checkpoint's meta."""
-    if _is_hf_dir(path):
-        from rlhf_jax.models import hf
-
-        return hf.config_from_hf(json.loads((epath.Path(path) / "config.json").read_text()), path)
-    meta = checkpoint_lib.read_meta(path)
-    if "model" not in meta:
-        raise ValueError(f"checkpoint {path}: its metadata has no 'model' entry (keys: {sorted(meta)})")
-    return TransformerConfig(**meta["model"])
+def stage_view(config, path: str) -> ml_collections.ConfigDict:
+    """The `init`, `model` and `data.tokenizer` fields that the shared hand-off helpers
+    (`common.architecture`, `initial_params`, `tokenizer_path`) read, for a model that starts from
+    `path`: an earlier stage's run dir (Orbax), a local HF dir, or "" (from scratch, config.model)."""
+    source = init_source(path)
+    model = {**config.model.to_dict(), "dropout_rate": 0.0}  # PPO runs with dropout off
+    return ml_collections.ConfigDict({"init": {"source": source, "path": path}, "model": model,
+                                      "data": {"tokenizer": config.data.tokenizer}})
 
 
 def build_models(config) -> Models:
-    """The four roles' modules from the config and the earlier stages' checkpoints."""
-    actor_cfg = (checkpoint_model_config(config.actor_checkpoint) if config.actor_checkpoint
-                 else transformer_config(config.model))
-    actor_cfg = actor_cfg.replace(dropout_rate=0.0)  # PPO runs with dropout off
-    reward = critic = None
+    """The four roles' modules (no weights) from the config and the earlier stages' metadata."""
+    ref = common.architecture(stage_view(config, config.actor_checkpoint), heads=("lm",))
+    reward = None
     if config.reward_checkpoint:
-        reward = Transformer(checkpoint_model_config(config.reward_checkpoint).replace(dropout_rate=0.0),
-                             heads=("value",))
+        reward = common.architecture(stage_view(config, config.reward_checkpoint), heads=("value",))
+    critic = None
     if config.critic != "shared":
-        trunk = reward.config if config.critic_init == "reward" else actor_cfg
-        critic = Transformer(trunk, heads=("value",))
-    actor_heads = ("lm", "value") if config.critic == "shared" else ("lm",)
-    return Models(actor=Transformer(actor_cfg, heads=actor_heads), ref=Transformer(actor_cfg, heads=("lm",)),
-                  critic=critic, reward=reward)
+        critic = Transformer((reward if config.critic_init == "reward" else ref).config, heads=("value",))
+    actor = Transformer(ref.config, heads=("lm", "value") if config.critic == "shared" else ("lm",))
+    return Models(actor=actor, ref=ref, critic=critic, reward=reward)
 
 
-def load_stage_params(path: str, model: Transformer, shardings) -> Any:
-    """Parameters of an earlier stage (Orbax checkpoint or HF dir), placed on `shardings`."""
-    if _is_hf_dir(path):
-        from rlhf_jax.models import hf
-
-        _, params = hf.from_pretrained(path)
-        return sharding.shard_params(params, shardings)
-    shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-    return checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(shapes, shardings))
-
-
-def reward_offset_from_meta(path: str) -> float:
-    """Normalisation stored with the RM: the mean score of reference responses (subtracted)."""
-    if not path or _is_hf_dir(path):
-        return 0.0
-    meta = checkpoint_lib.read_meta(path)
-    return float(meta.get("reward_offset", 0.0))
+def reward_norm_from_checkpoint(path: str) -> tuple[float, float]:
+    """(mean, std) stored with the RM (`rm.reward_norm`): score = (raw − mean) / std; identity for HF dirs."""
+    if init_source(path) != "checkpoint":
+        return 0.0, 1.0
+    norm = checkpoint_lib.read_meta(path).get("reward_norm", rm_lib.IDENTITY_NORM)
+    return float(norm["mean"]), float(norm["std"])
 
 
 @dataclasses.dataclass
@@ -575,34 +552,30 @@ def create_state(actor, critic, ref, reward, optimizers: Optimizers, kl_coef: fl
                     rng=rng, nonfinite_steps=zero, nonfinite_streak=zero)
 
 
-def initial_state(config, models: Models, optimizers: Optimizers, state_sh: PPOState) -> PPOState:
-    """Actor/ref from the SFT checkpoint (or a fresh init), RM, critic from RM or actor."""
-    seed_rng = jax.random.PRNGKey(config.seed)
-    init_rng, head_rng, state_rng = jax.random.split(seed_rng, 3)
-    ref_sh = state_sh.ref
-    if config.actor_checkpoint:
-        ref = load_stage_params(config.actor_checkpoint, models.ref, ref_sh)
-    else:
-        ref = jax.jit(lambda r: init_params(models.ref, r), out_shardings=ref_sh)(init_rng)
+def initial_state(config, models: Models, optimizers: Optimizers, state_sh: PPOState, mesh) -> PPOState:
+    """Reference = actor = SFT params (or a fresh init); RM params; critic from the RM or the actor
+    (trunk copied, unembedding dropped, fresh value head); optimizer moments created sharded."""
+    init_rng, head_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    ref = common.initial_params(stage_view(config, config.actor_checkpoint), models.ref, mesh, state_sh.ref, init_rng)
     reward = None
     if models.reward is not None:
-        reward = load_stage_params(config.reward_checkpoint, models.reward, state_sh.reward)
+        reward = common.initial_params(stage_view(config, config.reward_checkpoint), models.reward, mesh,
+                                       state_sh.reward, init_rng)
 
     def scalar_model(lm_params):  # unembedding dropped, fresh value head (Stiennon et al. init)
         return lm_params_to_scalar(lm_params, head_rng, models.ref.config.d_model)
 
-    actor = ref
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 — actor/critic must not alias frozen params
     if config.critic == "shared":  # LM head kept, value head added on the same trunk
-        actor = jax.jit(lambda p: {**p, "value_head": scalar_model(p)["value_head"]},
+        actor = jax.jit(lambda p: {**copy(p), "value_head": scalar_model(p)["value_head"]},
                         out_shardings=state_sh.actor)(ref)
+    else:
+        actor = jax.jit(copy, out_shardings=state_sh.actor)(ref)
     critic = None
     if models.critic is not None:
-        if config.critic_init == "reward":
-            critic = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_sh.critic)(reward)
-        else:
-            critic = jax.jit(scalar_model, out_shardings=state_sh.critic)(ref)
+        from_rm = config.critic_init == "reward"
+        critic = jax.jit(copy if from_rm else scalar_model, out_shardings=state_sh.critic)(reward if from_rm else ref)
     make = functools.partial(create_state, optimizers=optimizers, kl_coef=config.kl.coef, ema=config.ema_decay > 0)
-    actor = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_sh.actor)(actor)  # not aliased to ref
     return jax.jit(lambda a, c, r, w, k: make(a, c, r, w, rng=k), out_shardings=state_sh)(
         actor, critic, ref, reward, state_rng)
 
@@ -697,37 +670,39 @@ class SyntheticText:
         self.position = int(state["position"])
 
 
-def make_data(config, workdir: str):
-    """(prompt iterator, ptx iterator or None) from the config: files through rlhf_jax.data, else synthetic."""
-    pid, nproc = jax.process_index(), jax.process_count()
-    tokenizer = None
-    if config.data.tokenizer:
-        import transformers
+def load_tokenizer(config, models: Models):
+    """The run's tokenizer (config.data.tokenizer, else the one recorded with the SFT checkpoint, else its
+    HF dir), checked against the model's vocabulary and the configured EOS / pad ids."""
+    from rlhf_jax.data import chat
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(config.data.tokenizer, local_files_only=True)
+    tokenizer = common.load_tokenizer(common.tokenizer_path(stage_view(config, config.actor_checkpoint)))
+    common.check_vocab(models.actor, tokenizer)
+    for key, expected in (("eos_id", chat.eos_id(tokenizer)), ("pad_id", chat.pad_id(tokenizer))):
+        if config.rollout[key] != expected:
+            raise ValueError(f"config.rollout.{key}={config.rollout[key]} but the tokenizer's is {expected}")
+    return tokenizer
+
+
+def make_data(config, workdir: str, tokenizer=None):
+    """(prompt iterator, ptx iterator or None): files through rlhf_jax.data, else synthetic streams."""
+    pid, nproc = jax.process_index(), jax.process_count()
     cache_dir = config.data.cache_dir or str(pathlib.Path(workdir) / "data")
     if config.data.prompts:
-        from rlhf_jax import data as data_lib
-
         split = data_lib.load_split("prompts", config.data.prompts, tokenizer, max_len=config.rollout.prompt_len,
                                     batch_format="prompts", template=config.data.template, data_dir=cache_dir)
         prompts = split.iterator(config.rollout.batch_size, config.seed)
     else:
-        vocab = config.model.vocab_size
         prompts = SyntheticPrompts(config.rollout.batch_size, config.rollout.prompt_len, config.data.min_prompt_len,
-                                   vocab, (config.rollout.pad_id, config.rollout.eos_id), config.seed, pid, nproc)
+                                   config.model.vocab_size, (config.rollout.pad_id, config.rollout.eos_id),
+                                   config.seed, pid, nproc)
     ptx = None
-    if config.ptx.coef:
-        if config.data.ptx:
-            from rlhf_jax import data as data_lib
-
-            split = data_lib.load_split("text", config.data.ptx, tokenizer, max_len=config.ptx.seq_len,
-                                        data_dir=cache_dir)
-            ptx = split.iterator(config.ptx.batch_size, config.seed + 1)
-        else:
-            low = max(config.rollout.pad_id, config.rollout.eos_id) + 1
-            ptx = SyntheticText(config.ptx.batch_size, config.ptx.seq_len, config.model.vocab_size, low, config.seed,
-                                pid, nproc)
+    if config.ptx.coef and config.data.ptx:
+        split = data_lib.load_split("text", config.data.ptx, tokenizer, max_len=config.ptx.seq_len, data_dir=cache_dir)
+        ptx = split.iterator(config.ptx.batch_size, config.seed + 1)
+    elif config.ptx.coef:
+        low = max(config.rollout.pad_id, config.rollout.eos_id) + 1
+        ptx = SyntheticText(config.ptx.batch_size, config.ptx.seq_len, config.model.vocab_size, low, config.seed,
+                            pid, nproc)
     return prompts, ptx
 
 
@@ -820,20 +795,22 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     """
     mesh = common.setup_run(config, workdir, validate=lambda shape: validate_config(config, shape))
     models = build_models(config)
-    settings = settings_from_config(config, reward_offset_from_meta(config.reward_checkpoint))
+    settings = settings_from_config(config, reward_norm_from_checkpoint(config.reward_checkpoint))
     optimizers = make_optimizers(config, models)
     state_sh = state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0)
 
-    prompts_it, ptx_it = make_data(config, workdir)
+    tokenizer = load_tokenizer(config, models) if (config.data.prompts or config.data.ptx) else None
+    prompts_it, ptx_it = make_data(config, workdir, tokenizer)
     prompts_it = prompt_source or prompts_it
     ptx_it = ptx_source or ptx_it
 
     # ---- resume or initialise ---------------------------------------------------------------------
-    checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=config.checkpoint.keep)
+    checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", 
+                                               max_to_keep=config.checkpoint.max_to_keep)
     target = abstract_state(models, optimizers, state_sh, config)
     restored = checkpointer.restore(state_items(target))
     if restored is None:
-        state, resume_step = initial_state(config, models, optimizers, state_sh), None
+        state, resume_step = initial_state(config, models, optimizers, state_sh, mesh), None
     else:
         state, resume_step = state_from_items(restored.items), restored.step
         prompts_it.set_state(restored.meta["prompt_data"])
@@ -843,8 +820,9 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     writer = metrics_lib.MetricWriter(workdir, resume_step=resume_step)
 
     def meta():
-        info = {"model": dataclasses.asdict(models.actor.config), "heads": list(models.actor.heads),
-                "stage": "ppo", "prompt_data": prompts_it.get_state()}
+        info = {"model": common.model_meta(models.actor), "stage": "ppo", "prompt_data": prompts_it.get_state()}
+        if tokenizer is not None:
+            info["tokenizer"] = str(pathlib.Path(tokenizer.name_or_path).absolute())
         if ptx_it is not None:
             info["ptx_data"] = ptx_it.get_state()
         return info
