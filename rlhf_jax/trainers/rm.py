@@ -161,44 +161,55 @@ def load_ranking_split(config, files, tokenizer, workdir: str):
 # ----------------------------------------------------------------------------------------------
 # Evaluation and normalisation
 # ----------------------------------------------------------------------------------------------
-def make_score_step(model, mesh, param_sh):
-    """Jitted raw scores `[P, K]` of a (sharded) ranking batch."""
-    return jax.jit(lambda params, batch: flat_scores(model, params, batch),
-                   in_shardings=(param_sh, sharding.batch_sharding(mesh)))
+def make_stats_step(model, mesh, param_sh):
+    """Jitted sums over one (sharded, global) ranking batch, replicated so every process can read
+    them: ranking loss and pairwise accuracy summed over prompts that form pairs (`pairs`), and the
+    sum / sum of squares / count of the raw scores of the best (rank 0) responses."""
+    def stats(params, batch):
+        scores, ranks = flat_scores(model, params, batch), batch["ranks"]
+        pairs = prompts_with_pairs(ranks).astype(jnp.float32)
+        best = (ranks == 0).astype(jnp.float32)
+        return {"loss_sum": losses.ranking_loss(scores, ranks) * pairs,
+                "accuracy_sum": losses.ranking_accuracy(scores, ranks) * pairs, "pairs": pairs,
+                "best_sum": jnp.sum(scores * best), "best_sumsq": jnp.sum(jnp.square(scores) * best),
+                "best_count": jnp.sum(best)}
+    return jax.jit(stats, in_shardings=(param_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
 
 
-def make_eval_fn(config, score_step, eval_split, mesh):
+def summed_stats(stats_step, params, batches, num_batches: int, mesh) -> dict:
+    """`stats_step` sums over the first `num_batches` batches (0 = all) of an iterator."""
+    totals: dict = {}
+    for i, batch in enumerate(batches):
+        if num_batches and i >= num_batches:
+            break
+        sums = jax.device_get(stats_step(params, sharding.shard_batch(batch, mesh)))
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    return totals
+
+
+def make_eval_fn(config, stats_step, eval_split, mesh):
     """eval_fn(state) -> {"eval/loss", "eval/accuracy"}: held-out ranking loss and pairwise
     accuracy (per-prompt means, averaged over prompts that form pairs)."""
     def eval_fn(state) -> dict:
         batches = eval_split.iterator(config.eval.batch_size, seed=0, shuffle=False, drop_remainder=False,
                                       num_epochs=1)
-        scores, ranks = [], []
-        for i, batch in enumerate(batches):
-            if config.eval.num_batches and i >= config.eval.num_batches:
-                break
-            scores.append(np.asarray(jax.device_get(score_step(state.params, sharding.shard_batch(batch, mesh)))))
-            ranks.append(batch["ranks"])
-        scores, ranks = jnp.asarray(np.concatenate(scores)), jnp.asarray(np.concatenate(ranks))
-        return {"eval/loss": float(losses.ranking_loss(scores, ranks)),
-                "eval/accuracy": float(losses.ranking_accuracy(scores, ranks))}
+        totals = summed_stats(stats_step, state.params, batches, config.eval.num_batches, mesh)
+        pairs = max(totals["pairs"], 1.0)
+        return {"eval/loss": totals["loss_sum"] / pairs, "eval/accuracy": totals["accuracy_sum"] / pairs}
     return eval_fn
 
 
-def reward_norm(config, score_step, train_split, mesh, params) -> dict:
+def reward_norm(config, stats_step, train_split, mesh, params) -> dict:
     """{"mean", "std"} of raw scores of the best (rank 0) responses of the first
-    normalize.num_batches training batches (fixed order, independent of training progress)."""
+    normalize.num_batches training batches (fixed file order, independent of training progress)."""
     batches = train_split.iterator(config.batch_size, seed=config.seed, shuffle=False, drop_remainder=True,
                                    num_epochs=1)
-    best = []
-    for i, batch in enumerate(batches):
-        if config.normalize.num_batches and i >= config.normalize.num_batches:
-            break
-        scores = np.asarray(jax.device_get(score_step(params, sharding.shard_batch(batch, mesh))))
-        best.append(scores[batch["ranks"] == 0])
-    best = np.concatenate(best)
-    std = float(np.std(best)) if config.normalize.scale else 1.0
-    return {"mean": float(np.mean(best)), "std": max(std, 1e-6), "num_responses": int(best.size)}
+    totals = summed_stats(stats_step, params, batches, config.normalize.num_batches, mesh)
+    count = max(totals["best_count"], 1.0)
+    mean = totals["best_sum"] / count
+    std = float(np.sqrt(max(totals["best_sumsq"] / count - mean * mean, 0.0))) if config.normalize.scale else 1.0
+    return {"mean": mean, "std": max(std, 1e-6), "num_responses": int(totals["best_count"])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,14 +242,14 @@ def train(config, workdir: str) -> common.LoopResult:
     step_fn = common.make_train_step(make_loss_fn(model), setup.optimizer, setup.schedule,
                                      grad_accum=config.grad_accum, weight_fn=lambda b: prompts_with_pairs(b["ranks"]))
     train_step = common.jit_train_step(step_fn, setup.state_sh, sharding.batch_sharding(mesh))
-    score_step = make_score_step(model, mesh, setup.param_sh)
-    eval_fn = make_eval_fn(config, score_step, eval_split, mesh) if eval_split is not None else None
+    stats_step = make_stats_step(model, mesh, setup.param_sh)
+    eval_fn = make_eval_fn(config, stats_step, eval_split, mesh) if eval_split is not None else None
     writer = metrics_lib.MetricWriter(workdir, resume_step=setup.resumed)
 
     def meta_fn(state) -> dict:
         return {"data": batches.get_state(), "model": common.model_meta(model), "stage": "rm",
                 "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()),
-                "reward_norm": reward_norm(config, score_step, train_split, mesh, state.params)}
+                "reward_norm": reward_norm(config, stats_step, train_split, mesh, state.params)}
 
     try:
         result = common.train_loop(config, state=setup.state, train_step=train_step, batches=batches, mesh=mesh,

@@ -117,8 +117,9 @@ def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param
     """eval_fn(state) -> {"eval/loss", "eval/accuracy"} over held-out batches; also writes samples."""
     loss_fn = make_loss_fn(model.clone(config=model.config.replace(dropout_rate=0.0)))
 
-    @functools.partial(jax.jit, in_shardings=(param_sh, sharding.batch_sharding(mesh)))
-    def eval_step(params, batch):
+    @functools.partial(jax.jit, in_shardings=(param_sh, sharding.batch_sharding(mesh)),
+                       out_shardings=sharding.replicated(mesh))
+    def eval_step(params, batch):  # replicated sums over the global batch: readable on every process
         loss, aux = loss_fn(params, batch, None)
         tokens = target_tokens(batch)
         return {"loss_sum": loss * tokens, "hits": aux["accuracy"] * tokens, "tokens": tokens}
@@ -136,7 +137,7 @@ def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param
                 totals = {k: totals[k] + float(sums[k]) for k in totals}
             tokens = max(totals["tokens"], 1.0)
             out = {"eval/loss": totals["loss_sum"] / tokens, "eval/accuracy": totals["hits"] / tokens}
-        if prompt_split is not None:
+        if prompt_split is not None and jax.process_count() == 1:  # samples: single-process runs only
             write_samples(config, model, state, prompt_split, tokenizer, workdir)
         return out
 
