@@ -22,14 +22,14 @@ SUMMARY_KEYS = ("sft_gold", "best_of_4_gold", "ppo_gold", "rm_heldout_accuracy",
 """Every key summary.json must carry (all finite numbers)."""
 
 SUMMARY_DESCRIPTIONS = {
-    "sft_gold": "mean gold score of one SFT sample per held-out prompt",
-    "best_of_4_gold": "mean gold score of the RM's pick among 4 SFT samples",
-    "ppo_gold": "mean gold score of one PPO sample per held-out prompt",
+    "sft_gold": "mean gold score of SFT samples on held-out prompts",
+    "best_of_4_gold": "mean gold score of the RM's pick among 4 SFT samples per prompt",
+    "ppo_gold": "mean gold score of PPO samples on held-out prompts",
     "rm_heldout_accuracy": "RM pairwise accuracy on held-out labeler rankings",
     "labeler_agreement": "how often two simulated labelers agree on a pair (RM ceiling)",
     "kl_to_sft": "mean over held-out prompts of sum_t log pi_ppo - log pi_sft (PPO samples)",
-    "win_rate_vs_sft": "gold judge: PPO sample beats SFT sample (ties count 1/2)",
-    "wall_seconds": "wall-clock seconds of the whole pipeline run",
+    "win_rate_vs_sft": "gold judge: PPO sample beats SFT sample for the same prompt (ties count 1/2)",
+    "wall_seconds": "wall-clock seconds of all stages (as recorded when each finished) and the evaluation",
 }
 
 PPO_CURVES = (("reward/mean", "RM reward"), ("gold/mean", "gold score"), ("kl", "KL to reference"),

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -162,3 +166,72 @@ def test_distinct_candidates_and_labels_sorted_at_zero_temperature():
     # noise-free labeler: best gold first; the exact answer (gold 1) beats the chatty one (0.8).
     expected = np.argsort(-gold_sets[0], kind="stable").tolist()
     assert records[0]["ranking"] == expected and expected[0] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The smoke pipeline end to end (a subprocess, one CPU device)
+# ----------------------------------------------------------------------------------------------
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAINED_STAGES = ("pretrain", "sft", "rm", "ppo")
+
+
+def _run_pipeline(workdir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "run_pipeline.py"), f"--workdir={workdir}",
+                           f"--config={REPO / 'configs' / 'pipeline.py'}:smoke"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    result = _run_pipeline(workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir
+
+
+def test_smoke_pipeline_runs_every_stage(smoke_workdir):
+    for stage in pipeline.STAGES:
+        assert pipeline.stage_info(smoke_workdir / stage) is not None, f"stage {stage} has no DONE marker"
+    for stage in TRAINED_STAGES:
+        steps = [p.name for p in (smoke_workdir / stage / "checkpoints").iterdir() if p.name.isdigit()]
+        record = pipeline.stage_info(smoke_workdir / stage)
+        assert str(record["info"]["step"]) in steps, f"{stage}: final step {record['info']['step']} not in {steps}"
+    for name in ("sft.jsonl", "corpus.txt", "gold.jsonl", "heldout_prompts.jsonl", "tokenizer/tokenizer.json"):
+        assert (smoke_workdir / "task" / name).exists(), name
+    for name in ("rankings_train.jsonl", "rankings_heldout.jsonl"):
+        assert (smoke_workdir / "rankings" / name).stat().st_size > 0, name
+
+
+def test_smoke_summary_report_and_plots(smoke_workdir):
+    summary = json.loads((smoke_workdir / "summary.json").read_text())
+    for key in report.SUMMARY_KEYS:
+        assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), key
+    for key in ("sft_gold", "best_of_4_gold", "ppo_gold", "rm_heldout_accuracy", "labeler_agreement",
+                "win_rate_vs_sft"):
+        assert 0.0 <= summary[key] <= 1.0, (key, summary[key])
+    assert summary["wall_seconds"] > 0
+    # best-of-4 picks one of the 4 SFT samples: its gold is between the worst and the best of them.
+    samples = [json.loads(line) for line in (smoke_workdir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == summary["num_prompts"]
+    assert np.mean([min(s["sft_gold"]) for s in samples]) <= summary["best_of_4_gold"] + 1e-9
+    assert summary["best_of_4_gold"] <= np.mean([max(s["sft_gold"]) for s in samples]) + 1e-9
+    assert summary["sft_gold"] == pytest.approx(np.mean([s["sft_gold"] for s in samples]))
+    assert summary["ppo_gold"] == pytest.approx(np.mean([s["ppo_gold"] for s in samples]))
+    text = (smoke_workdir / "report.md").read_text()
+    for key in report.SUMMARY_KEYS:
+        assert f"| {key} |" in text
+    for png in ("ppo_curves.png", "rm_accuracy.png"):
+        assert (smoke_workdir / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in text
+    ppo_rows = [json.loads(line) for line in (smoke_workdir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["gold/mean"]) for row in ppo_rows)
+
+
+def test_smoke_rerun_skips_finished_stages(smoke_workdir):
+    before = (smoke_workdir / "summary.json").read_text()
+    result = _run_pipeline(smoke_workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in pipeline.STAGES:
+        assert f"[{stage}] done already" in result.stdout
+    assert "running" not in result.stdout
+    assert (smoke_workdir / "summary.json").read_text() == before
