@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.transformer import Transformer, init_cache
+from rlhf_jax.models.transformer import Transformer, init_layer_caches, unstack_layers
 
 BLOCK = 128  # vocabulary block size of the two-level draw / argmax
 
@@ -169,11 +169,14 @@ def sample(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.A
     """
     batch, prompt_len = prompt_ids.shape
     n_new = config.max_new_tokens
-    attention_mask = jnp.concatenate(
-        [prompt_mask.astype(jnp.int32), jnp.zeros((batch, n_new), jnp.int32)], axis=1)
+    params = unstack_layers(params)  # decode layout: no per-step copies of layer slices (see transformer.py)
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    attention_mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, n_new), jnp.int32)], axis=1)
     out = model.apply({"params": params}, prompt_ids.astype(jnp.int32), attention_mask,
-                      cache=init_cache(model.config, batch, prompt_len + n_new), cache_index=0)
+                      cache=init_layer_caches(model.config, batch, prompt_len + n_new), cache_index=0,
+                      last_only=True)
     token, logprob = choose_tokens(out.logits[:, -1], jax.random.fold_in(rng, 0), config)
+    first_position = prompt_mask.sum(axis=1)  # position id of the first new token (left padding skipped)
 
     tokens = jnp.full((batch, n_new), config.pad_id, jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((batch, n_new), jnp.float32).at[:, 0].set(logprob)
@@ -188,7 +191,9 @@ def sample(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.A
         step, prev_token, done, cache, attention_mask, tokens, logprobs, response_mask = state
         slot = prompt_len + step - 1  # where the previous token goes
         attention_mask = attention_mask.at[:, slot].set(1)
-        out = model.apply({"params": params}, prev_token[:, None], attention_mask, cache=cache, cache_index=slot)
+        positions = (first_position + step - 1)[:, None]
+        out = model.apply({"params": params}, prev_token[:, None], attention_mask, positions, cache=cache,
+                          cache_index=slot)
         token, logprob = choose_tokens(out.logits[:, 0], jax.random.fold_in(rng, step), config)
         alive = ~done
         token = jnp.where(alive, token, config.pad_id)

@@ -19,6 +19,7 @@ from rlhf_jax.models import (
     lm_params_to_scalar,
     param_logical_axes,
 )
+from rlhf_jax.models.transformer import init_layer_caches, unstack_layers
 
 VOCAB = 61
 CONFIGS = {
@@ -83,6 +84,36 @@ def test_kv_cache_decoding_equals_full_forward(name):
     incremental = np.concatenate(step_logits, 1)
     real = mask.astype(bool)
     np.testing.assert_allclose(incremental[real], full[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decode_layout_equals_stacked_layers(name):
+    """Per-layer parameters and caches (unrolled layers, as `generate` uses them) give the stacked
+    model's logits: a full pass, then prefill 5 slots with `last_only` heads, then 3 single steps."""
+    cfg = CONFIGS[name]
+    model = Transformer(cfg)
+    params = _random_params(model, seed=11)
+    per_layer = unstack_layers(params)
+    assert len(per_layer["layers"]) == cfg.n_layers
+    np.testing.assert_array_equal(per_layer["layers"][1]["attn"]["q"]["kernel"], params["layers"]["attn"]["q"]["kernel"][1])
+    ids = np.random.RandomState(12).randint(1, VOCAB, (2, 8))
+    mask = np.ones((2, 8), np.int32)
+    mask[0, :3] = 0
+    full = _logits(model, params, ids, mask)
+    np.testing.assert_allclose(_logits(model, per_layer, ids, mask), full, atol=1e-5)
+
+    cache_mask = np.concatenate([mask[:, :5], np.zeros((2, 3), np.int32)], 1)
+    out = jax.jit(lambda p, i, m, c: model.apply({"params": p}, i, m, cache=c, last_only=True))(
+        per_layer, ids[:, :5], cache_mask, init_layer_caches(cfg, 2, 8))
+    assert out.logits.shape == (2, 1, VOCAB) and len(out.cache) == cfg.n_layers
+    step_logits = [np.asarray(out.logits)]
+    for t in range(5, 8):
+        cache_mask[:, t] = 1
+        out = _forward(model, per_layer, ids[:, t:t + 1], cache_mask, out.cache, t)
+        step_logits.append(np.asarray(out.logits))
+    np.testing.assert_allclose(np.concatenate(step_logits, 1), full[:, 4:], atol=1e-5)
+    with pytest.raises(ValueError, match="per-layer cache"):
+        model.apply({"params": params}, ids[:, :5], cache=init_layer_caches(cfg, 2, 8))
 
 
 def test_grouped_query_attention_equals_repeated_kv_heads():

@@ -10,9 +10,14 @@ Conventions
   not grow with depth.
 - Padding is on the left. `attention_mask` is 1 on real tokens; position ids default to
   `cumsum(mask) - 1`, so a left-padded row gives the same outputs as the unpadded sequence.
-- KV cache: a dict of `[layers, batch, max_len, kv_heads, head_dim]` arrays passed in and out
-  explicitly. With a cache, `attention_mask` covers all `max_len` slots and the new tokens are
-  written at slots `[cache_index, cache_index + T)`.
+- KV cache: a dict of head-major `[layers, batch, kv_heads, max_len, head_dim]` arrays passed in
+  and out explicitly (head-major: attention reads each head's keys contiguously, no transpose).
+  With a cache, `attention_mask` covers all `max_len` slots and the new tokens are written at
+  slots `[cache_index, cache_index + T)`.
+- Decode layout (`unstack_layers`, `init_layer_caches`): parameters and cache as tuples of
+  per-layer trees, layers unrolled. Inside a decode `while_loop` this avoids the per-step copies
+  that slicing stacked arrays costs on CPU (XLA materialises every layer slice of the parameters
+  and of the cache); the results are the same as with stacked arrays.
 - Compute runs in `config.dtype` (bf16 on accelerators); norms, softmax, logits and values are fp32.
 """
 from __future__ import annotations
@@ -115,9 +120,27 @@ class ModelOutput:
 
 
 def init_cache(config: TransformerConfig, batch_size: int, max_len: int) -> dict:
-    """Zeroed KV cache for `max_len` slots, in the compute dtype."""
-    shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.dim_per_head)
+    """Zeroed stacked KV cache `[layers, batch, kv_heads, max_len, head_dim]`, in the compute dtype."""
+    shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.dim_per_head)
     return {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
+
+
+def init_layer_caches(config: TransformerConfig, batch_size: int, max_len: int) -> tuple:
+    """Zeroed KV cache in the decode layout: one `{"k", "v"}` of `[batch, kv_heads, max_len, head_dim]`
+    per layer (use with `unstack_layers` parameters)."""
+    shape = (batch_size, config.kv_heads, max_len, config.dim_per_head)
+    return tuple({"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
+                 for _ in range(config.n_layers))
+
+
+def unstack_layers(params: dict) -> dict:
+    """Parameters in the decode layout: `params["layers"]` (stacked over a leading layer axis) becomes
+    a tuple of per-layer trees. Do this once, outside a decode loop."""
+    stacked = params["layers"]
+    if isinstance(stacked, tuple):
+        return params
+    n_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda p: p[i], stacked) for i in range(n_layers))}
 
 
 def default_position_ids(attention_mask: Array) -> Array:
@@ -196,15 +219,16 @@ class Attention(nn.Module):
         v = _dense(kvh * d, ("embed", "kv"), bias, dt, "v")(x).reshape(batch, q_len, kvh, d)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major [B, KVH, T, D]
 
         if layer_cache is not None:  # write the new keys/values into their slots, attend to all
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(dt), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(dt), cache_index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(dt), cache_index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(dt), cache_index, axis=2)
             layer_cache = {"k": k, "v": v}
 
         # Which key slots each query may see: real tokens, not in the future, inside the window.
         query_slot = cache_index + jnp.arange(q_len)[:, None]
-        key_slot = jnp.arange(k.shape[1])[None, :]
+        key_slot = jnp.arange(k.shape[2])[None, :]
         allowed = key_slot <= query_slot
         if cfg.sliding_window is not None:
             allowed &= query_slot - key_slot < cfg.sliding_window
@@ -212,11 +236,11 @@ class Attention(nn.Module):
 
         groups = h // kvh
         q = q.reshape(batch, q_len, kvh, groups, d)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(d))
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, q_len, h * d)
+        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v).reshape(batch, q_len, h * d)
         out = _dense(cfg.d_model, ("heads", "embed"), cfg.attn_bias, dt, "o", bias_axis="embed")(out)
         return out, layer_cache
 
@@ -272,14 +296,18 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None,
-                 cache_index=0, deterministic: bool = True) -> ModelOutput:
+                 cache_index=0, deterministic: bool = True, last_only: bool = False) -> ModelOutput:
+        """`last_only`: heads at the last slot only (outputs `[B, 1, ...]`), e.g. a prefill before
+        sampling, which needs no logits for the prompt tokens."""
         cfg = self.config
         unknown = set(self.heads) - {"lm", "value"}
         if unknown:
             raise ValueError(f"Transformer.heads has unknown entries {sorted(unknown)} (allowed: 'lm', 'value')")
         batch, q_len = input_ids.shape
+        unrolled = isinstance(cache, tuple) or (
+            not self.is_initializing() and isinstance(self.variables["params"].get("layers"), tuple))
         if attention_mask is None:
-            key_len = q_len if cache is None else cache["k"].shape[2]
+            key_len = q_len if cache is None else (cache[0] if unrolled else cache)["k"].shape[-2]
             attention_mask = jnp.ones((batch, key_len), jnp.int32)
         if position_ids is None:
             position_ids = jax.lax.dynamic_slice_in_dim(
@@ -300,16 +328,21 @@ class Transformer(nn.Module):
             rope = rope_tables(position_ids, cfg.dim_per_head, cfg.rope_theta)
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
 
-        block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, name="layers")
-        x, cache = layers(x, cache, attention_mask, rope, cache_index)
+        if unrolled:
+            x, cache = self._unrolled_layers(x, cache, attention_mask, rope, cache_index, deterministic)
+        else:
+            block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, name="layers")
+            x, cache = layers(x, cache, attention_mask, rope, cache_index)
+        if last_only:
+            x = x[:, -1:]
         x = Norm(cfg, name="final_norm")(x)
 
         logits = values = None
@@ -319,6 +352,27 @@ class Transformer(nn.Module):
         if "value" in self.heads:
             values = heads_lib.ScalarHead(cfg.d_model, name="value_head")(x)
         return ModelOutput(logits=logits, values=values, cache=cache)
+
+
+    def _unrolled_layers(self, x, caches, attention_mask, rope, cache_index, deterministic):
+        """The blocks one after another with per-layer parameters and caches (decode layout)."""
+        layer_params = self.variables["params"].get("layers")
+        if not isinstance(layer_params, tuple) or not (caches is None or isinstance(caches, tuple)):
+            raise ValueError("Transformer: a per-layer cache (init_layer_caches) needs per-layer parameters "
+                             "(unstack_layers) and vice versa; got params['layers'] of type "
+                             f"{type(layer_params).__name__} and a cache of type {type(caches).__name__}")
+        if len(layer_params) != self.config.n_layers:
+            raise ValueError(f"Transformer: params['layers'] has {len(layer_params)} layers, "
+                             f"config.n_layers={self.config.n_layers}")
+        new_caches = []
+        for i, params in enumerate(layer_params):
+            rngs = {} if deterministic or self.config.dropout_rate == 0 else {
+                "dropout": jax.random.fold_in(self.make_rng("dropout"), i)}
+            x, layer_cache = Block(self.config, deterministic, parent=None).apply(
+                {"params": params}, x, None if caches is None else caches[i], attention_mask, rope, cache_index,
+                rngs=rngs)
+            new_caches.append(layer_cache)
+        return x, None if caches is None else tuple(new_caches)
 
 
 def init_params(model: Transformer, rng: Array, seq_len: int = 8) -> Any:
