@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         template="auto",  # chat template (rlhf_jax.data.TEMPLATES)
         max_len=64,  # sequence length T (prompt + response, right-padded)
         max_prompt_len=0,  # prompt budget (left-truncated); 0 = max_len // 2
+        text_separator="blank_line",  # kind="text": documents are separated by "blank_line"s or one per "line"
         cache_dir="",  # TFDS array_record cache; "" = WORKDIR/data
     ))
 
@@ -58,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = common.optim_config(learning_rate=3e-3, warmup_steps=5)
 
     if preset == "tiny_pretrain":
-        c.data.kind = "text"
+        c.data.update(kind="text", text_separator="line")  # the built-in corpus has one document per line
         c.num_steps = 100
     elif preset == "gpt2":
         c.init = common.init_config("hf", "")  # give --config.init.path=/path/to/gpt2 (HF directory)

@@ -36,6 +36,9 @@ def main(argv):
     result = rm.train(_CONFIG.value, _WORKDIR.value)
     if result.preempted:
         return
+    if not result.last_row:
+        print(f"Nothing to do: {_WORKDIR.value} is already at step {result.step} (raise --config.num_steps to continue).")
+        return
     print(f"RM finished at step {result.step}: " + ", ".join(
         f"{k}={result.last_row[k]:.4g}" for k in ("loss", "eval/loss", "eval/accuracy", "reward_norm/mean")
         if k in result.last_row))

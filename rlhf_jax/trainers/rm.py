@@ -259,7 +259,8 @@ def train(config, workdir: str) -> common.LoopResult:
         writer.close()
         setup.checkpointer.close()
     norm = checkpoint.read_meta(pathlib.Path(workdir) / "checkpoints").get("reward_norm", IDENTITY_NORM)
-    result.last_row.update({"reward_norm/mean": norm["mean"], "reward_norm/std": norm["std"]})
+    if result.last_row:  # this call trained: report the normalisation stored with its final checkpoint
+        result.last_row.update({"reward_norm/mean": norm["mean"], "reward_norm/std": norm["std"]})
     if jax.process_index() == 0:
         (pathlib.Path(workdir) / "reward_norm.json").write_text(json.dumps(norm, indent=2) + "\n")
     return result

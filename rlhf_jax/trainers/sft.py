@@ -41,6 +41,8 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
                                       "grad_accum", "max_nonfinite_streak"))
     if config.data.kind not in DATA_KINDS:
         raise ValueError(f"config.data.kind={config.data.kind!r} (allowed: {', '.join(map(repr, DATA_KINDS))})")
+    if config.data.text_separator not in ("blank_line", "line"):
+        raise ValueError(f"config.data.text_separator={config.data.text_separator!r} (allowed: 'blank_line', 'line')")
     common.validate_paths(config.data, ("train", "eval", "tokenizer"))
 
 
@@ -90,7 +92,8 @@ def load_lm_split(config, files, tokenizer, workdir: str, batch_format: str = "l
         max_prompt_len = max_prompt_len or config.data.max_len // 2
     return data.load_split(config.data.kind, files, tokenizer, max_len=config.data.max_len,
                            max_prompt_len=max_prompt_len, batch_format=batch_format,
-                           template=config.data.template, data_dir=config.data.cache_dir or f"{workdir}/data")
+                           template=config.data.template, data_dir=config.data.cache_dir or f"{workdir}/data",
+                           text_separator=config.data.text_separator)
 
 
 # ----------------------------------------------------------------------------------------------
