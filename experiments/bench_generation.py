@@ -39,6 +39,23 @@ from rlhf_jax import generation  # noqa: E402
 from rlhf_jax.models import Transformer, TransformerConfig, init_cache, init_params, save_pretrained  # noqa: E402
 
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Flags of this script (defined only when it runs, so other benchmarks can import its helpers)."""
+    flags.DEFINE_list("models", ["tiny", "small"], "Model presets (see MODELS).")
+    flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
+    flags.DEFINE_list("new_tokens", ["32", "64", "128"], "New-token counts; the smallest and largest give the "
+                      "marginal per-step time for the roofline.")
+    flags.DEFINE_integer("prompt_len", 32, "Prompt length (all rows full, no padding).")
+    flags.DEFINE_integer("repeats", 3, "Timed runs per setting (best reported).")
+    flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads; 0 = os.cpu_count().")
+    flags.DEFINE_bool("reference", True, "Also run transformers' generate.")
+    flags.DEFINE_bool("variants", False, "Only time the decode-loop variants (cache written once, heads-first "
+                      "layout) against `generate`.")
+    flags.DEFINE_string("json", "", "Write the result rows to this JSON file.")
+
+
 # The issue's 6-layer GPT-2 model, and a ~23M-parameter one of the same family.
 MODELS = {
     "tiny": TransformerConfig.gpt2(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, d_ff=1024, max_len=1024),
