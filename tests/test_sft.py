@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import sft as sft_configs
-from rlhf_jax import checkpoint, metrics, tasks
+from rlhf_jax import checkpoint, metrics, sharding, tasks
 from rlhf_jax.trainers import common, sft
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -71,15 +71,8 @@ def without_timings(rows):
 
 
 def final_params(workdir):
-    meta = checkpoint.read_meta(workdir)
-    model = common.model_from_meta(meta["model"])
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    from rlhf_jax import sharding
-    from rlhf_jax.models import init_params
-
-    target = checkpoint.abstract_tree(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))),
-                                      sharding.param_shardings(model, mesh))
-    return jax.device_get(checkpoint.load_params(workdir, target))
+    one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    return jax.device_get(common.load_stage_model(str(workdir), one_device)[1])
 
 
 def assert_close_rows(rows, reference, rtol, keys=("loss", "accuracy", "grad_norm", "eval/loss")):

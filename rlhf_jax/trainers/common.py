@@ -1,12 +1,12 @@
 """Shared training machinery: optimizer, train state, jitted sharded steps, run setup, the loop.
 
-Every stage follows the same shape (big_vision style):
+Every single-model stage (SFT, RM) follows the same shape (big_vision style):
 
-    mesh = setup_run(config, workdir)                      # validate, distributed init, config.json
-    optimizer, schedule = make_optimizer(config.optim, config.num_steps)
-    step_fn = make_train_step(loss_fn, optimizer, schedule, grad_accum=...)
-    state, meta = restore_or_init(checkpointer, state_shape, state_sh, init_fn)   # resume
-    train_loop(...)                                        # log / eval / save / preemption / NaNs
+    mesh = setup_run(config, workdir, validate)           # checks, distributed init, config.json
+    model = architecture(config, heads=...)               # scratch / earlier checkpoint / HF dir
+    setup = build_state(config, model, mesh, workdir, num_steps)   # optimizer + resumed or new state
+    step_fn = make_train_step(loss_fn, setup.optimizer, setup.schedule, grad_accum=...)
+    train_loop(config, state=setup.state, train_step=jit_train_step(step_fn, ...), ...)
 
 Gradient accumulation is an in-step `lax.scan` over `grad_accum` microbatches (not
 optax.MultiSteps), so one jitted call is one optimizer update and `step` counts updates. Row `i`
@@ -528,6 +528,18 @@ def model_from_meta(meta_model: Mapping[str, Any], **overrides) -> Transformer:
     return Transformer(TransformerConfig(**{**meta_model["config"], **overrides}), heads=tuple(meta_model["heads"]))
 
 
+def load_stage_model(path: str, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> tuple[Transformer, Any]:
+    """(model, params on `mesh`) of an earlier stage's checkpoint (workdir, checkpoints/ dir or
+    step dir), rebuilt from the model description in its metadata."""
+    meta = checkpoint_lib.read_meta(path)
+    if "model" not in meta:
+        raise ValueError(f"{path}: checkpoint metadata has no 'model' entry (not written by an rlhf_jax trainer?)")
+    model = model_from_meta(meta["model"])
+    target = checkpoint_lib.abstract_tree(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))),
+                                          sharding.param_shardings(model, mesh, rules))
+    return model, checkpoint_lib.load_params(path, target)
+
+
 def architecture(config, heads: tuple, vocab_size: int | None = None) -> Transformer:
     """The stage's model (no weights): from config.model when config.init.source is "scratch",
     else from the earlier stage's checkpoint metadata or the HF config.json; runtime fields
@@ -562,10 +574,7 @@ def initial_params(config, model: Transformer, mesh: Mesh, param_sh: Any, rng: j
     if source == "scratch":
         return jax.jit(lambda r: init_params(model, r), out_shardings=param_sh)(rng)
     if source == "checkpoint":
-        saved = model_from_meta(checkpoint_lib.read_meta(path)["model"])
-        target = checkpoint_lib.abstract_tree(jax.eval_shape(lambda: init_params(saved, jax.random.PRNGKey(0))),
-                                              sharding.param_shardings(saved, mesh))
-        params = checkpoint_lib.load_params(path, target)
+        _, params = load_stage_model(path, mesh)
     else:
         from rlhf_jax.models import from_pretrained
 

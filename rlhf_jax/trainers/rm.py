@@ -26,7 +26,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint, losses, sharding
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax.models import Transformer, init_params, last_token_values
+from rlhf_jax.models import Transformer, last_token_values
 from rlhf_jax.trainers import common, sft
 
 DATA_KINDS = ("rankings", "comparisons", "hh")
@@ -49,13 +49,10 @@ def score(model: Transformer, params, norm, input_ids: jax.Array, attention_mask
 
 def load_reward_model(path: str, mesh, rules=sharding.DEFAULT_RULES):
     """(model, params on `mesh`, norm) from an RM run (workdir, checkpoints/ dir or step dir)."""
-    meta = checkpoint.read_meta(path)
-    if "value" not in meta.get("model", {}).get("heads", ()):
-        raise ValueError(f"{path}: not a reward-model checkpoint (metadata heads: {meta.get('model', {}).get('heads')})")
-    model = common.model_from_meta(meta["model"])
-    target = checkpoint.abstract_tree(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))),
-                                      sharding.param_shardings(model, mesh, rules))
-    return model, checkpoint.load_params(path, target), dict(meta.get("reward_norm", IDENTITY_NORM))
+    model, params = common.load_stage_model(path, mesh, rules)
+    if "value" not in model.heads:
+        raise ValueError(f"{path}: not a reward-model checkpoint (its model heads are {model.heads})")
+    return model, params, dict(checkpoint.read_meta(path).get("reward_norm", IDENTITY_NORM))
 
 
 # ----------------------------------------------------------------------------------------------
