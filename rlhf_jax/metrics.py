@@ -1,4 +1,4 @@
-"""Metric logging: DIR/metrics.jsonl + TensorBoard events, a tqdm progress bar, and plots.
+"""Metric logging: DIR/metrics.jsonl + TensorBoard events and a tqdm progress bar (plots: report.py).
 
 Names are the same in every trainer (DESIGN.md): `loss`, `lr`, `reward/mean`, `kl`, `kl_coef`,
 `entropy`, `policy/clipfrac`, `policy/approx_kl`, `value/loss`, `value/explained_variance`,
@@ -91,24 +91,3 @@ def short_postfix(row: Mapping[str, Any], keys: Iterable[str] = ("loss", "eval/l
                                                                     "reward/mean", "kl")) -> dict:
     """A few headline metrics formatted for the progress bar."""
     return {key: f"{row[key]:.4g}" for key in keys if key in row}
-
-
-def plot_metrics(workdir: str | os.PathLike, keys: Iterable[str], out_path: str | os.PathLike) -> None:
-    """One line plot per metric key against step, saved as an image (matplotlib, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(workdir)
-    keys = list(keys)
-    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.5 * len(keys)), squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        points = [(row["step"], row[key]) for row in rows if key in row]
-        if points:
-            ax.plot(*zip(*points))
-        ax.set_ylabel(key)
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
