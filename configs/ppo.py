@@ -101,6 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = common.checkpoint_config(save_every=10)
     c.log_every = 1  # iterations between metric rows
     c.profile_phases = False  # jit rollout and update apart to log time/rollout and time/update
+    c.fast_compile = False  # XLA backend optimisation off: ~2x faster CPU compiles but slower steps;
+    #                         pays off only for runs of a few iterations (tests, smoke runs)
 
     if preset == "gpt2":
         c.model = common.model_config(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,

@@ -6,6 +6,16 @@
 
 Writes WORKDIR/config.json, metrics.jsonl, TensorBoard events and checkpoints/; running the same
 command again resumes from the newest checkpoint. `--config.num_steps=N` sets the run length.
+
+Several processes (multi-host, or locally on CPU with gloo collectives): start one per process,
+each seeing its own devices and reading its own slice of every batch, e.g. two on one machine:
+
+    for i in 0 1; do JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=1 \
+      python experiments/train_ppo.py --workdir /tmp/ppo2 --config.num_steps=2 \
+        --config.distributed.initialize=True --config.distributed.coordinator_address=127.0.0.1:12355 \
+        --config.distributed.num_processes=2 --config.distributed.process_id=$i & done; wait
+
+(tests/test_ppo.py::test_two_process_distributed_cpu_run, enabled with RLHF_JAX_MULTIPROCESS_TEST=1).
 """
 from __future__ import annotations
 
