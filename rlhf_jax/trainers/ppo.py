@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -424,8 +423,9 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
         fail(f"config.critic={config.critic!r} (allowed: {', '.join(map(repr, CRITICS))})")
     if config.critic_init not in ("actor", "reward"):
         fail(f"config.critic_init={config.critic_init!r} (allowed: 'actor', 'reward')")
-    for key in ("actor_checkpoint", "reward_checkpoint", "data.prompts", "data.tokenizer", "data.ptx"):
-        path = config[key.split(".")[0]] if "." not in key else config.data[key.split(".")[1]]
+    paths = {"actor_checkpoint": config.actor_checkpoint, "reward_checkpoint": config.reward_checkpoint,
+             **{f"data.{key}": config.data[key] for key in ("prompts", "tokenizer", "ptx")}}
+    for key, path in paths.items():
         if path and not epath.Path(path).exists():
             fail(f"config.{key}={path!r} does not exist")
     if config.critic_init == "reward" and config.critic != "shared" and not config.reward_checkpoint:
@@ -465,6 +465,22 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
                 fail(f"config.rollout.{key}={config.rollout[key]} is outside the vocabulary ({vocab})")
         if config.data.min_prompt_len < 1 or config.data.min_prompt_len > config.rollout.prompt_len:
             fail(f"config.data.min_prompt_len={config.data.min_prompt_len}: need 1..rollout.prompt_len")
+
+
+def validate_models(config, models: Models) -> None:
+    """Checks that need the architectures (known once the earlier stages' metadata is read)."""
+    cfg = models.actor.config
+    total = config.rollout.prompt_len + config.rollout.max_new_tokens
+    if cfg.positions == "learned" and total > cfg.max_len:
+        raise ValueError(f"config.rollout.prompt_len + max_new_tokens = {total} exceeds the actor's learned "
+                         f"position table (max_len={cfg.max_len})")
+    for key in ("eos_id", "pad_id"):
+        if config.rollout[key] >= cfg.vocab_size:
+            raise ValueError(f"config.rollout.{key}={config.rollout[key]} is outside the actor's vocabulary "
+                             f"({cfg.vocab_size})")
+    if models.reward is not None and models.reward.config.vocab_size != cfg.vocab_size:
+        raise ValueError(f"config.reward_checkpoint: the reward model's vocabulary ({models.reward.config.vocab_size})"
+                         f" differs from the actor's ({cfg.vocab_size}); they must share the tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -802,6 +818,7 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     """
     mesh = common.setup_run(config, workdir, validate=lambda shape: validate_config(config, shape))
     models = build_models(config)
+    validate_models(config, models)
     settings = settings_from_config(config, reward_norm_from_checkpoint(config.reward_checkpoint))
     optimizers = make_optimizers(config, models)
     state_sh = state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0)
