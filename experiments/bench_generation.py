@@ -96,7 +96,7 @@ def interleaved_best(fns: dict, repeats: int, warmup: int = 1) -> dict:
     return best
 
 
-def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
     """Measured FLOP/s of one large square `jnp.dot` (2·n³ FLOPs) in `dtype`: the compute ceiling."""
     a = jnp.asarray(np.random.RandomState(0).randn(n, n), dtype)
     b = jnp.asarray(np.random.RandomState(1).randn(n, n), dtype)
