@@ -219,30 +219,49 @@ class Attention(nn.Module):
         v = _dense(kvh * d, ("embed", "kv"), bias, dt, "v")(x).reshape(batch, q_len, kvh, d)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major [B, KVH, T, D]
+        k, v = k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3).astype(dt)  # [B, KVH, T, D]
+        q = q.reshape(batch, q_len, kvh, h // kvh, d)
 
-        if layer_cache is not None:  # write the new keys/values into their slots, attend to all
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(dt), cache_index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(dt), cache_index, axis=2)
-            layer_cache = {"k": k, "v": v}
-
-        # Which key slots each query may see: real tokens, not in the future, inside the window.
+        # Keys: the T new ones, and with a cache also the slots written before `cache_index`. The
+        # cache is only read here and updated at the end, so XLA updates it in place (reading the
+        # updated cache instead makes it copy the whole cache every decode step on CPU).
         query_slot = cache_index + jnp.arange(q_len)[:, None]
-        key_slot = jnp.arange(k.shape[2])[None, :]
-        allowed = key_slot <= query_slot
-        if cfg.sliding_window is not None:
-            allowed &= query_slot - key_slot < cfg.sliding_window
-        allowed = allowed[None, None, None] & key_mask.astype(bool)[:, None, None, None, :]
+        new_slot = cache_index + jnp.arange(q_len)[None, :]
+        key_mask = key_mask.astype(bool)
+        new_mask = key_mask if layer_cache is None else jax.lax.dynamic_slice_in_dim(key_mask, cache_index, q_len, 1)
+        parts = [(k, v, self._allowed(query_slot, new_slot, new_mask))]
+        if layer_cache is not None and not (isinstance(cache_index, int) and cache_index == 0):
+            old_slot = jnp.arange(layer_cache["k"].shape[2])[None, :]
+            old_mask = key_mask & (old_slot < cache_index)
+            parts.insert(0, (layer_cache["k"], layer_cache["v"], self._allowed(query_slot, old_slot, old_mask)))
 
-        groups = h // kvh
-        q = q.reshape(batch, q_len, kvh, groups, d)
-        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(d))
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v).reshape(batch, q_len, h * d)
+        scores = [jnp.where(allowed, jnp.einsum("bqhgd,bhkd->bhgqk", q, keys, preferred_element_type=jnp.float32)
+                            / jnp.sqrt(jnp.float32(d)), jnp.finfo(jnp.float32).min)
+                  for keys, _, allowed in parts]
+        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dt)
+        out, offset = 0.0, 0
+        for (_, values, _), part in zip(parts, scores):
+            width = part.shape[-1]
+            out = out + jnp.einsum("bhgqk,bhkd->bqhgd", probs[..., offset:offset + width], values)
+            offset += width
+        out = out.reshape(batch, q_len, h * d)
+        if layer_cache is not None:
+            # Write after the reads above. The zero term (x * 0 is not folded for floats) makes the written
+            # values depend on the attention output, so XLA can order the in-place update after the reads;
+            # otherwise it copies both caches every decode step (an optimization_barrier does not help).
+            after_reads = (0.0 * out[:, 0, 0]).astype(dt)[:, None, None, None]
+            layer_cache = {
+                "k": jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k + after_reads, cache_index, axis=2),
+                "v": jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v + after_reads, cache_index, axis=2)}
         out = _dense(cfg.d_model, ("heads", "embed"), cfg.attn_bias, dt, "o", bias_axis="embed")(out)
         return out, layer_cache
+
+    def _allowed(self, query_slot, key_slot, key_mask):
+        """`[B, 1, 1, T, K]`: real keys, not in the future, inside the sliding window."""
+        allowed = key_slot <= query_slot
+        if self.config.sliding_window is not None:
+            allowed &= query_slot - key_slot < self.config.sliding_window
+        return allowed[None, None, None] & key_mask[:, None, None, None, :]
 
 
 class MLP(nn.Module):
