@@ -19,3 +19,56 @@ def shared_data_dir():
     if not path.is_dir():
         pytest.skip("../shared/data is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory):
+    """JAX persistent compilation cache in a temp dir, shared by the trainer test modules and the
+    script subprocesses they start (pass `script_env(...)`): a program compiled once (same HLO,
+    devices and options) is loaded, not recompiled, by later runs. Restored at the end of the session."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = tmp_path_factory.mktemp("jax_cache")
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def script_env(compilation_cache):
+    """`script_env(devices)`: environment for an experiments/train_*.py subprocess with `devices` fake
+    CPU devices, sharing the session's compilation cache."""
+    def env(devices: int) -> dict:
+        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return env
+
+
+@pytest.fixture
+def sigterm_after_step(monkeypatch):
+    """`sigterm_after_step(k)`: the trainer process sends itself SIGTERM right after it logs step k
+    (deterministic stand-in for a preemption notice arriving mid-run; the loop's guard must then
+    finish the next step, checkpoint it and return `preempted=True`)."""
+    import signal
+
+    from rlhf_jax import metrics
+
+    def arm(step: int) -> None:
+        write, sent = metrics.MetricWriter.write, []
+
+        def write_then_signal(self, at_step, row):
+            out = write(self, at_step, row)
+            if at_step == step and not sent:  # once: a resumed run is not interrupted again
+                sent.append(at_step)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)
+    return arm

@@ -1,8 +1,12 @@
-"""RM trainer: learns a separable ranking, same losses on any mesh, exact resume, reward
-normalisation, SFT -> RM hand-off, the script on 1 device, config errors."""
+"""RM trainer: learns a separable ranking, same losses on any mesh, exact resume after SIGTERM, the
+8-device checkpoint continued by the script on 1 device, reward normalisation, SFT -> RM hand-off,
+config errors.
+
+Every run uses `fast_compile` and the session's persistent compilation cache (tests/conftest.py).
+"""
 import json
-import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -19,21 +23,7 @@ from rlhf_jax.trainers import common, rm
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 24
 BEST_FIRST = ("a", "b", "c")  # the responses' quality order: trivially separable by their one word
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Persistent XLA cache: the runs below compile the same steps."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    previous = jax.config.jax_persistent_cache_min_compile_time_secs
-    cc.set_cache_dir(str(tmp_path_factory.getbasetemp() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    yield
-    cc.set_cache_dir(None)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def _rankings(path, examples, seed):
@@ -60,7 +50,7 @@ def tiny_config(files, **overrides):
     config.model.update(d_model=32, d_ff=64, n_heads=2)
     config.data.update(train=str(files / "train.jsonl"), eval=str(files / "eval.jsonl"),
                        tokenizer=str(files / "tokenizer"), max_len=32, cache_dir=str(files / "tfds"))
-    config.update(num_steps=NUM_STEPS, batch_size=8, log_every=1)
+    config.update(num_steps=NUM_STEPS, batch_size=8, log_every=1, fast_compile=True)
     config.eval.batch_size = 8
     config.normalize.num_batches = 2
     config.optim.update(decay_steps=NUM_STEPS, learning_rate=3e-3)
@@ -121,9 +111,9 @@ def test_reward_normalisation_centres_the_best_responses(files, reference_run):
             break
     ids, mask = np.concatenate(best_ids), np.concatenate(best_mask)
     assert ids.shape == (16, 32)
-    normalised = jax.jit(lambda p, i, m: rm.score(model, p, norm, i, m))(params, ids, mask)
+    normalised, raw = jax.jit(lambda p, i, m: (rm.score(model, p, norm, i, m), rm.raw_scores(model, p, i, m)))(
+        params, ids, mask)
     np.testing.assert_allclose(float(jnp.mean(normalised)), 0.0, atol=1e-4)
-    raw = jax.jit(lambda p, i, m: rm.raw_scores(model, p, i, m))(params, ids, mask)
     np.testing.assert_allclose(np.asarray(normalised), np.asarray(raw) - norm["mean"], atol=1e-5)
 
 
@@ -134,36 +124,58 @@ def test_fsdp_tensor_mesh_logs_the_same_losses(files, reference_run, tmp_path):
         np.testing.assert_allclose([row["loss"], row["score/mean"]], [ref["loss"], ref["score/mean"]], rtol=1e-4)
 
 
-def test_resume_is_exact(files, reference_run, tmp_path):
-    rm.train(tiny_config(files, num_steps=NUM_STEPS // 2, **{"mesh.data": 8}), str(tmp_path))
-    rm.train(tiny_config(files, **{"mesh.data": 8}), str(tmp_path))
+def _script_flags(files):
+    """tiny_config(files) as command-line overrides (the mesh is left to the device count)."""
+    return [f"--config.data.train={files / 'train.jsonl'}", f"--config.data.eval={files / 'eval.jsonl'}",
+            f"--config.data.tokenizer={files / 'tokenizer'}", f"--config.data.cache_dir={files / 'tfds'}",
+            "--config.data.max_len=32", "--config.model.d_model=32", "--config.model.d_ff=64",
+            "--config.model.n_heads=2", f"--config.num_steps={NUM_STEPS}", "--config.batch_size=8",
+            "--config.log_every=1", "--config.eval.batch_size=8", "--config.normalize.num_batches=2",
+            f"--config.optim.decay_steps={NUM_STEPS}", "--config.optim.learning_rate=3e-3",
+            "--config.checkpoint.save_every=1000", "--config.fast_compile=True"]
+
+
+def test_sigterm_resume_is_exact_and_the_script_continues_on_one_device(files, reference_run, tmp_path,
+                                                                         sigterm_after_step, script_env):
+    """SIGTERM while step 5 is logged: step 6 is finished and checkpointed (8 devices), the call
+    returns `preempted`. (a) The same call again equals the uninterrupted run exactly (metrics,
+    parameters, stored normalisation). (b) A copy of the step-6 run dir is continued by the script
+    on ONE device (8-device checkpoint onto a 1-device mesh) and ends where the reference ends."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    sigterm_after_step(5)
+    first = rm.train(tiny_config(files, **{"mesh.data": 8}), str(run))
+    assert first.preempted and first.step == 6
+    assert checkpoint.Checkpointer(run / "checkpoints").all_steps() == [6]
+    shutil.copytree(run, copy)
+
+    second = rm.train(tiny_config(files, **{"mesh.data": 8}), str(run))
+    assert second.step == NUM_STEPS and not second.preempted
     rows, workdir, _ = reference_run
-    assert without_timings(metrics.read_metrics(tmp_path)) == without_timings(rows)
+    assert without_timings(metrics.read_metrics(run)) == without_timings(rows)
     mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-    _, resumed, norm = rm.load_reward_model(str(tmp_path), mesh)
+    _, resumed, norm = rm.load_reward_model(str(run), mesh)
     _, straight, norm_ref = rm.load_reward_model(str(workdir), mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
     assert norm == norm_ref
 
-
-def test_script_on_one_device_matches_the_first_steps(files, reference_run, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    flags = [f"--config.data.train={files / 'train.jsonl'}", f"--config.data.eval={files / 'eval.jsonl'}",
-             f"--config.data.tokenizer={files / 'tokenizer'}", f"--config.data.cache_dir={files / 'tfds'}",
-             "--config.data.max_len=32", "--config.model.d_model=32", "--config.model.d_ff=64",
-             "--config.model.n_heads=2", "--config.num_steps=3", "--config.batch_size=8", "--config.log_every=1",
-             "--config.eval.batch_size=8", "--config.normalize.num_batches=2",
-             f"--config.optim.decay_steps={NUM_STEPS}", "--config.optim.learning_rate=3e-3"]
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "train_rm.py"), "--config",
-                           str(REPO / "configs" / "rm.py") + ":tiny", f"--workdir={tmp_path}", *flags],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "RM finished at step 3" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows, reference = metrics.read_metrics(tmp_path), reference_run[0][:3]
-    for row, ref in zip(rows, reference):
-        np.testing.assert_allclose(row["loss"], ref["loss"], rtol=1e-4)
-    assert checkpoint.read_meta(tmp_path)["stage"] == "rm" and (tmp_path / "config.json").exists()
+                           str(REPO / "configs" / "rm.py") + ":tiny", f"--workdir={copy}", *_script_flags(files)],
+                          cwd=REPO, env=script_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"RM finished at step {NUM_STEPS}" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-3000:])
+    got = metrics.read_metrics(copy)
+    assert [r["step"] for r in got] == [r["step"] for r in rows]
+    for row, ref in zip(got, rows):
+        np.testing.assert_allclose([row["loss"], row["score/mean"]], [ref["loss"], ref["score/mean"]], rtol=1e-4,
+                                   atol=1e-5, err_msg=f"step {row['step']}")  # score/mean is ~0: atol
+    np.testing.assert_allclose(got[-1]["eval/accuracy"], rows[-1]["eval/accuracy"], rtol=1e-4)
+    _, continued, norm_one = rm.load_reward_model(str(copy), sharding.make_mesh(
+        {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(continued),
+                 jax.device_get(straight))
+    np.testing.assert_allclose(norm_one["mean"], norm_ref["mean"], rtol=1e-3, atol=1e-5)
+    assert checkpoint.read_meta(copy)["stage"] == "rm" and json.loads((copy / "config.json").read_text())[
+        "mesh"]["data"] == -1
 
 
 def test_rm_starts_from_an_sft_checkpoint(files, tmp_path):
@@ -192,9 +204,14 @@ def test_rm_starts_from_an_sft_checkpoint(files, tmp_path):
     ({"init.source": "checkpoint"}, r"config.init.path is empty but config.init.source='checkpoint': the rm stage"),
     ({"eval.batch_size": 4}, r"config.eval.batch_size=4 must be a positive multiple of data\*fsdp=8"),
 ])
-def test_config_errors_name_the_key(files, tmp_path, override, message):
+def test_config_errors_name_the_key_before_any_compilation(files, tmp_path, override, message, monkeypatch):
+    def no_jit(*args, **kwargs):
+        raise AssertionError("jax.jit called before the config was validated")
+
+    monkeypatch.setattr(jax, "jit", no_jit)
     with pytest.raises(ValueError, match=message):
-        rm.train(tiny_config(files, **override), str(tmp_path))
+        rm.train(tiny_config(files, **override), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_presets_build_and_later_stage_presets_require_a_checkpoint():

@@ -121,10 +121,12 @@ def train_state_shardings(optimizer: optax.GradientTransformation, params_shape:
 
 
 def init_train_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array,
-                     state_sh: TrainState) -> TrainState:
-    """Build the state on device with its shardings (optimizer moments are created sharded)."""
+                     state_sh: TrainState, options: dict | None = None) -> TrainState:
+    """Build the state on device with its shardings (optimizer moments are created sharded);
+    `options`: XLA compiler options (`compiler_options`)."""
     params = sharding.shard_params(params, state_sh.params)
-    create = jax.jit(lambda p, r: TrainState.create(p, optimizer, r), out_shardings=state_sh)
+    create = jax.jit(lambda p, r: TrainState.create(p, optimizer, r), out_shardings=state_sh,
+                     compiler_options=options)
     return create(params, sharding.shard_params(rng, state_sh.rng))
 
 
@@ -204,12 +206,20 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
     return train_step
 
 
-def jit_train_step(step_fn: Callable, state_sh: Any, batch_sh: Any):
+def compiler_options(config) -> dict | None:
+    """XLA options for a stage's jitted programs. `config.fast_compile` turns off backend (LLVM)
+    optimisation: roughly halves CPU compile time of tiny models at some cost in step time (tests,
+    smoke runs)."""
+    return {"xla_backend_optimization_level": 0} if config.get("fast_compile", False) else None
+
+
+def jit_train_step(step_fn: Callable, state_sh: Any, batch_sh: Any, options: dict | None = None):
     """`jax.jit` with explicit in/out shardings, the state donated (updated in place), metrics
-    replicated."""
+    replicated; `options` are XLA compiler options (`compiler_options`)."""
     mesh = jax.tree.leaves(state_sh)[0].mesh
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +262,9 @@ def validate_init(init_cfg, stage: str, allowed: tuple[str, ...]) -> None:
                          f"stage needs the path of its starting point (--config.init.path=...)")
     if not pathlib.Path(init_cfg.path).exists():
         raise ValueError(f"config.init.path={init_cfg.path!r} does not exist")
+    if init_cfg.source == "hf" and not pathlib.Path(init_cfg.path, "config.json").is_file():
+        raise ValueError(f"config.init.path={init_cfg.path!r} has no config.json: config.init.source='hf' needs a "
+                         "local Hugging Face model directory (config.json + *.safetensors)")
 
 
 def validate_positive(config, keys: tuple[str, ...]) -> None:
@@ -272,6 +285,14 @@ def validate_paths(section, keys: tuple[str, ...], prefix: str = "data") -> None
                 raise ValueError(f"config.{prefix}.{key}: {path!r} does not exist")
 
 
+def validate_workdir(workdir) -> None:
+    """The run directory must be a directory (or not exist yet)."""
+    if not workdir:
+        raise ValueError("--workdir is empty: give the run directory (config, metrics, checkpoints)")
+    if pathlib.Path(workdir).exists() and not pathlib.Path(workdir).is_dir():
+        raise ValueError(f"--workdir={str(workdir)!r} exists and is not a directory")
+
+
 def setup_run(config, workdir: str, validate: Callable[[tuple[int, int, int]], None] | None = None) -> Mesh:
     """Start a run: distributed init, config checks (before any compilation), DIR/config.json, mesh.
 
@@ -281,6 +302,7 @@ def setup_run(config, workdir: str, validate: Callable[[tuple[int, int, int]], N
     mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh), jax.device_count())
     if validate is not None:
         validate(mesh_shape)
+    validate_workdir(workdir)
     workdir = pathlib.Path(workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -340,6 +362,14 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
+def nonfinite_error(streak: int, step: int, last_saved: int | None, directory, what: str = "steps") -> NonFiniteError:
+    """The error that stops a diverged run: which steps were bad and which checkpoint to go back to
+    (it stays intact: a diverged step is never saved)."""
+    good = "none saved yet" if last_saved is None else f"{directory}/{last_saved}"
+    return NonFiniteError(f"{streak} consecutive non-finite {what} ({step - streak + 1}..{step}); stopping. "
+                          f"Last good checkpoint: {good}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoint plumbing shared by the stages
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +422,7 @@ def build_state(config, model: Transformer, mesh: Mesh, workdir: str, num_steps:
 
     def init_state():
         params = initial_params(config, model, mesh, param_sh, init_rng)
-        return init_train_state(params, optimizer, state_rng, state_sh)
+        return init_train_state(params, optimizer, state_rng, state_sh, compiler_options(config))
 
     checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints",
                                                max_to_keep=config.checkpoint.max_to_keep)
@@ -470,17 +500,15 @@ def train_loop(config, *, state: TrainState, train_step: Callable, batches: Iter
             elif do_eval and not diverged:
                 last_row = writer.write(step, eval_fn(state))
             if diverged:
-                first_bad = step - host["nonfinite_streak"] + 1
-                good = "none saved yet" if last_saved is None else f"{checkpointer.directory}/{last_saved}"
-                raise NonFiniteError(f"{host['nonfinite_streak']} consecutive non-finite steps ({first_bad}..{step}); "
-                                     f"stopping. Last good checkpoint: {good}")
+                checkpointer.wait()  # earlier (good) saves are committed before the process stops
+                raise nonfinite_error(host["nonfinite_streak"], step, last_saved, checkpointer.directory)
             if do_save:
                 save(step)
             if stop and not is_last:
                 preempted = True
                 break
+        checkpointer.wait()  # still under the guard: a signal now cannot kill a save half-way
     bar.close()
-    checkpointer.wait()
     if preempted:
         logging.warning("Stopped by %s at step %d (started at %d). Checkpoint saved to %s/%d; run the same "
                         "command again to resume.", guard.signal_name, step, start_step, checkpointer.directory, step)
@@ -572,7 +600,8 @@ def initial_params(config, model: Transformer, mesh: Mesh, param_sh: Any, rng: j
     """
     source, path = config.init.source, config.init.path
     if source == "scratch":
-        return jax.jit(lambda r: init_params(model, r), out_shardings=param_sh)(rng)
+        return jax.jit(lambda r: init_params(model, r), out_shardings=param_sh,
+                       compiler_options=compiler_options(config))(rng)
     if source == "checkpoint":
         _, params = load_stage_model(path, mesh)
     else:
@@ -596,11 +625,25 @@ def initial_params(config, model: Transformer, mesh: Mesh, param_sh: Any, rng: j
 
 
 def load_tokenizer(path: str):
-    """A local Hugging Face tokenizer directory (no network, no remote code)."""
+    """A local Hugging Face tokenizer directory (no network, no remote code).
+
+    Only JSON / text vocabulary files are read; a tokenizer_config.json that asks for custom Python
+    code (`auto_map`) is refused up front with a one-line error instead of being imported.
+    """
     from transformers import AutoTokenizer
 
-    if not pathlib.Path(path, "tokenizer_config.json").exists() and not pathlib.Path(path, "tokenizer.json").exists():
+    directory = pathlib.Path(path)
+    if not (directory / "tokenizer_config.json").exists() and not (directory / "tokenizer.json").exists():
         raise ValueError(f"tokenizer path {path!r} has no tokenizer.json / tokenizer_config.json")
+    config_file = directory / "tokenizer_config.json"
+    if config_file.exists():
+        try:
+            tokenizer_config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file}: not valid JSON ({error})") from None
+        if "auto_map" in tokenizer_config:
+            raise ValueError(f"{config_file}: 'auto_map' asks for custom tokenizer code; remote/custom code is "
+                             "never run (use a tokenizer.json-based tokenizer)")
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 

@@ -158,7 +158,7 @@ def load_ranking_split(config, files, tokenizer, workdir: str):
 # ----------------------------------------------------------------------------------------------
 # Evaluation and normalisation
 # ----------------------------------------------------------------------------------------------
-def make_stats_step(model, mesh, param_sh):
+def make_stats_step(model, mesh, param_sh, options: dict | None = None):
     """Jitted sums over one (sharded, global) ranking batch, replicated so every process can read
     them: ranking loss and pairwise accuracy summed over prompts that form pairs (`pairs`), and the
     sum / sum of squares / count of the raw scores of the best (rank 0) responses."""
@@ -171,7 +171,7 @@ def make_stats_step(model, mesh, param_sh):
                 "best_sum": jnp.sum(scores * best), "best_sumsq": jnp.sum(jnp.square(scores) * best),
                 "best_count": jnp.sum(best)}
     return jax.jit(stats, in_shardings=(param_sh, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+                   out_shardings=sharding.replicated(mesh), compiler_options=options)
 
 
 def summed_stats(stats_step, params, batches, num_batches: int, mesh) -> dict:
@@ -238,8 +238,9 @@ def train(config, workdir: str) -> common.LoopResult:
     # ---- jitted step, eval, loop ---------------------------------------------------------------------
     step_fn = common.make_train_step(make_loss_fn(model), setup.optimizer, setup.schedule,
                                      grad_accum=config.grad_accum, weight_fn=lambda b: prompts_with_pairs(b["ranks"]))
-    train_step = common.jit_train_step(step_fn, setup.state_sh, sharding.batch_sharding(mesh))
-    stats_step = make_stats_step(model, mesh, setup.param_sh)
+    train_step = common.jit_train_step(step_fn, setup.state_sh, sharding.batch_sharding(mesh),
+                                       common.compiler_options(config))
+    stats_step = make_stats_step(model, mesh, setup.param_sh, common.compiler_options(config))
     eval_fn = make_eval_fn(config, stats_step, eval_split, mesh) if eval_split is not None else None
     writer = metrics_lib.MetricWriter(workdir, resume_step=setup.resumed)
 

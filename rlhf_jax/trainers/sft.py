@@ -121,7 +121,7 @@ def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param
     loss_fn = make_loss_fn(model.clone(config=model.config.replace(dropout_rate=0.0)))
 
     @functools.partial(jax.jit, in_shardings=(param_sh, sharding.batch_sharding(mesh)),
-                       out_shardings=sharding.replicated(mesh))
+                       out_shardings=sharding.replicated(mesh), compiler_options=common.compiler_options(config))
     def eval_step(params, batch):  # replicated sums over the global batch: readable on every process
         loss, aux = loss_fn(params, batch, None)
         tokens = target_tokens(batch)
@@ -200,7 +200,8 @@ def train(config, workdir: str) -> common.LoopResult:
     # ---- jitted step and loop ---------------------------------------------------------------------
     step_fn = common.make_train_step(make_loss_fn(model), setup.optimizer, setup.schedule,
                                      grad_accum=config.grad_accum, weight_fn=target_tokens)
-    train_step = common.jit_train_step(step_fn, setup.state_sh, sharding.batch_sharding(mesh))
+    train_step = common.jit_train_step(step_fn, setup.state_sh, sharding.batch_sharding(mesh),
+                                       common.compiler_options(config))
     eval_fn = make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, setup.param_sh, workdir)
     writer = metrics_lib.MetricWriter(workdir, resume_step=setup.resumed)
     meta_fn = lambda state: {"data": batches.get_state(), "model": common.model_meta(model),  # noqa: E731
