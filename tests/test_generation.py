@@ -265,3 +265,57 @@ def test_two_level_argmax_matches_numpy_including_ties():
     index, best = two_level_argmax(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(index), x.argmax(-1))
     np.testing.assert_array_equal(np.asarray(best), x.max(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode-loop segments (the KV cache grows so attention reads about the live slots)
+# ----------------------------------------------------------------------------------------------
+def _mean_step_bytes(ends, param_bytes, kv_bytes_per_slot, prompt_len):
+    """Loop over decode steps: step i (1..N-1) runs in the first segment whose end exceeds i, with a
+    cache of prompt_len + end slots; the prefill's step 0 uses the first segment's cache."""
+    total = 0
+    for step in range(ends[-1]):
+        end = next(e for e in ends if step < e)
+        total += param_bytes + kv_bytes_per_slot * (prompt_len + end)
+    return total / ends[-1]
+
+
+@pytest.mark.parametrize("batch,n_new", [(1, 64), (16, 64), (64, 64), (64, 512)])
+def test_segment_ends_split_only_when_it_saves_bytes(batch, n_new):
+    """The GPT-2 size of the benchmarks: every kept split saves >= MIN_SAVING of the bytes a step
+    reads (recounted step by step), and one more split would not (or is not allowed)."""
+    cfg = TransformerConfig.gpt2(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, d_ff=1024, max_len=1024)
+    model = Transformer(cfg)
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    param_bytes = 4 * sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
+    kv_bytes_per_slot = 2 * 6 * batch * 4 * 64 * 4  # k and v, 6 layers, 4 heads of 64, fp32
+    ends = generation.segment_ends(model, shapes, batch, 32, n_new)
+    assert ends[-1] == n_new and list(ends) == sorted(set(ends)) and len(ends) <= generation.MAX_SEGMENTS
+    cost = lambda e: _mean_step_bytes(e, param_bytes, kv_bytes_per_slot, 32)
+    for i in range(1, len(ends)):
+        assert cost(ends[i - 1:]) <= (1 - generation.MIN_SAVING) * cost(ends[i:])
+    more = (ends[0] // 2,) + ends
+    assert (len(ends) == generation.MAX_SEGMENTS or ends[0] < 2 * generation.MIN_SEGMENT
+            or cost(more) > (1 - generation.MIN_SAVING) * cost(ends))
+    if batch == 1:
+        assert ends == (n_new,)  # the cache is small next to the parameters: one loop
+    if batch == 64:
+        assert len(ends) >= 2
+
+
+def test_segmented_decoding_equals_one_loop(model_and_params, monkeypatch):
+    """Forcing 3 segments (cache grown twice) gives the same tokens and log-probs as one loop."""
+    model, params = model_and_params
+    ids, mask = _prompts()
+    run = lambda: jax.jit(sample, static_argnames=("model", "config"))(
+        model, params, ids, mask, jax.random.PRNGKey(6), SamplingConfig(max_new_tokens=10, temperature=0.9))
+    monkeypatch.setattr(generation, "MIN_SAVING", 1.0)  # never split
+    assert generation.segment_ends(model, params, 3, 7, 10) == (10,)
+    single = run()
+    monkeypatch.setattr(generation, "MIN_SAVING", -1.0)  # always split
+    monkeypatch.setattr(generation, "MIN_SEGMENT", 2)
+    assert generation.segment_ends(model, params, 3, 7, 10) == (2, 5, 10)
+    split = run()
+    np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(single.tokens))
+    np.testing.assert_allclose(np.asarray(split.logprobs), np.asarray(single.logprobs), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(split.mask), np.asarray(single.mask))
