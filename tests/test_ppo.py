@@ -1,16 +1,19 @@
-"""PPO trainer: rule rewards, learning on a trivially learnable reward, 1 vs 8 devices, exact resume,
-the script as a subprocess, and a 2-process jax.distributed CPU run.
+"""PPO trainer: rule rewards, learning on a trivially learnable reward, 1 vs 8 devices, exact resume
+after SIGTERM, the 8-device checkpoint continued by the script on 1 device, NaN stop, KL blow-up
+flag, and a 2-process jax.distributed CPU run (opt-in).
 
-Compilation dominates on CPU, so every test uses the same tiny config and the JAX persistent
-compilation cache (in a temp dir) is on for this module: a program already compiled by one test
+Compilation dominates on CPU, so every test uses the same tiny config with `fast_compile` and the
+session's persistent compilation cache (tests/conftest.py): a program already compiled by one test
 (or subprocess) is loaded, not recompiled, by the next.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,18 +35,7 @@ SCRIPT = REPO / "experiments" / "train_ppo.py"
 DETERMINISTIC_KEYS = ("loss", "policy/loss", "value/loss", "reward/mean", "reward/std", "kl", "entropy",
                       "policy/clipfrac", "policy/approx_kl", "value/explained_variance", "response/length",
                       "kl_coef", "lr")
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Persistent compilation cache for this module (and its subprocesses); restored afterwards."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def tiny_config(**overrides):
@@ -74,7 +66,7 @@ def run_iterations(config, mesh, n, observe=None):
     state_sh = ppo.state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0)
     state = ppo.initial_state(config, models, optimizers, state_sh, mesh)
     step_fn = ppo.jit_iteration(models, ppo.settings_from_config(config), optimizers, state_sh, mesh,
-                                with_ptx=bool(config.ptx.coef), options=ppo.compiler_options(config))
+                                with_ptx=bool(config.ptx.coef), options=common.compiler_options(config))
     prompts, ptx = ppo.make_data(config, "unused-without-data-files")
     rows = []
     for _ in range(n):
@@ -150,7 +142,7 @@ def test_synthetic_prompts_are_left_padded_and_process_sliced():
 # Learning, sharding invariance
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def single_device_run(compile_cache):
+def single_device_run():
     """30 iterations of the tiny config on one device (shared by the learning and sharding tests)."""
     return run_iterations(tiny_config(), one_device_mesh(), 30)
 
@@ -176,7 +168,7 @@ VARIANT = dict(critic="shared", ema_decay=0.9, **{"ptx.coef": 1.0, "kl.adaptive"
 
 
 @pytest.fixture(scope="module")
-def variant_single_run(compile_cache):
+def variant_single_run():
     """6 iterations of the VARIANT config on one device, keeping (before, after) state pairs."""
     pairs = []
     rows, _, _ = run_iterations(tiny_config(**VARIANT), one_device_mesh(), 6,
@@ -226,15 +218,15 @@ def _save_stage(workdir, model, params, meta):
     checkpointer.close()
 
 
-def test_hand_off_from_sft_and_rm_checkpoints(compile_cache, tmp_path):
+def test_hand_off_from_sft_and_rm_checkpoints(tmp_path):
     """Actor/reference from an SFT checkpoint, reward model and critic from an RM checkpoint (with its
     stored normalisation), prompts and ptx text from files through rlhf_jax.data and the task's
     tokenizer; sequence-level critic. Frozen roles stay bit-identical; scores follow the RM formula."""
     files = tasks.export_task(tmp_path / "task", n_sft=2, n_rm_prompts=2, n_ppo_prompts=40, n_heldout=2, n_corpus=40)
     arch = TransformerConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=64)
     sft_model, rm_model = Transformer(arch, heads=("lm",)), Transformer(arch, heads=("value",))
-    sft_params = init_params(sft_model, jax.random.PRNGKey(11))
-    rm_params = init_params(rm_model, jax.random.PRNGKey(12))
+    sft_params = jax.device_get(jax.jit(lambda r: init_params(sft_model, r))(jax.random.PRNGKey(11)))
+    rm_params = jax.device_get(jax.jit(lambda r: init_params(rm_model, r))(jax.random.PRNGKey(12)))
     _save_stage(tmp_path / "sft", sft_model, sft_params, {"tokenizer": files["tokenizer"]})
     _save_stage(tmp_path / "rm", rm_model, rm_params, {"reward_norm": {"mean": 0.3, "std": 2.0}})
 
@@ -260,7 +252,7 @@ def test_hand_off_from_sft_and_rm_checkpoints(compile_cache, tmp_path):
     settings = ppo.settings_from_config(config, ppo.reward_norm_from_checkpoint(config.reward_checkpoint))
     assert settings.reward_norm == (0.3, 2.0)
     step_fn = ppo.jit_iteration(models, settings, optimizers, state_sh, mesh, with_ptx=True,
-                                options=ppo.compiler_options(config))
+                                options=common.compiler_options(config))
     for _ in range(2):
         host_prompts = next(prompts)
         assert host_prompts["prompt_ids"].shape == (16, 16) and np.all(host_prompts["prompt_mask"][:, -1] == 1)
@@ -273,7 +265,7 @@ def test_hand_off_from_sft_and_rm_checkpoints(compile_cache, tmp_path):
     tokens, mask = np.asarray(outputs["tokens"]), np.asarray(outputs["mask"])
     seq = np.concatenate([host_prompts["prompt_ids"], tokens], 1)
     seq_mask = np.concatenate([host_prompts["prompt_mask"], mask], 1)
-    values = np.asarray(rm_model.apply({"params": rm_params}, seq, seq_mask).values)
+    values = np.asarray(jax.jit(lambda p, i, m: rm_model.apply({"params": p}, i, m).values)(rm_params, seq, seq_mask))
     last = [max(np.flatnonzero(row)) for row in seq_mask]
     raw = np.array([values[b, t] for b, t in enumerate(last)])
     np.testing.assert_allclose(outputs["scores"], (raw - 0.3) / 2.0, rtol=1e-4, atol=1e-5)
@@ -320,10 +312,9 @@ def test_minibatch_indices_are_a_permutation_per_epoch():
 
 
 # ----------------------------------------------------------------------------------------------
-# Script, checkpoints, resume
+# Preemption, resume on another device count, the script, NaN stop, KL blow-up
 # ----------------------------------------------------------------------------------------------
-def run_script(workdir, *flags, env_extra=None, timeout=240):
-    env = {**os.environ, **(env_extra or {})}
+def run_script(workdir, env, *flags, timeout=300):
     cmd = [sys.executable, str(SCRIPT), f"--workdir={workdir}", "--config.fast_compile=True",
            "--config.actor_optim.decay_steps=1000",
            "--config.critic_optim.decay_steps=1000", "--config.checkpoint.save_every=2", *flags]
@@ -334,34 +325,76 @@ def comparable(rows):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
-def test_script_runs_and_resume_is_exact(single_device_run, compile_cache, tmp_path):
-    """The script runs 2 steps as a subprocess (8 fake devices: mesh data=8) and logs what one device
-    computes; an in-process run then resumes it to 4 steps and must equal an uninterrupted 4-step
-    run: metrics (timings aside) and final parameters."""
-    cache_env = {"JAX_COMPILATION_CACHE_DIR": compile_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    split_dir, full_dir = tmp_path / "split", tmp_path / "full"
-    proc = run_script(split_dir, "--config.num_steps=2", env_extra=cache_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "PPO finished at step 2" in proc.stdout
-    assert json.loads((split_dir / "config.json").read_text())["num_steps"] == 2
-    assert [r["step"] for r in metrics_lib.read_metrics(split_dir)] == [1, 2]
-    assert_same_metrics(single_device_run[0][:2], metrics_lib.read_metrics(split_dir))  # 1 vs 8 devices
-    assert (split_dir / "checkpoints" / "2").is_dir() and (split_dir / "tensorboard").is_dir()
-
+def test_sigterm_resume_is_exact_and_the_script_continues_the_run(single_device_run, tmp_path,
+                                                                   sigterm_after_step, script_env):
+    """8 devices (mesh data=8), in-process: SIGTERM while step 1 is logged -> step 2 is finished,
+    checkpointed, `preempted`; the same call again equals an uninterrupted 4-step run exactly
+    (metrics without timings, whole state). The uninterrupted run uses profile mode (rollout and
+    update jitted apart): same numbers as the fused iteration, plus phase timings, and the same
+    metrics as one device. Then the script continues a copy of the step-2 run dir to step 4 and
+    logs what the in-process run logged. (Resuming onto another device count with a real trainer
+    is tested in test_sft.py (1 -> 8) and test_rm.py (8 -> 1); the script runs on 8 devices here
+    so that it loads the in-process program from the compilation cache.)"""
+    split_dir, copy_dir, full_dir = tmp_path / "split", tmp_path / "copy", tmp_path / "full"
+    sigterm_after_step(1)
+    first = ppo.train(tiny_config(num_steps=4), str(split_dir))
+    assert first.preempted and first.step == 2
+    assert checkpoint_lib.Checkpointer(split_dir / "checkpoints").all_steps() == [2]
+    shutil.copytree(split_dir, copy_dir)
     resumed = ppo.train(tiny_config(num_steps=4), str(split_dir))
-    # The uninterrupted run uses profile mode (rollout and update jitted apart): same numbers, plus phase timings.
     full = ppo.train(tiny_config(num_steps=4, profile_phases=True), str(full_dir))
-    assert resumed.step == full.step == 4
+    assert resumed.step == full.step == 4 and not resumed.preempted
     full_rows = metrics_lib.read_metrics(full_dir)
     assert all(r["time/rollout"] > 0 and r["time/update"] > 0 for r in full_rows)
     assert comparable(metrics_lib.read_metrics(split_dir)) == comparable(full_rows)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state), jax.device_get(full.state))
+    assert_same_metrics(single_device_run[0][:4], full_rows)  # data=8 vs 1 device
+
+    proc = run_script(copy_dir, script_env(8), "--config.num_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PPO finished at step 4" in proc.stdout
+    assert json.loads((copy_dir / "config.json").read_text())["num_steps"] == 4
+    rows = metrics_lib.read_metrics(copy_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert comparable(rows) == comparable(full_rows)
+    assert checkpoint_lib.Checkpointer(copy_dir / "checkpoints").all_steps() == [2, 4]
+    assert list((copy_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_script_rejects_unknown_config_key(tmp_path):
-    proc = run_script(tmp_path / "bad", "--config.num_step=2", timeout=120)
-    assert proc.returncode != 0
-    assert "num_step" in proc.stderr
+def test_nonfinite_iterations_stop_with_the_last_good_checkpoint(tmp_path):
+    """kl.coef = NaN makes every reward, advantage and loss NaN: each update is skipped and counted;
+    after max_nonfinite_streak=3 iterations the run stops, names steps 1..3 and the step-2
+    checkpoint, writes no checkpoint of step 3, and step 2 still holds the untouched initial actor."""
+    config = tiny_config(num_steps=6, max_nonfinite_streak=3, **{"kl.coef": float("nan")})
+    workdir = tmp_path / "nan"
+    with pytest.raises(common.NonFiniteError, match=r"3 consecutive non-finite PPO iterations \(1\.\.3\); stopping\. "
+                                                    r"Last good checkpoint: .*/checkpoints/2$"):
+        ppo.train(config, str(workdir))
+    rows = metrics_lib.read_metrics(workdir)
+    assert [(r["step"], r["nonfinite_steps"], r["nonfinite_streak"]) for r in rows] == [(1, 1, 1), (2, 2, 2),
+                                                                                         (3, 3, 3)]
+    assert all(r["nonfinite_updates"] == 4 for r in rows)  # epochs 2 x minibatches 2, all skipped
+    assert checkpoint_lib.Checkpointer(workdir / "checkpoints").all_steps() == [2]
+    mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    models = ppo.build_models(config)
+    optimizers = ppo.make_optimizers(config, models)
+    initial = ppo.initial_state(config, models, optimizers, ppo.state_shardings(models, optimizers, mesh, ema=False),
+                                mesh)
+    saved = common.load_stage_model(str(workdir), mesh)[1]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved), jax.device_get(initial.actor))
+
+
+def test_kl_blowup_is_flagged_and_logged(tmp_path, caplog):
+    """Step 1 samples from actor == reference (KL exactly 0); after one update KL > 0 exceeds the
+    tiny threshold: kl/blowup 0 then 1, and a loud warning names the step, the KL and the key."""
+    with caplog.at_level(logging.WARNING):
+        ppo.train(tiny_config(num_steps=2, **{"kl.blowup_threshold": 1e-6}), str(tmp_path))
+    rows = metrics_lib.read_metrics(tmp_path)
+    assert rows[0]["kl"] == 0.0 and rows[0]["kl/blowup"] == 0.0
+    assert rows[1]["kl"] > 1e-6 and rows[1]["kl/blowup"] == 1.0
+    warnings = [r.getMessage() for r in caplog.records if "KL BLOW-UP" in r.getMessage()]
+    assert len(warnings) == 1 and "PPO step 2" in warnings[0] and "config.kl.blowup_threshold=1e-06" in warnings[0]
+    assert ppo.kl_blew_up(float("nan"), 50.0) and not ppo.kl_blew_up(49.0, 50.0)
 
 
 def _free_port() -> int:
@@ -373,12 +406,12 @@ def _free_port() -> int:
 @pytest.mark.skipif(os.environ.get("RLHF_JAX_MULTIPROCESS_TEST") != "1",
                     reason="two extra JAX processes compile their own program (~1 min on 2 shared cores); "
                            "run with RLHF_JAX_MULTIPROCESS_TEST=1")
-def test_two_process_distributed_cpu_run(compile_cache, tmp_path):
+def test_two_process_distributed_cpu_run(compilation_cache, tmp_path):
     """2 local processes (1 CPU device each, gloo collectives) complete 2 PPO steps on a data=2 mesh
     (the commands are the ones in experiments/train_ppo.py's docstring)."""
     port = _free_port()
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COMPILATION_CACHE_DIR": compile_cache,
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     workdir = tmp_path / "multi"
     procs = []

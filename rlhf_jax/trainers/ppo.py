@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import pathlib
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -446,6 +447,9 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
             fail(f"config.ppo.{key}={config.ppo[key]}: need >= 1")
     if not 0.0 <= config.ema_decay < 1.0:
         fail(f"config.ema_decay={config.ema_decay}: need 0 <= ema_decay < 1 (0 = off)")
+    if not config.kl.blowup_threshold > 0:
+        fail(f"config.kl.blowup_threshold={config.kl.blowup_threshold}: need > 0 (sequence KL in nats that is "
+             "reported as a blow-up)")
     if config.kl.coef < 0 or config.kl.target <= 0 or config.kl.horizon <= 0:
         fail(f"config.kl: need coef >= 0, target > 0, horizon > 0 (got {config.kl.coef}, {config.kl.target}, "
              f"{config.kl.horizon})")
@@ -749,16 +753,22 @@ def gold_mean(gold_scorer: GoldScorer, index: np.ndarray, outputs: Mapping[str, 
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-def compiler_options(config) -> Optional[dict]:
-    """XLA options for the PPO programs: `fast_compile` turns off backend (LLVM) optimisation, which
-    roughly halves compile time on CPU for tiny models, at some cost in step time."""
-    return {"xla_backend_optimization_level": 0} if config.fast_compile else None
+def kl_blew_up(kl: float, threshold: float) -> bool:
+    """KL blow-up: the mean sequence KL to the reference is above `config.kl.blowup_threshold`, or not
+    finite (a NaN KL means the policy or reference produced NaN log-probs)."""
+    return not math.isfinite(kl) or kl > threshold
+
+
+def kl_blowup_message(step: int, kl: float, threshold: float) -> str:
+    return (f"{'!' * 8} KL BLOW-UP at PPO step {step}: kl={kl:.4g} nats > config.kl.blowup_threshold={threshold:g}. "
+            f"The policy is running away from the reference: lower the actor learning rate or raise config.kl.coef "
+            f"(metric kl/blowup=1) {'!' * 8}")
 
 
 def jit_iteration(models: Models, settings: PPOSettings, optimizers: Optimizers, state_sh: PPOState, mesh,
                   with_ptx: bool, options: Optional[dict] = None):
     """The iteration under `jax.jit` with explicit in/out shardings; the state is donated.
-    `options`: XLA compiler options (see `compiler_options`)."""
+    `options`: XLA compiler options (`common.compiler_options`)."""
     batch_sh = sharding.batch_sharding(mesh)
     iteration = make_iteration(models, settings, optimizers.actor, optimizers.critic, optimizers.lr_schedule,
                                batch_sh)
@@ -856,12 +866,12 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     if config.profile_phases:
         collect, learn = make_phases(models, settings, optimizers.actor, optimizers.critic, optimizers.lr_schedule,
                                      sharding.batch_sharding(mesh))
-        options = compiler_options(config)
+        options = common.compiler_options(config)
         collect_jit = jax.jit(collect, compiler_options=options)
         learn_jit = jax.jit(learn, donate_argnums=(0,), compiler_options=options)
     else:
         step_fn = jit_iteration(models, settings, optimizers, state_sh, mesh, ptx_it is not None,
-                                compiler_options(config))
+                                common.compiler_options(config))
         step_fn = step_fn.lower(target, *_abstract_batches(config, mesh)).compile()
         logging.info("PPO iteration compiled in %.1fs; %s", time.perf_counter() - t0, _memory_report(step_fn))
     compile_seconds = time.perf_counter() - t0
@@ -889,15 +899,15 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
             host = {name: metrics_lib.to_scalar(value) for name, value in metrics.items()}
             step += 1
             bar.update(1)
-            host["kl/blowup"] = float(host["kl"] > config.kl.blowup_threshold)
+            host["kl/blowup"] = float(kl_blew_up(host["kl"], config.kl.blowup_threshold))
             if host["kl/blowup"]:
-                logging.warning("KL BLOW-UP at step %d: kl=%.3g exceeds config.kl.blowup_threshold=%g", step,
-                                host["kl"], config.kl.blowup_threshold)
-            if host["nonfinite_streak"] >= config.max_nonfinite_streak:
-                raise common.NonFiniteError(
-                    f"PPO: {host['nonfinite_streak']} consecutive iterations with non-finite updates "
-                    f"(steps {step - host['nonfinite_streak'] + 1}..{step}); stopping. "
-                    f"Last good checkpoint: {checkpointer.directory}/{last_saved}")
+                logging.warning(kl_blowup_message(step, host["kl"], config.kl.blowup_threshold))
+            diverged = host["nonfinite_streak"] >= config.max_nonfinite_streak
+            if diverged:  # log the bad row, keep the last good checkpoint, stop
+                writer.write(step, host)
+                checkpointer.wait()
+                raise common.nonfinite_error(host["nonfinite_streak"], step, last_saved, checkpointer.directory,
+                                             "PPO iterations")
             if gold_scorer is not None:
                 host["gold/mean"] = gold_mean(gold_scorer, host_prompts["index"], outputs)
             host.update(timings)
@@ -916,8 +926,8 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
             if stop and not is_last:
                 preempted = True
                 break
+        checkpointer.wait()  # still under the guard: a signal now cannot kill a save half-way
     bar.close()
-    checkpointer.wait()
     writer.close()
     if preempted:
         print(f"Preempted ({guard.signal_name}) at step {step}: checkpoint {checkpointer.directory}/{step} saved; "
