@@ -429,3 +429,16 @@ def test_two_process_distributed_cpu_run(compilation_cache, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
     assert (workdir / "checkpoints" / "2").is_dir()
+
+
+def test_init_source_tells_a_run_dir_from_a_hugging_face_dir(tmp_path):
+    """A stage workdir has a config.json too (the run's config): only weights make it an HF dir."""
+    run_dir, hf_dir = tmp_path / "sft", tmp_path / "hf"
+    run_dir.mkdir(), hf_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "checkpoints").mkdir()
+    (hf_dir / "config.json").write_text("{}")
+    (hf_dir / "model.safetensors").write_bytes(b"")
+    assert ppo.init_source("") == "scratch"
+    assert ppo.init_source(str(run_dir)) == "checkpoint"
+    assert ppo.init_source(str(hf_dir)) == "hf"

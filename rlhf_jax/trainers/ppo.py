@@ -491,10 +491,13 @@ def validate_models(config, models: Models) -> None:
 # Models and parameters (hand-off: actor and reference from SFT, reward model and critic from the RM)
 # ----------------------------------------------------------------------------------------------
 def init_source(path: str) -> str:
-    """"scratch" for "", "hf" for a directory with config.json, else "checkpoint" (an rlhf_jax run)."""
+    """"scratch" for "", "hf" for a Hugging Face directory (config.json + safetensors), else
+    "checkpoint" (an rlhf_jax run dir, whose config.json is the run's config, not a model's)."""
     if not path:
         return "scratch"
-    return "hf" if (epath.Path(path) / "config.json").exists() else "checkpoint"
+    directory = epath.Path(path)
+    has_weights = any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").exists()
+    return "hf" if (directory / "config.json").exists() and has_weights else "checkpoint"
 
 
 def stage_view(config, path: str) -> ml_collections.ConfigDict:
