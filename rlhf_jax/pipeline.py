@@ -6,7 +6,7 @@
 - pretrain: the SFT trainer on the corpus with the loss on every token (a small base model).
 - sft:      the SFT trainer on the imperfect demonstrations, from the pretrained model.
 - rankings: K distinct SFT samples per RM prompt, gold-scored and ranked by a simulated labeler
-            (Plackett-Luce at `labelers.temperature`); a held-out share of prompts for RM accuracy.
+            (Plackett-Luce at `rankings.labeler_temperature`); a held-out share of prompts for RM accuracy.
 - rm:       the RM trainer on the rankings (ranking loss), from the SFT model.
 - ppo:      the PPO trainer: actor and reference from SFT, critic and reward from the RM.
 - eval:     held-out prompts: SFT vs PPO samples under the gold judge, best-of-4 reranked by the RM,
@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 import tqdm
-from absl import logging
 
 from rlhf_jax import evaluation, report, tasks
 
@@ -59,20 +58,26 @@ def mark_done(stage_dir: str | pathlib.Path, record: Mapping[str, Any]) -> None:
 
 
 def run_stage(name: str, stage_dir: str | pathlib.Path, fn: Callable[[], Mapping[str, Any] | None],
-              echo: Callable[[str], None] = print) -> dict:
+              echo: Callable[[str], None] = print, settings: Mapping[str, Any] | None = None) -> dict:
     """Run `fn()` unless `stage_dir` has a DONE marker; returns the DONE record.
 
-    The record is {"stage", "seconds", "info"} where info is what `fn` returned (JSON-able facts
-    later stages need, e.g. the labeler agreement).
+    The record is {"stage", "seconds", "info", "settings"}: info is what `fn` returned (JSON-able
+    facts later stages need, e.g. the labeler agreement), settings the config the stage ran with.
+    A finished stage whose recorded settings differ from `settings` is still skipped, with a
+    warning: its results stand until its directory is deleted.
     """
     done = stage_info(stage_dir)
+    settings = json.loads(json.dumps(settings, sort_keys=True, default=str)) if settings is not None else None
     if done is not None:
         echo(f"[{name}] done already ({done['seconds']:.0f}s when it ran): skipping")
+        if settings is not None and done.get("settings") not in (None, settings):
+            echo(f"[{name}] WARNING: the config of this stage changed since it ran; its old results are used. "
+                 f"Delete {stage_dir} to run it again with the new settings.")
         return done
     echo(f"[{name}] running in {stage_dir}")
     start = time.perf_counter()
     info = dict(fn() or {})
-    record = {"stage": name, "seconds": time.perf_counter() - start, "info": info}
+    record = {"stage": name, "seconds": time.perf_counter() - start, "info": info, "settings": settings}
     mark_done(stage_dir, record)
     echo(f"[{name}] finished in {record['seconds']:.0f}s")
     return record
@@ -217,28 +222,18 @@ def _single_device_mesh():
 
 
 def load_stage_model(stage_dir: str | pathlib.Path, heads: tuple[str, ...]):
-    """(Transformer with `heads`, params) from a stage's newest checkpoint ("params" item; the
-    architecture comes from its metadata). Parameters of heads not asked for are dropped."""
-    from rlhf_jax import checkpoint, sharding
-    from rlhf_jax.models import Transformer, init_params
+    """(Transformer with `heads`, params) of a stage's newest checkpoint on one device
+    (`common.load_stage_model`); parameters of heads not asked for are dropped."""
+    from rlhf_jax.models import Transformer
     from rlhf_jax.trainers import common
 
-    meta = checkpoint.read_meta(stage_dir)
-    if "model" not in meta:
-        raise ValueError(f"{stage_dir}: checkpoint metadata has no 'model' entry (keys: {sorted(meta)})")
-    saved = common.model_from_meta(meta["model"], dropout_rate=0.0)
-    mesh = _single_device_mesh()
-    shapes = jax.eval_shape(lambda: init_params(saved, jax.random.PRNGKey(0)))
-    params = dict(checkpoint.load_params(stage_dir, checkpoint.abstract_tree(shapes, sharding.param_shardings(saved, mesh))))
-    missing = [h for h in heads if {"lm": "lm_head", "value": "value_head"}[h] not in params
-               and not (h == "lm" and saved.config.tie_embeddings)]
+    saved, params = common.load_stage_model(str(stage_dir), _single_device_mesh())
+    missing = [h for h in heads if h not in saved.heads]
     if missing:
         raise ValueError(f"{stage_dir}: the saved model has heads {saved.heads}, not {tuple(missing)}")
-    if "lm" not in heads:
-        params.pop("lm_head", None)
-    if "value" not in heads:
-        params.pop("value_head", None)
-    return Transformer(saved.config, heads=heads), params
+    params = {name: value for name, value in params.items()
+              if not (name == "lm_head" and "lm" not in heads) and not (name == "value_head" and "value" not in heads)}
+    return Transformer(saved.config.replace(dropout_rate=0.0), heads=heads), params
 
 
 def load_reward_model(rm_dir: str | pathlib.Path):
@@ -542,22 +537,27 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
     layout.root.mkdir(parents=True, exist_ok=True)
     (layout.root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     cfgs = stage_configs(config, layout)
-    records = {"task": run_stage("task", layout.task, lambda: export_stage(config, layout), echo)}
+    seeded = lambda section: {"seed": config.seed, **section.to_dict()}  # noqa: E731
+    records = {"task": run_stage("task", layout.task, lambda: export_stage(config, layout), echo,
+                                 seeded(config.task))}
     check_special_tokens(config, load_tokenizer(layout.tokenizer))
-    records["pretrain"] = run_stage("pretrain", layout.stage("pretrain"), lambda: _trained(
-        "pretrain", sft.train(cfgs["pretrain"], str(layout.stage("pretrain")))), echo)
-    records["sft"] = run_stage("sft", layout.stage("sft"), lambda: _trained(
-        "sft", sft.train(cfgs["sft"], str(layout.stage("sft")))), echo)
+    for name in ("pretrain", "sft"):
+        records[name] = run_stage(name, layout.stage(name), lambda: _trained(
+            name, sft.train(cfgs[name], str(layout.stage(name)))), echo, cfgs[name].to_dict())
     records["rankings"] = run_stage("rankings", layout.stage("rankings"),
-                                    lambda: collect_ranking_data(config, layout, echo), echo)
+                                    lambda: collect_ranking_data(config, layout, echo), echo,
+                                    {**seeded(config.rankings), "n_rm_heldout": config.task.n_rm_heldout,
+                                     "rollout": config.ppo.rollout.to_dict()})
     records["rm"] = run_stage("rm", layout.stage("rm"), lambda: _trained(
-        "rm", rm.train(cfgs["rm"], str(layout.stage("rm")))), echo)
+        "rm", rm.train(cfgs["rm"], str(layout.stage("rm")))), echo, cfgs["rm"].to_dict())
     records["ppo"] = run_stage("ppo", layout.stage("ppo"),
-                               lambda: ppo_stage(config, layout, cfgs["ppo"], layout.stage("ppo")), echo)
+                               lambda: ppo_stage(config, layout, cfgs["ppo"], layout.stage("ppo")), echo,
+                               cfgs["ppo"].to_dict())
     prior = sum(r["seconds"] for r in records.values())
     run_stage("eval", layout.stage("eval"), lambda: evaluate(
         config, layout, layout.stage("ppo"), layout.root,
-        labeler_agreement=records["rankings"]["info"]["labeler_agreement"], prior_seconds=prior, echo=echo), echo)
+        labeler_agreement=records["rankings"]["info"]["labeler_agreement"], prior_seconds=prior, echo=echo), echo,
+        seeded(config.eval))
     echo(f"pipeline: {time.perf_counter() - start:.0f}s in this run; report in {layout.root / 'report.md'}")
     return json.loads((layout.root / "summary.json").read_text())
 

@@ -8,7 +8,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -168,6 +167,25 @@ def test_distinct_candidates_and_labels_sorted_at_zero_temperature():
     assert records[0]["ranking"] == expected and expected[0] == 0
 
 
+def test_sweep_overrides_are_typed_and_checked():
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"seed": 0, "ppo": {"num_steps": 10, "kl": {"coef": 0.05}},
+                                        "sft": {"num_steps": 5}})
+    assert pipeline.parse_override("ppo.kl.coef=0.2") == ("ppo.kl.coef", 0.2)
+    assert pipeline.parse_override("ppo.name=abc") == ("ppo.name", "abc")  # not a literal: a string
+    new = pipeline.apply_overrides(config, ["ppo.num_steps=200", "ppo.kl.coef=1"])
+    assert (new.ppo.num_steps, new.ppo.kl.coef, config.ppo.num_steps) == (200, 1.0, 10)  # a copy, int -> float
+    with pytest.raises(ValueError, match="no field 'epochs'"):
+        pipeline.apply_overrides(config, ["ppo.epochs=2"])
+    with pytest.raises(ValueError, match="reuses the finished 'sft' stage"):
+        pipeline.apply_overrides(config, ["sft.num_steps=9"])
+    with pytest.raises(ValueError, match="ppo.num_steps='many'"):
+        pipeline.apply_overrides(config, ["ppo.num_steps=many"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        pipeline.parse_override("ppo.num_steps")
+
+
 # ----------------------------------------------------------------------------------------------
 # The smoke pipeline end to end (a subprocess, one CPU device)
 # ----------------------------------------------------------------------------------------------
@@ -175,17 +193,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAINED_STAGES = ("pretrain", "sft", "rm", "ppo")
 
 
-def _run_pipeline(workdir) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+def _run_pipeline(workdir, env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "experiments" / "run_pipeline.py"), f"--workdir={workdir}",
                            f"--config={REPO / 'configs' / 'pipeline.py'}:smoke"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def smoke_workdir(tmp_path_factory):
+def smoke_workdir(tmp_path_factory, script_env):
     workdir = tmp_path_factory.mktemp("pipeline")
-    result = _run_pipeline(workdir)
+    result = _run_pipeline(workdir, script_env(1))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir
 
@@ -227,9 +244,9 @@ def test_smoke_summary_report_and_plots(smoke_workdir):
     assert all(math.isfinite(row["gold/mean"]) for row in ppo_rows)
 
 
-def test_smoke_rerun_skips_finished_stages(smoke_workdir):
+def test_smoke_rerun_skips_finished_stages(smoke_workdir, script_env):
     before = (smoke_workdir / "summary.json").read_text()
-    result = _run_pipeline(smoke_workdir)
+    result = _run_pipeline(smoke_workdir, script_env(1))
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in pipeline.STAGES:
         assert f"[{stage}] done already" in result.stdout
