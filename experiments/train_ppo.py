@@ -25,12 +25,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: configs/
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from rlhf_jax.trainers import ppo  # noqa: E402
+from rlhf_jax.trainers import common, ppo  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ppo.py:tiny", "PPO config file[:preset].",
-                                          lock_config=True)
+_CONFIG = common.define_config_flag("configs/ppo.py:tiny", "PPO config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
 
 

@@ -19,12 +19,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: configs/
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from rlhf_jax.trainers import rm  # noqa: E402
+from rlhf_jax.trainers import common, rm  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/rm.py:tiny", "RM config file[:preset].",
-                                          lock_config=True)
+_CONFIG = common.define_config_flag("configs/rm.py:tiny", "RM config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
 
 

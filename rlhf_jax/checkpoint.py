@@ -86,8 +86,8 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 — any read failure means "unusable step"
                 if step is not None:
                     raise
-                logging.warning("Checkpoint %s/%d is unreadable (%s: %s); falling back to the previous step.",
-                                self.directory, candidate, type(error).__name__, str(error)[:300])
+                logging.warning("Checkpoint %s/%d is unreadable (%s); falling back to the previous step.",
+                                self.directory, candidate, describe_error(error))
                 self._quarantine(candidate)
                 continue
             return restored
@@ -119,6 +119,15 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def describe_error(error: BaseException, limit: int = 1000) -> str:
+    """One line naming what failed: the exception type and message, whitespace collapsed, without
+    the (long) TensorStore spec that Orbax appends, capped at `limit` characters."""
+    text = " ".join(str(error).split()).split(" [tensorstore_spec=")[0]
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(error).__name__}: {text}"
 
 
 def _sync(name: str) -> None:

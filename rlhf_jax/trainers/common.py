@@ -285,6 +285,27 @@ def validate_paths(section, keys: tuple[str, ...], prefix: str = "data") -> None
                 raise ValueError(f"config.{prefix}.{key}: {path!r} does not exist")
 
 
+def define_config_flag(default: str, help_text: str):
+    """`--config` flag of the experiments/train_*.py scripts: a locked ml_collections config file
+    (`config_flags.DEFINE_config_file`), so `--config.<key>=value` may only set existing keys to
+    values of their type. A wrong type is absl's one-line `FATAL Flags parsing error`; an unknown
+    key (which ml_collections reports as a long AttributeError traceback while the flag is defined)
+    becomes the same kind of one-line error naming the key, exit code 1."""
+    import sys
+
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+    except (AttributeError, KeyError) as error:
+        cause = error.args[0] if error.args else error
+        text = cause.args[0] if isinstance(cause, BaseException) and cause.args else cause
+        overrides = [arg.split("=")[0] for arg in sys.argv[1:] if arg.startswith("--config.")]
+        sys.stderr.write(f"FATAL Flags parsing error: unknown config key {' '.join(str(text).split())} "
+                         f"(in {', '.join(overrides)})\n")
+        sys.exit(1)
+
+
 def validate_workdir(workdir) -> None:
     """The run directory must be a directory (or not exist yet)."""
     if not workdir:
