@@ -303,10 +303,16 @@ def test_workdir_and_init_path_checks(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"--workdir='.*/file' exists and is not a directory"):
         common.validate_workdir(tmp_path / "file")
-    (tmp_path / "not_hf").mkdir()
-    init = ml_collections.ConfigDict(dict(source="hf", path=str(tmp_path / "not_hf")))
-    with pytest.raises(ValueError, match=r"config.init.path='.*/not_hf' has no config.json: config.init.source='hf'"):
+    not_hf = tmp_path / "not_hf"  # e.g. a run dir: config.json (the run's config) but no safetensors weights
+    not_hf.mkdir()
+    (not_hf / "config.json").write_text("{}")
+    (not_hf / "pytorch_model.bin").write_bytes(b"pickled")
+    init = ml_collections.ConfigDict(dict(source="hf", path=str(not_hf)))
+    with pytest.raises(ValueError, match=r"config.init.path='.*/not_hf' is not a Hugging Face model directory: "
+                                         r"config.init.source='hf' needs config.json \+ \*.safetensors"):
         common.validate_init(init, "sft", ("scratch", "checkpoint", "hf"))
+    (not_hf / "model.safetensors").write_bytes(b"")
+    common.validate_init(init, "sft", ("scratch", "checkpoint", "hf"))  # now it looks like one
 
 
 @pytest.mark.parametrize("script, flag, message", [

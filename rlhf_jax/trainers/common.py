@@ -25,6 +25,7 @@ import dataclasses
 import json
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -262,9 +263,10 @@ def validate_init(init_cfg, stage: str, allowed: tuple[str, ...]) -> None:
                          f"stage needs the path of its starting point (--config.init.path=...)")
     if not pathlib.Path(init_cfg.path).exists():
         raise ValueError(f"config.init.path={init_cfg.path!r} does not exist")
-    if init_cfg.source == "hf" and not pathlib.Path(init_cfg.path, "config.json").is_file():
-        raise ValueError(f"config.init.path={init_cfg.path!r} has no config.json: config.init.source='hf' needs a "
-                         "local Hugging Face model directory (config.json + *.safetensors)")
+    directory = pathlib.Path(init_cfg.path)
+    if init_cfg.source == "hf" and not ((directory / "config.json").is_file() and any(directory.glob("*.safetensors"))):
+        raise ValueError(f"config.init.path={init_cfg.path!r} is not a Hugging Face model directory: "
+                         "config.init.source='hf' needs config.json + *.safetensors (pickled weights are never read)")
 
 
 def validate_positive(config, keys: tuple[str, ...]) -> None:
@@ -291,8 +293,6 @@ def define_config_flag(default: str, help_text: str):
     values of their type. A wrong type is absl's one-line `FATAL Flags parsing error`; an unknown
     key (which ml_collections reports as a long AttributeError traceback while the flag is defined)
     becomes the same kind of one-line error naming the key, exit code 1."""
-    import sys
-
     from ml_collections import config_flags
 
     try:

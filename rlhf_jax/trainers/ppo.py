@@ -501,13 +501,14 @@ def init_source(path: str) -> str:
 
 
 def stage_view(config, path: str) -> ml_collections.ConfigDict:
-    """The `init`, `model` and `data.tokenizer` fields that the shared hand-off helpers
+    """The `init`, `model`, `data.tokenizer` and `fast_compile` fields that the shared hand-off helpers
     (`common.architecture`, `initial_params`, `tokenizer_path`) read, for a model that starts from
     `path`: an earlier stage's run dir (Orbax), a local HF dir, or "" (from scratch, config.model)."""
     source = init_source(path)
     model = {**config.model.to_dict(), "dropout_rate": 0.0}  # PPO runs with dropout off
     return ml_collections.ConfigDict({"init": {"source": source, "path": path}, "model": model,
-                                      "data": {"tokenizer": config.data.tokenizer}})
+                                      "data": {"tokenizer": config.data.tokenizer},
+                                      "fast_compile": config.get("fast_compile", False)})
 
 
 def build_models(config) -> Models:
@@ -589,17 +590,18 @@ def initial_state(config, models: Models, optimizers: Optimizers, state_sh: PPOS
         return lm_params_to_scalar(lm_params, head_rng, models.ref.config.d_model)
 
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 — actor/critic must not alias frozen params
+    jit = functools.partial(jax.jit, compiler_options=common.compiler_options(config))
     if config.critic == "shared":  # LM head kept, value head added on the same trunk
-        actor = jax.jit(lambda p: {**copy(p), "value_head": scalar_model(p)["value_head"]},
-                        out_shardings=state_sh.actor)(ref)
+        actor = jit(lambda p: {**copy(p), "value_head": scalar_model(p)["value_head"]},
+                    out_shardings=state_sh.actor)(ref)
     else:
-        actor = jax.jit(copy, out_shardings=state_sh.actor)(ref)
+        actor = jit(copy, out_shardings=state_sh.actor)(ref)
     critic = None
     if models.critic is not None:
         from_rm = config.critic_init == "reward"
-        critic = jax.jit(copy if from_rm else scalar_model, out_shardings=state_sh.critic)(reward if from_rm else ref)
+        critic = jit(copy if from_rm else scalar_model, out_shardings=state_sh.critic)(reward if from_rm else ref)
     make = functools.partial(create_state, optimizers=optimizers, kl_coef=config.kl.coef, ema=config.ema_decay > 0)
-    return jax.jit(lambda a, c, r, w, k: make(a, c, r, w, rng=k), out_shardings=state_sh)(
+    return jit(lambda a, c, r, w, k: make(a, c, r, w, rng=k), out_shardings=state_sh)(
         actor, critic, ref, reward, state_rng)
 
 
