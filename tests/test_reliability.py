@@ -148,12 +148,13 @@ def test_sigterm_in_the_shared_loop_saves_prints_and_resumes_exactly(toy_referen
     """SIGTERM while step 2 is logged: step 3 is finished, saved, a clear message printed; the rerun
     (restore + loop) ends with the uninterrupted run's parameters and metric rows."""
     sigterm_after_step(2)
+    handler_before = signal.getsignal(signal.SIGTERM)
     first = toy_run(tmp_path, toy_config(), ToyBatches())
     assert first.preempted and first.step == 3
     out = capsys.readouterr().out
     assert (f"Preempted (SIGTERM) at step 3: checkpoint {tmp_path.absolute()}/checkpoints/3 saved; rerun the same "
             f"command to resume.") in out
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard put the default handler back
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the guard put the previous handler back
     second = toy_run(tmp_path, toy_config(), ToyBatches(), resume=True)
     assert second.step == 8 and not second.preempted
     rows, _, final = toy_reference
