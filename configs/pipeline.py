@@ -133,5 +133,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rm.eval.batch_size = 8
         c.ppo.num_steps = 2
         c.ppo.rollout.batch_size = 16
-        c.ppo.fast_compile = True  # two iterations: compile time dominates
+        for stage in (c.pretrain, c.sft, c.rm, c.ppo):
+            stage.fast_compile = True  # a few steps each: compile time dominates
     return c

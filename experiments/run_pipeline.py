@@ -32,6 +32,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the progress bars readable
         logging.set_verbosity(logging.WARNING)
+    # Orbax warns on every read-only restore of an earlier stage; that is how stages hand off
+    logging.get_absl_logger().addFilter(lambda record: "Given directory is read only" not in record.getMessage())
     try:
         summary = pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value)
     except pipeline.StageInterrupted as stop:

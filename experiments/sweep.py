@@ -34,6 +34,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    # Orbax warns on every read-only restore of an earlier stage; that is how stages hand off
+    logging.get_absl_logger().addFilter(lambda record: "Given directory is read only" not in record.getMessage())
     try:
         kl_coefs = [float(v) for v in _KL_COEFS.value]
     except ValueError as err:

@@ -76,6 +76,29 @@ def series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start): a readable trend line."""
+    if window < 1:
+        raise ValueError(f"moving_average window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _plot_with_trend(ax, steps, values, label=None, color=None, window: int = 10) -> None:
+    """Raw points faint, a moving average on top when there are enough of them."""
+    if len(steps) >= 2 * window:
+        ax.plot(steps, values, color=color, alpha=0.3, linewidth=1)
+        ax.plot(steps, moving_average(values, window), color=color, linewidth=2,
+                label=f"{label} (mean of {window})" if label else None)
+    else:
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, color=color, label=label)
+
+
 def plot_ppo_curves(rows: Sequence[Mapping[str, Any]], out_path: PathLike) -> list[str]:
     """2x2 panels of PPO_CURVES against step; returns the metric keys that had data."""
     plt = _pyplot()
@@ -84,7 +107,7 @@ def plot_ppo_curves(rows: Sequence[Mapping[str, Any]], out_path: PathLike) -> li
     for ax, (key, title) in zip(axes.flat, PPO_CURVES):
         steps, values = series(rows, key)
         if steps:
-            ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+            _plot_with_trend(ax, steps, values, color="tab:blue")
             plotted.append(key)
         else:
             ax.text(0.5, 0.5, f"'{key}' not logged", ha="center", va="center", transform=ax.transAxes)
@@ -105,10 +128,10 @@ def plot_rm_accuracy(rows: Sequence[Mapping[str, Any]], out_path: PathLike,
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     plotted = []
-    for key, label in curves:
+    for (key, label), color in zip(curves, ("tab:blue", "tab:orange", "tab:green")):
         steps, values = series(rows, key)
         if steps:
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
+            _plot_with_trend(ax, steps, values, label=label, color=color, window=5)
             plotted.append(key)
     if ceiling is not None:
         ax.axhline(ceiling, linestyle="--", color="gray", label="labeler agreement")

@@ -117,6 +117,14 @@ def test_markdown_table_and_series():
     assert report.series(rows, "kl") == ([1, 4], [0.5, 1.5])
 
 
+def test_moving_average_by_hand():
+    # window 2: [1], [1+3]/2, [3+5]/2, [5+7]/2
+    assert report.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert report.moving_average([2.0, 4.0], 5) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="window"):
+        report.moving_average([1.0], 0)
+
+
 def test_plots_and_report_files(tmp_path):
     ppo_rows = [{"step": s, "reward/mean": 0.1 * s, "kl": 0.2 * s, "kl_coef": 0.05} for s in range(1, 6)]
     assert report.plot_ppo_curves(ppo_rows, tmp_path / "ppo.png") == ["reward/mean", "kl", "kl_coef"]
