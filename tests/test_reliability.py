@@ -143,6 +143,25 @@ def test_isolated_nan_step_is_skipped_counted_and_the_run_goes_on(toy_reference,
     assert np.all(np.isfinite(np.asarray(result.state.params["w"])))
 
 
+def test_logged_lr_is_the_one_applied_after_a_skipped_step():
+    """A skipped step does not advance the optimizer's schedule; the logged `lr` follows it and the
+    next good step moves the parameters by exactly that learning rate."""
+    schedule = lambda count: 0.1 * (count + 1)  # noqa: E731
+    optimizer = optax.sgd(schedule)
+    train_step = jax.jit(common.make_train_step(toy_loss, optimizer, schedule))
+    state = common.TrainState.create({"w": jnp.zeros(4)}, optimizer, jax.random.PRNGKey(0))
+    x = jnp.eye(4)[:2]
+    good, bad = {"x": x, "y": jnp.ones(2)}, {"x": x, "y": jnp.array([1.0, np.nan])}
+    logged = []
+    for batch in (good, bad, good):
+        before = np.asarray(state.params["w"])
+        state, row = train_step(state, batch)
+        logged.append(float(row["lr"]))
+    np.testing.assert_allclose(logged, [0.1, 0.2, 0.2], rtol=1e-6)
+    grad = jax.grad(lambda w: toy_loss({"w": w}, good, None)[0])(jnp.asarray(before))
+    np.testing.assert_allclose(np.asarray(state.params["w"]), before - 0.2 * np.asarray(grad), rtol=1e-6)
+
+
 def test_sigterm_in_the_shared_loop_saves_prints_and_resumes_exactly(toy_reference, tmp_path, sigterm_after_step,
                                                                       capsys):
     """SIGTERM while step 2 is logged: step 3 is finished, saved, a clear message printed; the rerun

@@ -98,9 +98,9 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
-        zero = jnp.zeros((), jnp.int32)
-        return cls(step=zero, params=params, opt_state=optimizer.init(params), rng=rng,
-                   nonfinite_steps=zero, nonfinite_streak=zero)
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (one buffer each: steps donate them)
+        return cls(step=zero(), params=params, opt_state=optimizer.init(params), rng=rng,
+                   nonfinite_steps=zero(), nonfinite_streak=zero())
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, params_shape: Any, param_sh: Any,
@@ -200,7 +200,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
             nonfinite_steps=state.nonfinite_steps + bad,
             nonfinite_streak=(state.nonfinite_streak + 1) * bad)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step), "nonfinite_steps": new_state.nonfinite_steps,
+                   # the optimizer's count (hence its schedule) does not advance on skipped steps
+                   "lr": schedule(state.step - state.nonfinite_steps), "nonfinite_steps": new_state.nonfinite_steps,
                    "nonfinite_streak": new_state.nonfinite_streak}
         return new_state, metrics
 
