@@ -17,12 +17,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # repo root: configs/
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from rlhf_jax import pipeline  # noqa: E402
+from rlhf_jax.trainers import common  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "pipeline.py") + ":tiny",
-                                          "Pipeline config file[:preset].", lock_config=True)
+_CONFIG = common.define_config_flag(os.path.join(REPO, "configs", "pipeline.py") + ":tiny",
+                                    "Pipeline config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage, the report and the plots.",
                                required=True)
 

@@ -29,6 +29,7 @@ import numpy as np
 import tqdm
 
 from rlhf_jax import evaluation, report, tasks
+from rlhf_jax.trainers import common
 
 DONE = "DONE"
 STAGES = ("task", "pretrain", "sft", "rankings", "rm", "ppo", "eval")
@@ -225,7 +226,6 @@ def load_stage_model(stage_dir: str | pathlib.Path, heads: tuple[str, ...]):
     """(Transformer with `heads`, params) of a stage's newest checkpoint on one device
     (`common.load_stage_model`); parameters of heads not asked for are dropped."""
     from rlhf_jax.models import Transformer
-    from rlhf_jax.trainers import common
 
     saved, params = common.load_stage_model(str(stage_dir), _single_device_mesh())
     missing = [h for h in heads if h not in saved.heads]
@@ -241,12 +241,6 @@ def load_reward_model(rm_dir: str | pathlib.Path):
     from rlhf_jax.trainers import rm
 
     return rm.load_reward_model(str(rm_dir), _single_device_mesh())
-
-
-def load_tokenizer(path: str):
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def sampling_settings(config, tokenizer, temperature: float, batch_size: int) -> Sampling:
@@ -267,7 +261,7 @@ def collect_ranking_data(config, layout: Layout, echo: Callable[[str], None] = p
     rankings (the ceiling the RM is compared to).
     """
     cfg = config.rankings
-    tokenizer = load_tokenizer(layout.tokenizer)
+    tokenizer = common.load_tokenizer(layout.tokenizer)
     gold = tasks.load_gold(layout.task_file("gold.jsonl"))
     prompts = load_prompt_set(layout.task_file("rm_prompts.jsonl"), tokenizer, gold, config.ppo.rollout.prompt_len,
                               layout.data_cache)
@@ -321,6 +315,11 @@ def ranking_scores(model, params, path: str, tokenizer, max_len: int, data_dir: 
     return out["score"], batch["ranks"]
 
 
+def eval_temperature(config) -> float:
+    """config.eval.temperature, or the PPO rollout temperature when it is negative."""
+    return float(config.eval.temperature if config.eval.temperature >= 0 else config.ppo.rollout.temperature)
+
+
 def gold_matrix(examples: list, texts: list[list[str]]) -> np.ndarray:
     """Gold scores `[R, S]` of S responses per prompt."""
     return np.stack([tasks.gold_scores([e] * len(row), row) for e, row in zip(examples, texts)])
@@ -330,7 +329,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
              labeler_agreement: float, prior_seconds: float, echo: Callable[[str], None] = print) -> dict:
     """Held-out evaluation of SFT vs PPO; writes summary.json, report.md and the plots to `out_dir`.
 
-    Per held-out prompt, `eval.num_samples` samples from SFT and from PPO (at `eval.temperature`):
+    Per held-out prompt, `eval.num_samples` samples from SFT and from PPO (at `eval_temperature`):
     - sft_gold / ppo_gold: mean gold score over all samples;
     - win_rate_vs_sft: sample s of PPO against sample s of SFT under the gold judge, ties 1/2;
     - best_of_4_gold: gold of the RM's favourite among the SFT samples (first `eval.best_of`);
@@ -341,11 +340,12 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     cfg = config.eval
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(layout.tokenizer)
+    tokenizer = common.load_tokenizer(layout.tokenizer)
     gold = tasks.load_gold(layout.task_file("gold.jsonl"))
     prompts = load_prompt_set(layout.task_file("heldout_prompts.jsonl"), tokenizer, gold,
                               config.ppo.rollout.prompt_len, layout.data_cache)
-    sampling = sampling_settings(config, tokenizer, cfg.temperature, cfg.batch_size)
+    temperature = eval_temperature(config)
+    sampling = sampling_settings(config, tokenizer, temperature, cfg.batch_size)
     sft_model, sft_params = load_stage_model(layout.stage("sft"), heads=("lm",))
     ppo_model, ppo_params = load_stage_model(ppo_dir, heads=("lm",))
     rm_model, rm_params, rm_norm = load_reward_model(layout.stage("rm"))
@@ -369,7 +369,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     best_gold = sft_gold[np.arange(len(prompts)), best]
     bar.update()
 
-    logprob_fn = evaluation.make_logprob_fn(ppo_model, temperature=cfg.temperature)
+    logprob_fn = evaluation.make_logprob_fn(ppo_model, temperature=temperature)
     args = (prompts.prompt_ids, prompts.prompt_mask, ppo_out["tokens"], ppo_out["mask"], cfg.batch_size)
     ppo_lp = evaluation.teacher_forced_logprobs(logprob_fn, ppo_params, *args)
     sft_lp = evaluation.teacher_forced_logprobs(logprob_fn, sft_params, *args)
@@ -396,6 +396,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
         "ppo_length": float(np.mean([len(t.split()) for row in ppo_texts for t in row])),
         "num_prompts": len(prompts),
         "num_samples": int(cfg.num_samples),
+        "temperature": temperature,
         "seed": int(config.seed),
     }
     samples = [{"prompt": prompts.examples[i].prompt, "sft": sft_texts[i][0], "sft_gold": float(sft_gold[i, 0]),
@@ -410,7 +411,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     plots = write_plots(layout, ppo_dir, out_dir, labeler_agreement)
     summary["wall_seconds"] = float(prior_seconds + time.perf_counter() - start)
     report.write_summary(out_dir / "summary.json", summary)
-    notes = [f"{len(prompts)} held-out prompts x {cfg.num_samples} samples at temperature {cfg.temperature}; "
+    notes = [f"{len(prompts)} held-out prompts x {cfg.num_samples} samples at temperature {temperature}; "
              f"mean response length {summary['sft_length']:.1f} words (SFT) -> {summary['ppo_length']:.1f} (PPO); "
              f"normalised RM score {summary['sft_rm_score']:.2f} (SFT) -> {summary['ppo_rm_score']:.2f} (PPO)."]
     report.write_report(out_dir / "report.md", summary, samples, plots, notes)
@@ -523,7 +524,7 @@ def export_stage(config, layout: Layout) -> dict:
 def ppo_stage(config, layout: Layout, ppo_config, workdir: str | pathlib.Path) -> dict:
     from rlhf_jax.trainers import ppo
 
-    tokenizer = load_tokenizer(layout.tokenizer)
+    tokenizer = common.load_tokenizer(layout.tokenizer)
     scorer = make_gold_scorer(ppo_config.data.prompts, tasks.load_gold(layout.task_file("gold.jsonl")), tokenizer)
     return _trained("ppo", ppo.train(ppo_config, str(workdir), gold_scorer=scorer))
 
@@ -540,7 +541,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
     seeded = lambda section: {"seed": config.seed, **section.to_dict()}  # noqa: E731
     records = {"task": run_stage("task", layout.task, lambda: export_stage(config, layout), echo,
                                  seeded(config.task))}
-    check_special_tokens(config, load_tokenizer(layout.tokenizer))
+    check_special_tokens(config, common.load_tokenizer(layout.tokenizer))
     for name in ("pretrain", "sft"):
         records[name] = run_stage(name, layout.stage(name), lambda: _trained(
             name, sft.train(cfgs[name], str(layout.stage(name)))), echo, cfgs[name].to_dict())

@@ -26,7 +26,7 @@ SUMMARY_DESCRIPTIONS = {
     "best_of_4_gold": "mean gold score of the RM's pick among 4 SFT samples per prompt",
     "ppo_gold": "mean gold score of PPO samples on held-out prompts",
     "rm_heldout_accuracy": "RM pairwise accuracy on held-out labeler rankings",
-    "labeler_agreement": "how often two simulated labelers agree on a pair (RM ceiling)",
+    "labeler_agreement": "how often two simulated labelers agree on a pair (the bar for the RM)",
     "kl_to_sft": "mean over held-out prompts of sum_t log pi_ppo - log pi_sft (PPO samples)",
     "win_rate_vs_sft": "gold judge: PPO sample beats SFT sample for the same prompt (ties count 1/2)",
     "wall_seconds": "wall-clock seconds of all stages (as recorded when each finished) and the evaluation",

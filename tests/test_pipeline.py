@@ -194,6 +194,17 @@ def test_sweep_overrides_are_typed_and_checked():
         pipeline.parse_override("ppo.num_steps")
 
 
+def test_eval_temperature_defaults_to_the_trained_policy():
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"eval": {"temperature": -1.0}, "ppo": {"rollout": {"temperature": 0.5}}})
+    assert pipeline.eval_temperature(config) == 0.5  # negative: the rollout temperature PPO trained at
+    config.eval.temperature = 0.0
+    assert pipeline.eval_temperature(config) == 0.0  # an explicit choice (greedy) is kept
+    config.eval.temperature = 1.0
+    assert pipeline.eval_temperature(config) == 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # The smoke pipeline end to end (a subprocess, one CPU device)
 # ----------------------------------------------------------------------------------------------
