@@ -166,15 +166,17 @@ def plot_overoptimization(rows: Sequence[Mapping[str, Any]], out_path: PathLike,
     ax_rm.plot(xs, [b[2] for b in start] + [r[rm] for r in ordered], "s--", color="tab:blue", label="RM score")
     if baseline is not None:
         ax_gold.annotate("SFT", (baseline[0], baseline[1]), textcoords="offset points", xytext=(4, 6), fontsize=8)
-    for r in ordered:
-        ax_gold.annotate(f"{label}={r[label]:g}", (r[x], r[gold]), textcoords="offset points", xytext=(4, 6),
-                         fontsize=8)
+    for i, r in enumerate(ordered):  # alternate above / below so neighbouring labels do not overlap
+        ax_gold.annotate(f"{label}={r[label]:g}", (r[x], r[gold]), textcoords="offset points",
+                         xytext=(4, 6 if i % 2 == 0 else -12), fontsize=8)
     ax_gold.set_xlabel("KL to SFT (nats per response)")
     ax_gold.set_ylabel("gold score", color="tab:green")
     ax_rm.set_ylabel("RM score", color="tab:blue")
     ax_gold.set_title("Over-optimisation: gold vs RM score as the policy drifts from SFT")
     handles = ax_gold.get_legend_handles_labels()[0] + ax_rm.get_legend_handles_labels()[0]
-    ax_gold.legend(handles, [h.get_label() for h in handles], loc="best")
+    # below the axes: inside, it covers points of one curve or the other (each axis places its own)
+    ax_gold.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+                   ncol=2, frameon=False)
     ax_gold.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
