@@ -46,12 +46,7 @@ def tiny_config(**overrides):
     config.actor_optim.decay_steps = 1000
     config.critic_optim.decay_steps = 1000
     config.checkpoint.save_every = 2
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)  # dotted keys: 'a.b.c'
     return config
 
 

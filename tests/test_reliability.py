@@ -258,12 +258,7 @@ def ppo_config(**overrides):
     config.update(fast_compile=True)
     config.actor_optim.decay_steps = config.critic_optim.decay_steps = 1000
     config.checkpoint.save_every = 2
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)  # dotted keys: 'a.b.c'
     return config
 
 

@@ -55,12 +55,7 @@ def tiny_config(files, **overrides):
     config.normalize.num_batches = 2
     config.optim.update(decay_steps=NUM_STEPS, learning_rate=3e-3)
     config.checkpoint.save_every = 1000
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
+    config.update_from_flattened_dict(overrides)  # dotted keys: 'a.b.c'
     return config
 
 

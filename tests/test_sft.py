@@ -44,12 +44,7 @@ def tiny_config(files, **overrides):
     config.eval.update(batch_size=8, num_batches=1, num_samples=2, max_new_tokens=4)
     config.optim.update(decay_steps=NUM_STEPS)  # the schedule does not depend on a shortened first half
     config.checkpoint.save_every = 1000
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
+    config.update_from_flattened_dict(overrides)  # dotted keys: 'a.b.c'
     return config
 
 
