@@ -418,6 +418,22 @@ def test_cache_is_keyed_by_file_content(tmp_path, tokenizer, data_dir):
     assert len(load_split("prompts", path, tokenizer, max_len=16, data_dir=data_dir)) == 2    # rebuilt
 
 
+def test_building_prints_nothing_and_leaves_tfds_as_it_was(tmp_path, data_dir, capfd, caplog):
+    """TFDS's banner, progress bars and 'custom data configuration' warning stay out of the
+    trainers' output; its progress bars are back on afterwards and other warnings still pass."""
+    import logging
+
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    path = write(tmp_path / "quiet.jsonl", [json.dumps({"prompt": "Hi."})])
+    with caplog.at_level(logging.INFO):
+        assert len(builders.prepare_source("prompts", path, str(tmp_path / "cache"))) == 1
+        assert capfd.readouterr() == ("", "")
+        logging.getLogger("absl").warning("Using custom data configuration: still shown outside a build")
+    assert [r.getMessage() for r in caplog.records if "custom data configuration" in r.getMessage()] == [
+        "Using custom data configuration: still shown outside a build"]
+    assert tqdm_utils._active  # TFDS's default again
+
 def test_config_errors_are_clear(tokenizer, data_dir):
     demos = FIXTURES / "demonstrations.jsonl"
     with pytest.raises(ValueError, match=r"kind='demonstrations' gives batch_format \('lm', 'prompts'\), not 'ranking'"):

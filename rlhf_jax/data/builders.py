@@ -14,9 +14,12 @@ data_dir, let process 0 build first (or give each host its own data_dir).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 
@@ -99,10 +102,34 @@ def prepare_source(kind: str, paths: str | list[str], data_dir: str | None = Non
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ValueError("no data files given")
-    builder = LocalFiles(config=config_for(kind, [str(p) for p in paths], text_separator),
-                         data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
-    builder.download_and_prepare()
+    with quiet_tfds():
+        builder = LocalFiles(config=config_for(kind, [str(p) for p in paths], text_separator),
+                             data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
+        builder.download_and_prepare()
     return builder.as_data_source()["train"]
+
+
+class _DropCustomConfigWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """Builds without TFDS's banners, progress bars and per-build "Using custom data configuration"
+    warning (every LocalFiles config is a custom one): the trainers print their own progress, and
+    bad input raises DataError rather than being reported there. TFDS progress bars are re-enabled
+    (its default) afterwards."""
+    absl_logger = logging.getLogger("absl")
+    drop = _DropCustomConfigWarning()
+    absl_logger.addFilter(drop)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(True)
+        absl_logger.removeFilter(drop)
 
 
 def _text(x) -> str:
