@@ -309,5 +309,5 @@ def response_logprobs(model: Transformer, params, prompt_ids: jax.Array, prompt_
     prompt_len = prompt_ids.shape[1]
     input_ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
     attention_mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
-    logits = model.apply({"params": params}, input_ids, attention_mask).logits[:, prompt_len - 1:-1]
+    logits = model.apply({"params": params}, input_ids, attention_mask, heads_from=prompt_len - 1).logits[:, :-1]
     return jnp.where(response_mask.astype(bool), token_logprobs(logits, response_ids, temperature), 0.0)

@@ -116,6 +116,21 @@ def test_decode_layout_equals_stacked_layers(name):
         model.apply({"params": params}, ids[:, :5], cache=init_layer_caches(cfg, 2, 8))
 
 
+def test_heads_from_gives_the_full_pass_heads_at_those_slots():
+    """`heads_from=k`: the LM and value heads of slots k.. only, equal to the full pass there."""
+    cfg = CONFIGS["llama-gqa"]
+    model = Transformer(cfg, heads=("lm", "value"))
+    params = _random_params(model, seed=21)
+    ids = np.random.RandomState(22).randint(1, VOCAB, (2, 9))
+    mask = np.ones((2, 9), np.int32)
+    mask[1, :3] = 0  # left padding
+    full = model.apply({"params": params}, ids, mask)
+    part = model.apply({"params": params}, ids, mask, heads_from=4)
+    assert part.logits.shape == (2, 5, VOCAB) and part.values.shape == (2, 5)
+    np.testing.assert_allclose(part.logits, full.logits[:, 4:], atol=1e-5)
+    np.testing.assert_allclose(part.values, full.values[:, 4:], atol=1e-5)
+
+
 def test_grouped_query_attention_equals_repeated_kv_heads():
     """GQA with 2 kv heads = MHA with 4 heads whose k/v projections repeat each kv head twice."""
     gqa_cfg = CONFIGS["llama-gqa"]

@@ -315,9 +315,12 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None,
-                 cache_index=0, deterministic: bool = True, last_only: bool = False) -> ModelOutput:
+                 cache_index=0, deterministic: bool = True, last_only: bool = False,
+                 heads_from: int = 0) -> ModelOutput:
         """`last_only`: heads at the last slot only (outputs `[B, 1, ...]`), e.g. a prefill before
-        sampling, which needs no logits for the prompt tokens."""
+        sampling, which needs no logits for the prompt tokens. `heads_from`: heads at slots
+        `heads_from:` only (outputs `[B, T - heads_from, ...]`), e.g. PPO, which reads logits and
+        values from the last prompt slot on: the LM head skips the rest of the prompt."""
         cfg = self.config
         unknown = set(self.heads) - {"lm", "value"}
         if unknown:
@@ -362,6 +365,8 @@ class Transformer(nn.Module):
             x, cache = layers(x, cache, attention_mask, rope, cache_index)
         if last_only:
             x = x[:, -1:]
+        elif heads_from:
+            x = x[:, heads_from:]
         x = Norm(cfg, name="final_norm")(x)
 
         logits = values = None

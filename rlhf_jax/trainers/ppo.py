@@ -139,15 +139,15 @@ class Rollout:
 
 def policy_forward(model: Transformer, params, seq_ids, seq_mask, prompt_len: int, temperature: float):
     """Response-position logits `[B, N, V]` (temperature-scaled) and, with a value head, values `[B, N]`."""
-    out = model.apply({"params": params}, seq_ids, seq_mask)
-    logits = out.logits[:, prompt_len - 1:-1] / temperature
-    values = None if out.values is None else out.values[:, prompt_len - 1:-1]
+    out = model.apply({"params": params}, seq_ids, seq_mask, heads_from=prompt_len - 1)
+    logits = out.logits[:, :-1] / temperature
+    values = None if out.values is None else out.values[:, :-1]
     return logits, values
 
 
 def critic_values(model: Transformer, params, seq_ids, seq_mask, prompt_len: int) -> jax.Array:
     """Per-token values V_t `[B, N]` read at the position that predicts response token t."""
-    return model.apply({"params": params}, seq_ids, seq_mask).values[:, prompt_len - 1:-1]
+    return model.apply({"params": params}, seq_ids, seq_mask, heads_from=prompt_len - 1).values[:, :-1]
 
 
 def as_critic_output(token_values: jax.Array, mask: jax.Array, critic: str) -> jax.Array:
