@@ -219,7 +219,7 @@ def sample(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.A
     attention_mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, ends[0]), jnp.int32)], axis=1)
     out = model.apply({"params": params}, prompt_ids.astype(jnp.int32), attention_mask,
                       cache=init_layer_caches(model.config, batch, prompt_len + ends[0]), cache_index=0,
-                      last_only=True)
+                      heads_from=-1)
     token, logprob = choose_tokens(out.logits[:, -1], jax.random.fold_in(rng, 0), config)
     first_position = prompt_mask.sum(axis=1)  # position id of the first new token (left padding skipped)
 

@@ -89,7 +89,7 @@ def test_kv_cache_decoding_equals_full_forward(name):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_decode_layout_equals_stacked_layers(name):
     """Per-layer parameters and caches (unrolled layers, as `generate` uses them) give the stacked
-    model's logits: a full pass, then prefill 5 slots with `last_only` heads, then 3 single steps."""
+    model's logits: a full pass, then prefill 5 slots with heads at the last slot only (`heads_from=-1`), then 3 single steps."""
     cfg = CONFIGS[name]
     model = Transformer(cfg)
     params = _random_params(model, seed=11)
@@ -103,7 +103,7 @@ def test_decode_layout_equals_stacked_layers(name):
     np.testing.assert_allclose(_logits(model, per_layer, ids, mask), full, atol=1e-5)
 
     cache_mask = np.concatenate([mask[:, :5], np.zeros((2, 3), np.int32)], 1)
-    out = jax.jit(lambda p, i, m, c: model.apply({"params": p}, i, m, cache=c, last_only=True))(
+    out = jax.jit(lambda p, i, m, c: model.apply({"params": p}, i, m, cache=c, heads_from=-1))(
         per_layer, ids[:, :5], cache_mask, init_layer_caches(cfg, 2, 8))
     assert out.logits.shape == (2, 1, VOCAB) and len(out.cache) == cfg.n_layers
     step_logits = [np.asarray(out.logits)]

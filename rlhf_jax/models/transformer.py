@@ -315,12 +315,10 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None,
-                 cache_index=0, deterministic: bool = True, last_only: bool = False,
-                 heads_from: int = 0) -> ModelOutput:
-        """`last_only`: heads at the last slot only (outputs `[B, 1, ...]`), e.g. a prefill before
-        sampling, which needs no logits for the prompt tokens. `heads_from`: heads at slots
-        `heads_from:` only (outputs `[B, T - heads_from, ...]`), e.g. PPO, which reads logits and
-        values from the last prompt slot on: the LM head skips the rest of the prompt."""
+                 cache_index=0, deterministic: bool = True, heads_from: int = 0) -> ModelOutput:
+        """`heads_from`: heads (final norm, LM / value head) at slots `heads_from:` only, as a Python
+        slice start: -1 is the last slot (a prefill before sampling, outputs `[B, 1, ...]`); PPO
+        passes the last prompt slot, so the LM head skips the rest of the prompt."""
         cfg = self.config
         unknown = set(self.heads) - {"lm", "value"}
         if unknown:
@@ -363,9 +361,7 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, name="layers")
             x, cache = layers(x, cache, attention_mask, rope, cache_index)
-        if last_only:
-            x = x[:, -1:]
-        elif heads_from:
+        if heads_from:
             x = x[:, heads_from:]
         x = Norm(cfg, name="final_norm")(x)
 
