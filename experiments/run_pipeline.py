@@ -16,7 +16,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # repo root: configs/
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from rlhf_jax import pipeline  # noqa: E402
 from rlhf_jax.trainers import common  # noqa: E402
@@ -30,10 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage, the 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the progress bars readable
-        logging.set_verbosity(logging.WARNING)
-    # Orbax warns on every read-only restore of an earlier stage; that is how stages hand off
-    logging.get_absl_logger().addFilter(lambda record: "Given directory is read only" not in record.getMessage())
+    common.quiet_script_logging()
     try:
         summary = pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value)
     except pipeline.StageInterrupted as stop:

@@ -17,9 +17,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from rlhf_jax import pipeline  # noqa: E402
+from rlhf_jax.trainers import common  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline workdir (experiments/run_pipeline.py).", required=True)
 _KL_COEFS = flags.DEFINE_list("kl_coefs", ["0.01", "0.05", "0.2"], "KL coefficients, comma-separated.")
@@ -32,10 +33,7 @@ _NAME = flags.DEFINE_string("name", "", "Sub-directory of DIR/sweep for this swe
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    # Orbax warns on every read-only restore of an earlier stage; that is how stages hand off
-    logging.get_absl_logger().addFilter(lambda record: "Given directory is read only" not in record.getMessage())
+    common.quiet_script_logging()
     try:
         kl_coefs = [float(v) for v in _KL_COEFS.value]
     except ValueError as err:

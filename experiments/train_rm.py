@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: configs/
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from rlhf_jax.trainers import common, rm  # noqa: E402
 
@@ -29,8 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the progress bar readable
-        logging.set_verbosity(logging.WARNING)
+    common.quiet_script_logging()
     result = rm.train(_CONFIG.value, _WORKDIR.value)
     if result.preempted:
         return

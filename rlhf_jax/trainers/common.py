@@ -307,6 +307,17 @@ def define_config_flag(default: str, help_text: str):
         sys.exit(1)
 
 
+def quiet_script_logging() -> None:
+    """absl logging of the experiments/*.py scripts: WARNING unless --verbosity is given (Orbax logs
+    every save at INFO, which buries the progress bars), and without Orbax's warning on each
+    read-only restore of an earlier stage's checkpoint (that is how stages hand off)."""
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(lambda record: "Given directory is read only" not in record.getMessage())
+
+
 def validate_workdir(workdir) -> None:
     """The run directory must be a directory (or not exist yet)."""
     if not workdir:
