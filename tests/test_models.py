@@ -19,6 +19,9 @@ from rlhf_jax.models import (
     lm_params_to_scalar,
     param_logical_axes,
 )
+from rlhf_jax.models import heads as heads_lib
+from rlhf_jax.models import transformer as transformer_lib
+from rlhf_jax.models.matmul import matmul
 from rlhf_jax.models.transformer import init_layer_caches, unstack_layers
 
 VOCAB = 61
@@ -204,6 +207,48 @@ def test_logical_axes_cover_every_parameter():
         "vocab", "embed")
     q_path = next(p for p, _ in leaves if jax.tree_util.keystr(p).endswith("['q']['kernel']"))
     assert specs[q_path] == jax.sharding.PartitionSpec("layers", "embed", "heads")
+
+
+@pytest.mark.parametrize("x_shape", [(4, 5), (2, 3, 5)])
+def test_matmul_vjp_equals_autodiff(x_shape):
+    rng = np.random.RandomState(11)
+    x, w = jnp.asarray(rng.randn(*x_shape), jnp.float32), jnp.asarray(rng.randn(5, 7), jnp.float32)
+    probe = jnp.asarray(rng.randn(*x_shape[:-1], 7), jnp.float32)  # a loss whose gradient is not all ones
+    ours = lambda x, w: jnp.sum(jnp.sin(matmul(x, w)) * probe)
+    autodiff = lambda x, w: jnp.sum(jnp.sin(jnp.matmul(x, w)) * probe)
+    np.testing.assert_array_equal(matmul(x, w), jnp.matmul(x, w))
+    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(autodiff, (0, 1))(x, w)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # bf16 operands, fp32 output (the LM head): gradients in the operands' dtype, close to autodiff's
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    ours16 = lambda x, w: jnp.sum(jnp.sin(matmul(x, w, jnp.float32)) * probe)
+    auto16 = lambda x, w: jnp.sum(jnp.sin(jnp.matmul(x, w, preferred_element_type=jnp.float32)) * probe)
+    assert matmul(xb, wb, jnp.float32).dtype == jnp.float32
+    for got, want in zip(jax.grad(ours16, (0, 1))(xb, wb), jax.grad(auto16, (0, 1))(xb, wb)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_model_gradients_equal_plain_autodiff(name, monkeypatch):
+    """Every projection goes through `matmul`; swapping in jnp.matmul (JAX's own VJP) must give the
+    same parameter gradients (biases, the scanned layers and tied embeddings included)."""
+    model = Transformer(CONFIGS[name])
+    params = _random_params(model, seed=12)
+    ids = jnp.asarray(np.random.RandomState(13).randint(0, VOCAB, (2, 7)))
+
+    def loss(params):
+        logits = model.apply({"params": params}, ids).logits
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+    ours = jax.grad(loss)(params)
+    plain = lambda x, w, out_dtype=None: jnp.matmul(x, w, preferred_element_type=out_dtype)
+    monkeypatch.setattr(transformer_lib, "matmul", plain)
+    monkeypatch.setattr(heads_lib, "matmul", plain)
+    reference = jax.grad(loss)(params)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models.matmul import matmul
+
 
 class LMHead(nn.Module):
     """Unembedding to fp32 logits; reuses the token embedding when it is tied (GPT-2)."""
@@ -26,7 +28,7 @@ class LMHead(nn.Module):
                                                                        ("embed", "vocab")),
                                 (cfg.d_model, cfg.vocab_size), jnp.float32)
         dt = cfg.compute_dtype
-        return jnp.einsum("btd,dv->btv", x.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32)
+        return matmul(x.astype(dt), kernel.astype(dt), jnp.float32)
 
 
 class ScalarHead(nn.Module):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models import heads as heads_lib
+from rlhf_jax.models.matmul import matmul
 
 Array = jax.Array
 
@@ -151,12 +152,22 @@ def default_position_ids(attention_mask: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`nn.Dense`'s dot_general (contract lhs's last axis with the kernel's first) via `matmul`."""
+    (lhs_contract, rhs_contract), batch_dims = dimension_numbers
+    if (tuple(lhs_contract), tuple(rhs_contract), batch_dims) != ((lhs.ndim - 1,), (0,), ((), ())) or precision:
+        raise ValueError(f"_dense_dot_general: only Dense's x @ kernel form, got {dimension_numbers}, "
+                         f"precision={precision}")
+    return matmul(lhs, rhs, preferred_element_type)
+
+
 def _dense(features, axes, use_bias, dtype, name, bias_axis=None, init_std=0.02):
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
+        dot_general=_dense_dot_general,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (bias_axis or axes[-1],)),
         name=name,
