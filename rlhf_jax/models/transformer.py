@@ -251,9 +251,10 @@ class Attention(nn.Module):
                   for keys, _, allowed in parts]
         probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dt)
         out, offset = 0.0, 0
+        # values first: with a single query XLA:CPU otherwise transposes the whole V cache every decode step
         for (_, values, _), part in zip(parts, scores):
             width = part.shape[-1]
-            out = out + jnp.einsum("bhgqk,bhkd->bqhgd", probs[..., offset:offset + width], values)
+            out = out + jnp.einsum("bhkd,bhgqk->bqhgd", values, probs[..., offset:offset + width])
             offset += width
         out = out.reshape(batch, q_len, h * d)
         if layer_cache is not None:
