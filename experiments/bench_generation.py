@@ -17,11 +17,9 @@ marginal cost of one more token: (T(N_long) - T(N_short)) / (N_long - N_short).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rlhf_jax import generation  # noqa: E402
-from rlhf_jax.models import Transformer, TransformerConfig, init_cache, init_params, save_pretrained  # noqa: E402
+from rlhf_jax.models import Transformer, TransformerConfig, init_params, save_pretrained  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -51,8 +49,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 3, "Timed runs per setting (best reported).")
     flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads; 0 = os.cpu_count().")
     flags.DEFINE_bool("reference", True, "Also run transformers' generate.")
-    flags.DEFINE_bool("variants", False, "Only time the decode-loop variants (cache written once, heads-first "
-                      "layout) against `generate`.")
     flags.DEFINE_string("json", "", "Write the result rows to this JSON file.")
 
 
@@ -286,127 +282,6 @@ def roofline_rows(name, model, params, rows, prompt_len: int, peak: float) -> li
               f"{r['x_roofline']:.2f}x", flush=True)
     return out
 
-# ----------------------------------------------------------------------------------------------
-# Decode-loop variants: evidence for changes to generation.py / transformer.py
-# ----------------------------------------------------------------------------------------------
-# The same GPT-2 decode step written out in jnp, to measure what two changes to the cache handling
-# buy (the owner of the model/generation files applies them; tokens must match `generate`):
-#   one_write   : layers read the cache and return only the new token's k/v; the stacked cache is
-#                 updated once per step with one dynamic_update_slice (in place in the while loop).
-#                 Today the layer scan takes the cache as scanned input AND output: every step
-#                 zero-fills a new stacked cache, slices, updates and copies it (several full passes).
-#   heads_first : the cache is laid out [L, B, heads, slots, head_dim], so the attention einsums are
-#                 plain batched matmuls; with [L, B, slots, heads, head_dim] XLA transposes each
-#                 layer's K and V cache on every step.
-def _layer_norm(x, p, eps):
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def _dense(x, p):
-    return x @ p["kernel"] + p["bias"]
-
-
-def _gpt2_block_one_token(cfg, x, lp, k_cache, v_cache, key_ok, heads_first: bool):
-    """`x [B, d]`, read-only layer cache, `key_ok [B, S]` -> new x and this token's k, v `[B, H, D]`.
-
-    Softmax over the cached keys plus the token's own key, without writing the key first.
-    """
-    batch, heads, dim = x.shape[0], cfg.n_heads, cfg.dim_per_head
-    h = _layer_norm(x, lp["attn_norm"], cfg.norm_eps)
-    q, k, v = (_dense(h, lp["attn"][n]).reshape(batch, heads, dim) for n in ("q", "k", "v"))
-    kv = "bhsd" if heads_first else "bshd"
-    scale = 1.0 / math.sqrt(dim)
-    s_cache = jnp.where(key_ok[:, None, :], jnp.einsum(f"bhd,{kv}->bhs", q, k_cache) * scale, -jnp.inf)
-    s_self = jnp.sum(q * k, -1) * scale
-    top = jnp.maximum(s_cache.max(-1), s_self)
-    p_cache, p_self = jnp.exp(s_cache - top[..., None]), jnp.exp(s_self - top)
-    out = (jnp.einsum(f"bhs,{kv}->bhd", p_cache, v_cache) + p_self[..., None] * v) / (p_cache.sum(-1) + p_self)[..., None]
-    x = x + _dense(out.reshape(batch, heads * dim), lp["attn"]["o"])
-    h = _layer_norm(x, lp["mlp_norm"], cfg.norm_eps)
-    return x + _dense(jax.nn.gelu(_dense(h, lp["mlp"]["up"]), approximate=True), lp["mlp"]["down"]), k, v
-
-
-def _variant_decode_step(cfg, params, token, slot, cache, attention_mask, heads_first: bool):
-    """Logits `[B, V]` for `token [B]` at `slot` and the cache with its k/v written (once)."""
-    key_ok = (attention_mask > 0) & (jnp.arange(attention_mask.shape[1]) < slot)[None]
-    position = jnp.sum(attention_mask, axis=1) - 1
-    x = params["embed"]["embedding"][token] + params["pos_embed"]["embedding"][position]
-
-    def layer(x, xs):
-        lp, k_cache, v_cache = xs
-        x, k, v = _gpt2_block_one_token(cfg, x, lp, k_cache, v_cache, key_ok, heads_first)
-        return x, (k, v)
-
-    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
-    axis = 3 if heads_first else 2
-    cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], jnp.expand_dims(new, axis), slot, axis=axis)
-             for name, new in (("k", k_new), ("v", v_new))}
-    x = _layer_norm(x, params["final_norm"], cfg.norm_eps)
-    return jnp.einsum("bd,vd->bv", x, params["embed"]["embedding"]), cache
-
-
-@functools.partial(jax.jit, static_argnames=("model", "config", "heads_first"))
-def variant_sample(model, params, prompt_ids, prompt_mask, rng, config, heads_first: bool):
-    """Tokens `[B, N]` sampled like `generation.sample` (same sampler, same RNG stream: token i
-    uses fold_in(rng, i)) with the variant decode step, self-contained: the prompt is fed one
-    token per step too (its cost cancels in the marginal per-step time). GPT-2 presets only."""
-    cfg = model.config
-    if cfg.positions != "learned" or cfg.norm != "layernorm" or cfg.mlp != "gelu" or not cfg.tie_embeddings:
-        raise ValueError("variant_sample: written for the GPT-2 presets only")
-    batch, prompt_len = prompt_ids.shape
-    n_new, slots = config.max_new_tokens, prompt_ids.shape[1] + config.max_new_tokens
-    shape = (cfg.n_layers, batch) + ((cfg.n_heads, slots) if heads_first else (slots, cfg.n_heads)) + (cfg.dim_per_head,)
-    cache = {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
-    attention_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n_new), jnp.int32)], 1)
-
-    def step(slot, state):
-        cache, tokens = state
-        fed = jnp.where(slot < prompt_len, prompt_ids[:, jnp.minimum(slot, prompt_len - 1)],
-                        tokens[:, jnp.maximum(slot - prompt_len, 0)])
-        mask = jnp.where(jnp.arange(slots)[None] <= slot, attention_mask, 0)
-        logits, cache = _variant_decode_step(cfg, params, fed, slot, cache, mask, heads_first)
-        index = slot - prompt_len + 1  # response token drawn from this step's logits
-        token, _ = generation.choose_tokens(logits, jax.random.fold_in(rng, index), config)
-        tokens = jnp.where(index >= 0, tokens.at[:, jnp.maximum(index, 0)].set(token), tokens)
-        return cache, tokens
-
-    tokens = jnp.zeros((batch, n_new), jnp.int32)
-    return jax.lax.fori_loop(0, slots - 1, step, (cache, tokens))[1]
-
-
-def bench_variants(name: str, batches, new_tokens, prompt_len: int, repeats: int) -> list:
-    """Marginal decode-step time of `generate` vs the variants (tokens checked equal first)."""
-    model = Transformer(MODELS[name])
-    params = init_params(model, jax.random.PRNGKey(0))
-    short, long = min(new_tokens), max(new_tokens)
-    rows = []
-    for batch in batches:
-        ids, mask = (jnp.asarray(a) for a in prompts(model.config.vocab_size, batch, prompt_len))
-        runs = {}
-        for n_new in (short, long):
-            config = generation.SamplingConfig(max_new_tokens=n_new)
-            runs[("current", n_new)] = functools.partial(
-                lambda n: generation.generate(model, params, ids, mask, jax.random.PRNGKey(0), max_new_tokens=n,
-                                              eos_id=None).tokens, n_new)
-            for variant, heads_first in (("one_write", False), ("one_write+heads_first", True)):
-                runs[(variant, n_new)] = functools.partial(variant_sample, model, params, ids, mask,
-                                                           jax.random.PRNGKey(0), config, heads_first)
-        reference = np.asarray(runs[("current", short)]())
-        for key, run in runs.items():
-            if key[1] == short and key[0] != "current":
-                match = float(np.mean(np.asarray(run()) == reference))
-                print(f"[{name}] B={batch} {key[0]}: tokens equal to generate's on {100 * match:.1f}%", flush=True)
-        best = interleaved_best(runs, repeats)
-        for variant in ("current", "one_write", "one_write+heads_first"):
-            step_ms = 1e3 * (best[(variant, long)] - best[(variant, short)]) / (long - short)
-            rows.append(dict(model=name, batch=batch, variant=variant, step_ms=step_ms,
-                             total_ms=1e3 * best[(variant, long)], new_tokens=long))
-            print(f"[{name}] B={batch:3d} {variant:22s} decode step {step_ms:7.2f} ms   N={long}: "
-                  f"{1e3 * best[(variant, long)]:8.1f} ms", flush=True)
-    return rows
-
 
 def machine_info() -> dict:
     import platform
@@ -439,13 +314,10 @@ def main(argv):
     print(json.dumps(info), flush=True)
     peak = matmul_peak_flops()
     print(f"fp32 matmul peak (2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    results = {"machine": info, "matmul_peak_gflop_s": peak / 1e9, "rows": [], "roofline": [], "variants": []}
+    results = {"machine": info, "matmul_peak_gflop_s": peak / 1e9, "rows": [], "roofline": []}
     for name in FLAGS.models:
         if name not in MODELS:
             raise app.UsageError(f"--models: unknown preset {name!r} (known: {sorted(MODELS)})")
-        if FLAGS.variants:
-            results["variants"] += bench_variants(name, batches, new_tokens, FLAGS.prompt_len, FLAGS.repeats)
-            continue
         model, params, rows = bench_model(name, FLAGS.repeats, batches, new_tokens, FLAGS.prompt_len,
                                           FLAGS.reference)
         results["rows"] += [dataclasses.asdict(r) for r in rows]
