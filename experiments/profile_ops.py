@@ -35,7 +35,8 @@ from rlhf_jax.models import Transformer, TransformerConfig, init_params  # noqa:
 from rlhf_jax.trainers import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("step", "generate", ["generate", "sft"], "What to profile: one `generate` call or one SFT train step.")
+flags.DEFINE_enum("step", "generate", ["generate", "sft"],
+                  "What to profile: one `generate` call or one SFT train step.")
 flags.DEFINE_enum("model", "tiny", sorted(MODELS), "Model preset for --step generate (bench_generation.MODELS).")
 flags.DEFINE_integer("new_tokens", 64, "New tokens per row for --step generate (the batch is --batch).")
 flags.DEFINE_integer("prompt_len", 32, "Prompt length for --step generate.")
