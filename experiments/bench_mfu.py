@@ -53,6 +53,12 @@ OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_steps=0, decay
                                        max_grad_norm=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01))
 
 
+def model_config() -> TransformerConfig:
+    """The Llama-style model the flags describe (also used by profile_ops.py --step sft)."""
+    return TransformerConfig.llama(vocab_size=FLAGS.vocab, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
+                                   n_heads=FLAGS.n_heads, d_ff=FLAGS.d_ff, max_len=FLAGS.seq_len, dtype=FLAGS.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +164,7 @@ def main(argv):
     dtype = jnp.dtype(FLAGS.dtype)
     peak = matmul_peak_flops(dtype)
     print(f"{FLAGS.dtype} matmul peak (2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    config = TransformerConfig.llama(vocab_size=FLAGS.vocab, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-                                     n_heads=FLAGS.n_heads, d_ff=FLAGS.d_ff, max_len=FLAGS.seq_len, dtype=FLAGS.dtype)
+    config = model_config()
     prompt_len = FLAGS.seq_len // 4
     lm, scalar = Transformer(config), Transformer(config, heads=("value",))
     lm_params = init_params(lm, jax.random.PRNGKey(0))

@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import bench_mfu  # noqa: E402  (defines --d_model, --n_layers, --batch, --seq_len, ... for --step sft)
 from bench_generation import MODELS, prompts  # noqa: E402
 from rlhf_jax import generation  # noqa: E402
-from rlhf_jax.models import Transformer, TransformerConfig, init_params  # noqa: E402
+from rlhf_jax.models import Transformer, init_params  # noqa: E402
 from rlhf_jax.trainers import common  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -60,9 +60,7 @@ def generate_call():
 
 def sft_call():
     """(compiled program, call running it once) for bench_mfu.py's SFT train step (state donated)."""
-    config = TransformerConfig.llama(vocab_size=FLAGS.vocab, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-                                     n_heads=FLAGS.n_heads, d_ff=FLAGS.d_ff, max_len=FLAGS.seq_len, dtype=FLAGS.dtype)
-    model = Transformer(config)
+    model = Transformer(bench_mfu.model_config())
     optimizer, schedule = common.make_optimizer(bench_mfu.OPTIM, 1000)
     step = jax.jit(common.make_train_step(bench_mfu.sft_loss_fn(model), optimizer, schedule), donate_argnums=(0,))
     state = [jax.jit(lambda r: common.TrainState.create(init_params(model, r), optimizer, r))(jax.random.PRNGKey(0))]
