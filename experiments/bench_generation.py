@@ -9,6 +9,8 @@ Per-decode-step roofline (issue 8): in the same process we measure the fp32 matm
 `jnp.dot`) and the read bandwidth for the step's working-set size (parameters + KV cache); a
 step cannot be faster than max(FLOPs / peak, bytes / bandwidth). The measured step is the
 marginal cost of one more token: (T(N_long) - T(N_short)) / (N_long - N_short).
+The same rows also give the step's XLA kernel floor (`kernel_floor_seconds`): a loop of only the
+step's matrix products, as XLA:CPU runs them, which no code around them can beat.
 
     python experiments/bench_generation.py                       # full tables (minutes)
     python experiments/bench_generation.py --models tiny --batches 1 --new_tokens 8,16 --repeats 1
@@ -147,6 +149,40 @@ def decode_step_cost(config: TransformerConfig, params, batch: int, context: int
     return {"flops": flops, "param_bytes": 4 * total, "kv_bytes": kv_bytes, "bytes": 4 * total + kv_bytes}
 
 
+def kernel_floor_seconds(config: TransformerConfig, params, batch: int, context: int, steps: int = 32) -> float:
+    """Seconds per decode step of a `fori_loop` running only the step's matrix products (every
+    layer's q/k/v/o and MLP kernels, the scores and weighted sum against K and V caches of
+    `context` slots, in the einsum forms `Attention` uses, and the LM head) on the model's own
+    weights, chained by adds. No norms, softmax, sampling or cache writes: what XLA's kernels
+    need for the step's arithmetic and reads alone.
+    """
+    from rlhf_jax.models.transformer import unstack_layers
+
+    layers = unstack_layers(params)["layers"]
+    h, kvh, d = config.n_heads, config.kv_heads, config.dim_per_head
+    caches = [jnp.full((batch, kvh, context, d), 1e-3, jnp.float32) for _ in range(2 * len(layers))]
+    head = params["embed"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]
+
+    def step(x, weights):
+        layers, caches, head = weights
+        for i, layer in enumerate(layers):
+            attn, mlp = layer["attn"], layer["mlp"]
+            q = (x @ attn["q"]["kernel"]).reshape(batch, 1, kvh, h // kvh, d)
+            k, v = x @ attn["k"]["kernel"], x @ attn["v"]["kernel"]
+            scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, caches[2 * i])
+            mixed = jnp.einsum("bhkd,bhgqk->bqhgd", caches[2 * i + 1], scores).reshape(batch, h * d)
+            x = x + (mixed + jnp.tile(k + v, h // kvh)) @ attn["o"]["kernel"]
+            hidden = x @ mlp["up"]["kernel"]
+            if "gate" in mlp:
+                hidden = hidden + x @ mlp["gate"]["kernel"]
+            x = x + hidden @ mlp["down"]["kernel"]
+        return x + 1e-6 * (x @ head)[:, :config.d_model]
+
+    loop = jax.jit(lambda x, weights: jax.lax.fori_loop(0, steps, lambda i, x: step(x, weights), x))
+    x = jnp.full((batch, config.d_model), 1e-3, jnp.float32)
+    return best_seconds(lambda: loop(x, (layers, caches, head)), repeats=5) / steps
+
+
 # ----------------------------------------------------------------------------------------------
 # The two implementations
 # ----------------------------------------------------------------------------------------------
@@ -272,14 +308,17 @@ def roofline_rows(name, model, params, rows, prompt_len: int, peak: float) -> li
         bandwidth = read_bandwidth(cost["bytes"])
         compute_s, memory_s = cost["flops"] / peak, cost["bytes"] / bandwidth
         roof = max(compute_s, memory_s)
+        floor = kernel_floor_seconds(model.config, params, batch, context)
         out.append(dict(model=name, batch=batch, context=context, step_ms=1e3 * step, gflop=cost["flops"] / 1e9,
                         mbytes=cost["bytes"] / 1e6, bandwidth_gb_s=bandwidth / 1e9, compute_ms=1e3 * compute_s,
-                        memory_ms=1e3 * memory_s, roofline_ms=1e3 * roof, x_roofline=step / roof))
+                        memory_ms=1e3 * memory_s, roofline_ms=1e3 * roof, x_roofline=step / roof,
+                        kernel_floor_ms=1e3 * floor, floor_x_roofline=floor / roof, x_floor=step / floor))
         r = out[-1]
         print(f"[{name}] roofline B={batch:3d} ctx={context}: step {r['step_ms']:.2f} ms vs roofline "
               f"{r['roofline_ms']:.2f} ms (compute {r['compute_ms']:.2f} ms = {r['gflop']:.3f} GFLOP; memory "
               f"{r['memory_ms']:.2f} ms = {r['mbytes']:.1f} MB at {r['bandwidth_gb_s']:.1f} GB/s) -> "
-              f"{r['x_roofline']:.2f}x", flush=True)
+              f"{r['x_roofline']:.2f}x; XLA kernel floor {r['kernel_floor_ms']:.2f} ms "
+              f"({r['floor_x_roofline']:.2f}x roofline; step = {r['x_floor']:.2f}x floor)", flush=True)
     return out
 
 
