@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from rlhf_jax import generation  # noqa: E402
 from rlhf_jax.models import Transformer, TransformerConfig, init_params, save_pretrained  # noqa: E402
+from rlhf_jax.models.transformer import unstack_layers  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -156,12 +157,10 @@ def kernel_floor_seconds(config: TransformerConfig, params, batch: int, context:
     weights, chained by adds. No norms, softmax, sampling or cache writes: what XLA's kernels
     need for the step's arithmetic and reads alone.
     """
-    from rlhf_jax.models.transformer import unstack_layers
-
     layers = unstack_layers(params)["layers"]
     h, kvh, d = config.n_heads, config.kv_heads, config.dim_per_head
     caches = [jnp.full((batch, kvh, context, d), 1e-3, jnp.float32) for _ in range(2 * len(layers))]
-    head = params["embed"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]
+    head = params["embed"]["embedding"] if config.tie_embeddings else params["lm_head"]["kernel"]
 
     def step(x, weights):
         layers, caches, head = weights
@@ -176,7 +175,8 @@ def kernel_floor_seconds(config: TransformerConfig, params, batch: int, context:
             if "gate" in mlp:
                 hidden = hidden + x @ mlp["gate"]["kernel"]
             x = x + hidden @ mlp["down"]["kernel"]
-        return x + 1e-6 * (x @ head)[:, :config.d_model]
+        logits = x @ (head.T if config.tie_embeddings else head)  # transposed in the loop, as in LMHead
+        return x + 1e-6 * logits[:, :config.d_model]
 
     loop = jax.jit(lambda x, weights: jax.lax.fori_loop(0, steps, lambda i, x: step(x, weights), x))
     x = jnp.full((batch, config.d_model), 1e-3, jnp.float32)
