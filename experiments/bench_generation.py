@@ -10,7 +10,8 @@ Per-decode-step roofline (issue 8): in the same process we measure the fp32 matm
 step cannot be faster than max(FLOPs / peak, bytes / bandwidth). The measured step is the
 marginal cost of one more token: (T(N_long) - T(N_short)) / (N_long - N_short).
 The same rows also give the step's XLA kernel floor (`kernel_floor_seconds`): a loop of only the
-step's matrix products, as XLA:CPU runs them, which no code around them can beat.
+step's matrix products as XLA:CPU runs them, i.e. what the step's arithmetic and reads cost before
+any code around them (a measurement with the same noise as the step, not a proven bound).
 
     python experiments/bench_generation.py                       # full tables (minutes)
     python experiments/bench_generation.py --models tiny --batches 1 --new_tokens 8,16 --repeats 1
