@@ -86,7 +86,7 @@ def train_flops(config: TransformerConfig, params, n_sequences: int, seq_len: in
 def sft_loss_fn(model):
     def loss_fn(params, batch, rng):
         logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
-        return losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return losses.lm_loss(logits, batch["input_ids"], batch["loss_mask"])
     return loss_fn
 
 

@@ -59,8 +59,6 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tu
     return masked_mean(nll, target_mask), aux
 
 
-sft_loss = lm_loss  # SFT is the LM loss with loss_mask = response tokens (the shared batch format).
-
 
 def ppo_ptx_loss(actor_loss: jax.Array, ptx_lm_loss: jax.Array, ptx_coef) -> jax.Array:
     """L = L_actor + ptx_coef * L_LM(pretraining batch): InstructGPT's PPO-ptx (Ouyang et al. 2022, eq. 2).
@@ -106,10 +104,17 @@ def ranking_loss(scores: jax.Array, ranks: jax.Array) -> jax.Array:
 
 
 def ranking_accuracy(scores: jax.Array, ranks: jax.Array) -> jax.Array:
-    """Fraction of ordered pairs (rank_i < rank_j) with s_i > s_j, averaged per prompt like `ranking_loss`."""
+    """Pairwise accuracy of scores against ranks, averaged per prompt like `ranking_loss`.
+
+    `scores [P, K]`, `ranks [P, K]` (0 = best, < 0 absent) -> scalar fp32. Each ordered pair
+    (rank_i < rank_j) counts 1 when s_i > s_j, 1/2 when s_i == s_j, else 0: a tie says nothing
+    about the order, so it scores what a coin flip would (a constant model gets 0.5, not 0).
+    This is the one definition used by RM training, RM evaluation and the pipeline.
+    """
     better = _better_pairs(ranks)
     scores = scores.astype(jnp.float32)
-    correct = (scores[..., :, None] > scores[..., None, :]).astype(jnp.float32)
+    diff = scores[..., :, None] - scores[..., None, :]
+    correct = (diff > 0).astype(jnp.float32) + 0.5 * (diff == 0).astype(jnp.float32)
     pairs_per_prompt = jnp.sum(better, axis=(-2, -1))
     per_prompt = jnp.sum(better * correct, axis=(-2, -1)) / jnp.maximum(pairs_per_prompt, 1.0)
     return masked_mean(per_prompt, pairs_per_prompt > 0)

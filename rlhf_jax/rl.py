@@ -13,8 +13,6 @@ population variance (divide by N) unless `unbiased=True` is asked of `masked_var
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
@@ -84,7 +82,7 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
 # KL estimators (Schulman, "Approximating KL divergence", 2020)
 # --------------------------------------------------------------------------------------------
 # Tokens are sampled from the policy pi; with log r = log pi_ref - log pi each estimator has
-# E_pi[k] = KL(pi || pi_ref) (k1, k3 unbiased; k2 biased but low variance).
+# E_pi[k] = KL(pi || pi_ref) (k1 and k3 unbiased; k3 >= 0 with lower variance; Schulman 2020).
 
 
 def kl_k1(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -92,25 +90,10 @@ def kl_k1(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array | None =
     return _mask_or_pass(logprobs - ref_logprobs, mask)
 
 
-def kl_k2(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """k2 = (log r)^2 / 2 per token (biased, >= 0, low variance); 0 on padding."""
-    return _mask_or_pass(0.5 * jnp.square(ref_logprobs - logprobs), mask)
-
-
 def kl_k3(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """k3 = (r - 1) - log r per token (unbiased, >= 0, low variance); 0 on padding."""
     log_r = ref_logprobs - logprobs
     return _mask_or_pass(jnp.expm1(log_r) - log_r, mask)
-
-
-KL_ESTIMATORS: dict[str, Callable[..., jax.Array]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
-
-
-def per_token_kl(logprobs, ref_logprobs, mask=None, estimator: str = "k1") -> jax.Array:
-    """The per-token KL estimate named by `estimator` ('k1' | 'k2' | 'k3'); 0 on padding."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"rl.per_token_kl: estimator={estimator!r}; expected one of {sorted(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs, mask)
 
 
 def _mask_or_pass(x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -194,7 +177,7 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma, lam) -> t
 # --------------------------------------------------------------------------------------------
 # Early ColossalChat (coati) trained PPO with a single reward and a single critic value per
 # response instead of per-token GAE: advantage = (score - beta * KL) - V(sequence). These helpers
-# give that variant as pure math; the per-token path above is what our PPO trainer uses.
+# give that variant as pure math; the PPO trainer uses it with `critic='sequence'`.
 
 
 def sequence_values(values: jax.Array, mask: jax.Array) -> jax.Array:

@@ -84,7 +84,6 @@ def test_lm_loss_hand_example():
     close(loss, (math.log(2) + math.log(3)) / 2)
     close(aux["tokens"], 2)
     close(aux["accuracy"], 0.5)
-    assert losses.sft_loss is losses.lm_loss
     loss_first_flipped, _ = losses.lm_loss(logits, input_ids, loss_mask.at[0, 0].set(0))
     close(loss_first_flipped, loss)
 
@@ -140,8 +139,10 @@ def test_ranking_loss_hand_example():
     # prompt 1: equal scores -> every pair log 2
     expected = (math.log(32 / 3) / 3 + math.log(2)) / 2
     close(losses.ranking_loss(scores, ranks), expected)
-    # accuracy: prompt 0 only (1,2) has s_better > s_worse -> 1/3; prompt 1 ties -> 0; mean 1/6
-    close(losses.ranking_accuracy(scores, ranks), 1 / 6)
+    # accuracy: prompt 0: (0,1) wrong, (0,2) a score tie (1/2), (1,2) right -> 1.5/3 = 1/2;
+    # prompt 1: every pair a score tie -> 1/2; mean 1/2
+    close(losses.ranking_accuracy(scores, ranks), 0.5)
+    close(losses.ranking_accuracy(jnp.array([[2.0, 1.0, 1.0]]), jnp.array([[0, 1, 2]])), (1 + 1 + 0.5) / 3)
 
 
 def test_ranking_loss_with_k2_equals_pairwise():
@@ -160,7 +161,7 @@ def ranking_reference(scores, ranks):
         pairs = [(i, j) for i in range(len(r)) for j in range(len(r)) if 0 <= r[i] < r[j]]
         if pairs:
             per_prompt_loss.append(np.mean([np.log1p(np.exp(-(s[i] - s[j]))) for i, j in pairs]))
-            per_prompt_acc.append(np.mean([s[i] > s[j] for i, j in pairs]))
+            per_prompt_acc.append(np.mean([1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0 for i, j in pairs]))
     return np.mean(per_prompt_loss), np.mean(per_prompt_acc)
 
 

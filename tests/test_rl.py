@@ -156,23 +156,20 @@ def test_kl_estimators_hand_example():
     logp, ref = jnp.log(jnp.array([0.5])), jnp.log(jnp.array([0.25]))
     # log r = log(ref/p) = log 0.5 = -log 2
     close(rl.kl_k1(logp, ref), [math.log(2)])  # -log r
-    close(rl.kl_k2(logp, ref), [0.5 * math.log(2) ** 2])  # (log r)^2 / 2
     close(rl.kl_k3(logp, ref), [(0.5 - 1) + math.log(2)])  # (r - 1) - log r
     close(rl.kl_k3(logp, ref, mask=jnp.array([0])), [0.0])
-    with pytest.raises(ValueError, match="estimator='k4'"):
-        rl.per_token_kl(logp, ref, estimator="k4")
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_k1_k3_expectations_equal_exact_kl(seed):
-    """Sum over the whole vocabulary weighted by p: E_p[k1] = E_p[k3] = KL(p || q) exactly; k2 >= 0."""
+    """Sum over the whole vocabulary weighted by p: E_p[k1] = E_p[k3] = KL(p || q) exactly; k3 >= 0."""
     rng = np.random.default_rng(seed)
     p, q = rng.dirichlet(np.ones(11), size=2)
     exact = np.sum(p * np.log(p / q))
     logp, logq = jnp.log(jnp.asarray(p, jnp.float32)), jnp.log(jnp.asarray(q, jnp.float32))
-    close(jnp.sum(p * rl.per_token_kl(logp, logq, estimator="k1")), exact, tol=1e-5)
-    close(jnp.sum(p * rl.per_token_kl(logp, logq, estimator="k3")), exact, tol=1e-5)
-    assert np.all(np.asarray(rl.kl_k2(logp, logq)) >= 0) and np.all(np.asarray(rl.kl_k3(logp, logq)) >= -1e-7)
+    close(jnp.sum(p * rl.kl_k1(logp, logq)), exact, tol=1e-5)
+    close(jnp.sum(p * rl.kl_k3(logp, logq)), exact, tol=1e-5)
+    assert np.all(np.asarray(rl.kl_k3(logp, logq)) >= -1e-7)
 
 
 def test_kl_penalized_rewards_hand_example():
@@ -355,7 +352,6 @@ def _rl_cases(rng):
         "whiten_no_shift": (lambda x, m: rl.whiten(x, m, shift_mean=False), (x, mask)),
         "explained_variance": (rl.explained_variance, (x, y, mask)),
         "k1": (rl.kl_k1, (lp, ref, mask)),
-        "k2": (rl.kl_k2, (lp, ref, mask)),
         "k3": (rl.kl_k3, (lp, ref, mask)),
         "kl_rewards": (lambda s, a, b, m: rl.kl_penalized_rewards(s, a, b, m, 0.05, 1.0), (scores, lp, ref, mask)),
         "adaptive_kl": (lambda c, k: rl.adaptive_kl_coef(c, k, 64, 6.0, 1e4), (np.float32(0.2), np.float32(7.0))),

@@ -90,7 +90,7 @@ def _lm_loss(model):
 
     def loss_fn(params, batch, rng):
         logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
-        loss, aux = losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+        loss, aux = losses.lm_loss(logits, batch["input_ids"], batch["loss_mask"])
         return loss, {"accuracy": aux["accuracy"]}
     return loss_fn
 

@@ -4,7 +4,7 @@
     result = sft.train(config, workdir)    # configs/sft.py; resumes from WORKDIR/checkpoints
 
 Loss: token-mean next-token NLL over the targets of `loss_mask` (responses for demonstrations,
-every token for a text corpus): `rlhf_jax.losses.sft_loss`. Gradient accumulation weighs each
+every token for a text corpus): `rlhf_jax.losses.lm_loss`. Gradient accumulation weighs each
 microbatch by its number of target tokens, so it equals one big batch. Evaluation: the same loss
 on the held-out file, plus greedy/temperature samples of a few held-out prompts written to
 WORKDIR/samples.jsonl. Checkpoints hold the params, optimizer state, step, RNG and data position;
@@ -106,7 +106,7 @@ def make_loss_fn(model):
     def loss_fn(params, batch, rng):
         out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                           deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
-        loss, aux = losses.sft_loss(out.logits, batch["input_ids"], batch["loss_mask"])
+        loss, aux = losses.lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
         return loss, {"accuracy": aux["accuracy"]}
     return loss_fn
 
