@@ -1,0 +1,154 @@
+"""The eval stage: SFT vs PPO on held-out prompts under the gold judge, best-of-n reranked by the
+RM, KL to SFT, the RM's held-out ranking accuracy; summary.json, report.md and plots."""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import tqdm
+
+from rlhf_jax import evaluation, metrics, report, tasks
+from rlhf_jax.pipeline.layout import Layout
+from rlhf_jax.pipeline.sampling import (load_prompt_set, load_reward_model, load_stage_model, sample_texts,
+                                        sampling_settings)
+from rlhf_jax.trainers import common, rm
+
+
+def ranking_scores(model, params, path: str, tokenizer, max_len: int, data_dir: str,
+                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw RM scores `[P, K]` and labeler ranks `[P, K]` of every ranking in a rankings JSONL file."""
+    # late import: rlhf_jax.data imports TensorFlow-Datasets, needed only when the stage runs
+    from rlhf_jax import data
+
+    split = data.load_split("rankings", path, tokenizer, max_len=max_len, data_dir=data_dir)
+    if split.num_dropped:
+        raise ValueError(f"{path}: {split.num_dropped} rankings were dropped when tokenizing ({split.drop_counts}); "
+                         "the held-out accuracy would not cover every ranking")
+    batch = split.collate(np.arange(len(split)))
+    score = jax.jit(lambda input_ids, attention_mask: {"score": rm.flat_scores(
+        model, params, {"input_ids": input_ids, "attention_mask": attention_mask})})
+    out = evaluation.map_batched(score, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                                 max(1, batch_size // batch["input_ids"].shape[1]))
+    return out["score"], batch["ranks"]
+
+
+def eval_temperature(config) -> float:
+    """config.eval.temperature, or the PPO rollout temperature when it is negative."""
+    return float(config.eval.temperature if config.eval.temperature >= 0 else config.ppo.rollout.temperature)
+
+
+def gold_matrix(examples: list, texts: list[list[str]]) -> np.ndarray:
+    """Gold scores `[R, S]` of S responses per prompt."""
+    return np.stack([tasks.gold_scores([e] * len(row), row) for e, row in zip(examples, texts)])
+
+
+def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
+             labeler_agreement: float, prior_seconds: float, echo: Callable[[str], None] = print) -> dict:
+    """Held-out evaluation of SFT vs PPO; writes summary.json, report.md and the plots to `out_dir`.
+
+    Per held-out prompt, `eval.num_samples` samples from SFT and from PPO (at `eval_temperature`):
+    - sft_gold / ppo_gold: mean gold score over all samples;
+    - win_rate_vs_sft: sample s of PPO against sample s of SFT under the gold judge, ties 1/2;
+    - best_of_4_gold: gold of the RM's favourite among the SFT samples (first `eval.best_of`);
+    - kl_to_sft: mean over prompts of sum_t log pi_ppo - log pi_sft on the PPO samples;
+    - rm_heldout_accuracy: RM pairwise accuracy on the held-out labeler rankings.
+    """
+    start = time.perf_counter()
+    cfg = config.eval
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = common.load_tokenizer(layout.tokenizer)
+    gold = tasks.load_gold(layout.task_file("gold.jsonl"))
+    prompts = load_prompt_set(layout.task_file("heldout_prompts.jsonl"), tokenizer, gold,
+                              config.ppo.rollout.prompt_len, layout.data_cache)
+    temperature = eval_temperature(config)
+    sampling = sampling_settings(config, tokenizer, temperature, cfg.batch_size)
+    sft_model, sft_params = load_stage_model(layout.stage("sft"), heads=("lm",))
+    ppo_model, ppo_params = load_stage_model(ppo_dir, heads=("lm",))
+    rm_model, rm_params, rm_norm = load_reward_model(layout.stage("rm"))
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 23)
+
+    bar = tqdm.tqdm(total=5, desc="eval", dynamic_ncols=True)
+    sft_out, sft_texts = sample_texts(sft_model, sft_params, prompts, jax.random.fold_in(rng, 0), cfg.num_samples,
+                                      sampling, tokenizer)
+    bar.update()
+    ppo_out, ppo_texts = sample_texts(ppo_model, ppo_params, prompts, jax.random.fold_in(rng, 1), cfg.num_samples,
+                                      sampling, tokenizer)
+    bar.update()
+    sft_gold, ppo_gold = gold_matrix(prompts.examples, sft_texts), gold_matrix(prompts.examples, ppo_texts)
+
+    score_fn = evaluation.make_score_fn(rm_model, rm_norm)
+    sft_rm = evaluation.score_responses(score_fn, rm_params, prompts.prompt_ids, prompts.prompt_mask,
+                                        sft_out["tokens"], sft_out["mask"], cfg.batch_size)
+    ppo_rm = evaluation.score_responses(score_fn, rm_params, prompts.prompt_ids, prompts.prompt_mask,
+                                        ppo_out["tokens"], ppo_out["mask"], cfg.batch_size)
+    best = evaluation.best_of_n_indices(sft_rm[:, :cfg.best_of])
+    best_gold = sft_gold[np.arange(len(prompts)), best]
+    bar.update()
+
+    logprob_fn = evaluation.make_logprob_fn(ppo_model, temperature=temperature)
+    args = (prompts.prompt_ids, prompts.prompt_mask, ppo_out["tokens"], ppo_out["mask"], cfg.batch_size)
+    ppo_lp = evaluation.teacher_forced_logprobs(logprob_fn, ppo_params, *args)
+    sft_lp = evaluation.teacher_forced_logprobs(logprob_fn, sft_params, *args)
+    kl = evaluation.sequence_kl(ppo_lp, sft_lp, ppo_out["mask"])  # [R, S]
+    bar.update()
+
+    scores, ranks = ranking_scores(rm_model, rm_params, layout.rankings_heldout, tokenizer,
+                                   config.rm.data.max_len, layout.data_cache, cfg.batch_size)
+    bar.update()
+    bar.close()
+
+    summary = {
+        "sft_gold": float(sft_gold.mean()),
+        "best_of_4_gold": float(best_gold.mean()),
+        "ppo_gold": float(ppo_gold.mean()),
+        "rm_heldout_accuracy": evaluation.pairwise_accuracy(scores, ranks),
+        "labeler_agreement": float(labeler_agreement),
+        "kl_to_sft": float(kl.mean(axis=1).mean()),
+        "win_rate_vs_sft": tasks.win_rate(ppo_gold.ravel(), sft_gold.ravel()),
+        "wall_seconds": 0.0,
+        "sft_rm_score": float(sft_rm.mean()),
+        "ppo_rm_score": float(ppo_rm.mean()),
+        "sft_length": float(np.mean([len(t.split()) for row in sft_texts for t in row])),
+        "ppo_length": float(np.mean([len(t.split()) for row in ppo_texts for t in row])),
+        "num_prompts": len(prompts),
+        "num_samples": int(cfg.num_samples),
+        "temperature": temperature,
+        "seed": int(config.seed),
+    }
+    samples = [{"prompt": prompts.examples[i].prompt, "sft": sft_texts[i][0], "sft_gold": float(sft_gold[i, 0]),
+                "ppo": ppo_texts[i][0], "ppo_gold": float(ppo_gold[i, 0])}
+               for i in range(min(cfg.num_report_samples, len(prompts)))]
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        for i, example in enumerate(prompts.examples):
+            f.write(json.dumps({"id": example.id, "prompt": example.prompt, "answer": example.answer,
+                                "sft": sft_texts[i], "sft_gold": sft_gold[i].tolist(), "ppo": ppo_texts[i],
+                                "ppo_gold": ppo_gold[i].tolist(), "kl": kl[i].tolist()}) + "\n")
+
+    plots = write_plots(layout, ppo_dir, out_dir, labeler_agreement)
+    summary["wall_seconds"] = float(prior_seconds + time.perf_counter() - start)
+    report.write_summary(out_dir / "summary.json", summary)
+    notes = [f"{len(prompts)} held-out prompts x {cfg.num_samples} samples at temperature {temperature}; "
+             f"mean response length {summary['sft_length']:.1f} words (SFT) -> {summary['ppo_length']:.1f} (PPO); "
+             f"normalised RM score {summary['sft_rm_score']:.2f} (SFT) -> {summary['ppo_rm_score']:.2f} (PPO)."]
+    report.write_report(out_dir / "report.md", summary, samples, plots, notes)
+    echo(f"[eval] win rate {summary['win_rate_vs_sft']:.2f}, gold {summary['sft_gold']:.3f} -> "
+         f"{summary['ppo_gold']:.3f}, KL {summary['kl_to_sft']:.2f}")
+    return summary
+
+
+def write_plots(layout: Layout, ppo_dir: str | pathlib.Path, out_dir: pathlib.Path,
+                labeler_agreement: float) -> dict[str, str]:
+    """PPO curves and RM accuracy as PNGs in `out_dir`; returns {title: file name}."""
+    plots = {}
+    ppo_rows = metrics.read_metrics(ppo_dir)
+    report.plot_ppo_curves(ppo_rows, out_dir / "ppo_curves.png")
+    plots["PPO: RM reward, gold score, KL and KL coefficient per iteration"] = "ppo_curves.png"
+    rm_rows = metrics.read_metrics(layout.stage("rm"))
+    report.plot_rm_accuracy(rm_rows, out_dir / "rm_accuracy.png", ceiling=labeler_agreement)
+    plots["Reward model: pairwise accuracy (train / held-out)"] = "rm_accuracy.png"
+    return plots

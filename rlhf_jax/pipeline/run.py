@@ -1,0 +1,112 @@
+"""The stages in order: the task export, the trainers (pretrain, sft, rm, ppo) with the gold
+scorer PPO logs, the rankings and eval stages, and `run_pipeline`."""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from rlhf_jax import evaluation, tasks
+from rlhf_jax.pipeline.evaluate import evaluate
+from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs
+from rlhf_jax.pipeline.rankings import collect_ranking_data
+from rlhf_jax.pipeline.sampling import read_prompt_ids
+from rlhf_jax.trainers import common, rm, sft
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage checks and hand-offs
+# ----------------------------------------------------------------------------------------------
+def check_special_tokens(config, tokenizer) -> None:
+    """The PPO rollout's EOS / pad ids must be the tokenizer's (errors name the config key)."""
+    for key, expected in (("eos_id", tokenizer.eos_token_id), ("pad_id", tokenizer.pad_token_id)):
+        if config.ppo.rollout[key] != expected:
+            raise ValueError(f"config.ppo.rollout.{key}={config.ppo.rollout[key]} but the task tokenizer's "
+                             f"{key} is {expected}")
+
+
+def make_gold_scorer(prompts_path: str, gold: Mapping[str, Any], tokenizer) -> Callable:
+    """PPO's host-side `gold_scorer(index, tokens, mask) -> [B]`: row `index` of the prompts file
+    -> its hidden gold example -> gold score of the decoded response (for the `gold/mean` curve)."""
+    examples = [gold[i] for i in read_prompt_ids(prompts_path)]
+    eos = int(tokenizer.eos_token_id)
+
+    def gold_scorer(index, tokens, mask):
+        texts = evaluation.decode_responses(tokenizer, tokens, mask, eos)
+        return tasks.gold_scores([examples[int(i)] for i in index], texts)
+
+    return gold_scorer
+
+
+class StageInterrupted(RuntimeError):
+    """A trainer stopped early on a signal (its checkpoint is saved; re-run to resume)."""
+
+
+def _trained(name: str, result) -> dict:
+    if result.preempted:
+        raise StageInterrupted(f"{name} stopped at step {result.step} on a signal; its checkpoint is saved: run the "
+                               "same command again to resume")
+    return {"step": int(result.step), "last_metrics": {k: v for k, v in result.last_row.items()
+                                                       if isinstance(v, (int, float)) and np.isfinite(v)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages
+# ----------------------------------------------------------------------------------------------
+def export_stage(config, layout: Layout) -> dict:
+    """The task files, plus `sft_eval.jsonl` (demonstrations of held-out prompts, for the SFT eval
+    loss; a different seed stream than the final evaluation's prompts)."""
+    t = config.task
+    paths = tasks.export_task(layout.task, seed=config.seed, n_sft=t.n_sft,
+                              n_rm_prompts=t.n_rm_prompts, n_ppo_prompts=t.n_ppo_prompts,
+                              n_heldout=t.n_heldout, n_corpus=t.n_corpus, error_rate=t.error_rate,
+                              verbose_rate=t.verbose_rate)
+    eval_examples = tasks.sample_examples(t.n_sft_eval, seed=config.seed + 1000, split="heldout")
+    tasks.write_demonstrations(layout.task_file("sft_eval.jsonl"), eval_examples, config.seed + 1,
+                               error_rate=t.error_rate, verbose_rate=t.verbose_rate)
+    return {"files": sorted(paths)}
+
+
+def ppo_stage(config, layout: Layout, ppo_config, workdir: str | pathlib.Path) -> dict:
+    # late import: the PPO trainer imports rlhf_jax.data, i.e. TensorFlow-Datasets, which
+    # `import rlhf_jax.pipeline` (flag parsing, the unit tests) does not need
+    from rlhf_jax.trainers import ppo
+
+    tokenizer = common.load_tokenizer(layout.tokenizer)
+    scorer = make_gold_scorer(ppo_config.data.prompts, tasks.load_gold(layout.task_file("gold.jsonl")), tokenizer)
+    return _trained("ppo", ppo.train(ppo_config, str(workdir), gold_scorer=scorer))
+
+
+def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None] = print) -> dict:
+    """Run every unfinished stage in order under `workdir`; returns the summary (see `evaluate`)."""
+    start = time.perf_counter()
+    layout = Layout(pathlib.Path(workdir).absolute())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    (layout.root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    cfgs = stage_configs(config, layout)
+    seeded = lambda section: {"seed": config.seed, **section.to_dict()}  # noqa: E731
+    records = {"task": run_stage("task", layout.task, lambda: export_stage(config, layout), echo,
+                                 seeded(config.task))}
+    check_special_tokens(config, common.load_tokenizer(layout.tokenizer))
+    for name in ("pretrain", "sft"):
+        records[name] = run_stage(name, layout.stage(name), lambda: _trained(
+            name, sft.train(cfgs[name], str(layout.stage(name)))), echo, cfgs[name].to_dict())
+    records["rankings"] = run_stage("rankings", layout.stage("rankings"),
+                                    lambda: collect_ranking_data(config, layout, echo), echo,
+                                    {**seeded(config.rankings), "n_rm_heldout": config.task.n_rm_heldout,
+                                     "rollout": config.ppo.rollout.to_dict()})
+    records["rm"] = run_stage("rm", layout.stage("rm"), lambda: _trained(
+        "rm", rm.train(cfgs["rm"], str(layout.stage("rm")))), echo, cfgs["rm"].to_dict())
+    records["ppo"] = run_stage("ppo", layout.stage("ppo"),
+                               lambda: ppo_stage(config, layout, cfgs["ppo"], layout.stage("ppo")), echo,
+                               cfgs["ppo"].to_dict())
+    prior = sum(r["seconds"] for r in records.values())
+    run_stage("eval", layout.stage("eval"), lambda: evaluate(
+        config, layout, layout.stage("ppo"), layout.root,
+        labeler_agreement=records["rankings"]["info"]["labeler_agreement"], prior_seconds=prior, echo=echo), echo,
+        seeded(config.eval))
+    echo(f"pipeline: {time.perf_counter() - start:.0f}s in this run; report in {layout.root / 'report.md'}")
+    return json.loads((layout.root / "summary.json").read_text())
