@@ -9,9 +9,9 @@ Conventions (shared with the trainers):
   to and including the first EOS;
 - the RM score of a response is the scalar head at the last real token of prompt + response,
   normalised with the RM's stored `reward_norm` (`rlhf_jax.trainers.rm.score`);
-- the sequence KL of a response y to a reference is the single-sample estimate
-  sum_t (log pi(y_t | .) - log pi_ref(y_t | .)) over its valid tokens (Ziegler et al. 2019);
-- pairwise accuracy counts a tie in the model's scores as one half (a coin flip).
+- the formulas live in one place each: the sequence KL of a response is `rl.kl_k1` summed over
+  its valid tokens, the RM's pairwise accuracy is `losses.ranking_accuracy` (a score tie counts
+  one half); this module only batches, samples, decodes and scores.
 """
 from __future__ import annotations
 
@@ -153,37 +153,14 @@ def teacher_forced_logprobs(logprob_fn: Callable, params, prompt_ids: np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure metrics (numpy)
+# Picking responses (numpy): best of n, distinct candidates
 # ----------------------------------------------------------------------------------------------
-def sequence_kl(policy_logprobs: np.ndarray, reference_logprobs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per-response KL estimate sum_t mask_t * (log pi - log pi_ref) over the last axis."""
-    mask = np.asarray(mask, np.float64)
-    return np.sum(mask * (np.asarray(policy_logprobs, np.float64) - np.asarray(reference_logprobs, np.float64)),
-                  axis=-1)
-
-
 def best_of_n_indices(scores: np.ndarray) -> np.ndarray:
     """Index of the highest-scoring sample per prompt, `scores [R, S] -> [R]` (first on ties)."""
     scores = np.asarray(scores)
     if scores.ndim != 2 or scores.shape[1] < 1:
         raise ValueError(f"best_of_n_indices needs scores [prompts, samples], got shape {scores.shape}")
     return np.argmax(scores, axis=1)
-
-
-def pairwise_accuracy(scores: np.ndarray, ranks: np.ndarray) -> float:
-    """How often a model's scores order a pair of responses like a labeler's ranks did.
-
-    `scores [P, K]`, `ranks [P, K]` (0 = best). Every one of the K(K-1)/2 pairs of every prompt
-    counts once: 1 when the better-ranked response scores higher, 1/2 on a score tie, else 0.
-    """
-    scores, ranks = np.asarray(scores, np.float64), np.asarray(ranks)
-    if scores.shape != ranks.shape or scores.ndim != 2 or scores.shape[1] < 2:
-        raise ValueError(f"pairwise_accuracy needs scores and ranks of one shape [P, K>=2], got "
-                         f"{scores.shape} and {ranks.shape}")
-    i, j = np.triu_indices(scores.shape[1], k=1)
-    better_first = ranks[:, i] < ranks[:, j]  # labeler put i above j
-    diff = np.where(better_first, scores[:, i] - scores[:, j], scores[:, j] - scores[:, i])
-    return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
 
 
 def distinct_first(candidates: Sequence[str], k: int) -> list[int] | None:

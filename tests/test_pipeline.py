@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import evaluation, pipeline, report, tasks
+from rlhf_jax import evaluation, losses, pipeline, report, rl, tasks
 from rlhf_jax.tasks import tokenizer as task_tokenizer
 
 
@@ -38,19 +38,20 @@ def test_map_batched_drops_filler_rows_and_keeps_order():
     np.testing.assert_array_equal(out["double"], 2 * np.arange(7))
 
 
-def test_pairwise_accuracy_by_hand():
+def test_rm_heldout_accuracy_by_hand():
     # Prompt 1: ranks [0, 1, 2] (response 0 best); scores 3 > 2 > 1 agree on all 3 pairs -> 3/3.
     # Prompt 2: ranks [2, 0, 1]; the labeler's pairs: (1 over 0), (2 over 0), (1 over 2).
     #   scores [5, 5, 1]: (1 vs 0) tie -> 1/2, (2 over 0): 1 < 5 -> 0, (1 over 2): 5 > 1 -> 1.
     # Total (3 + 1.5) / 6 = 0.75.
     scores = np.array([[3.0, 2.0, 1.0], [5.0, 5.0, 1.0]])
     ranks = np.array([[0, 1, 2], [2, 0, 1]])
-    assert evaluation.pairwise_accuracy(scores, ranks) == pytest.approx(0.75)
+    assert float(losses.ranking_accuracy(scores, ranks)) == pytest.approx(0.75)
+    assert pipeline.rm_heldout_accuracy(scores, ranks) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="one shape"):
-        evaluation.pairwise_accuracy(scores, ranks[:, :2])
+        pipeline.rm_heldout_accuracy(scores, ranks[:, :2])
 
 
-def test_pairwise_accuracy_matches_a_loop_reference():
+def test_ranking_accuracy_with_ties_matches_a_loop_reference():
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 3, size=(20, 4)).astype(float)  # many ties
     ranks = np.stack([rng.permutation(4) for _ in range(20)])
@@ -60,15 +61,16 @@ def test_pairwise_accuracy_matches_a_loop_reference():
             for j in range(4):
                 if r[i] < r[j]:
                     total += 1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0
-    assert evaluation.pairwise_accuracy(scores, ranks) == pytest.approx(total / (20 * 6))
+    # K fixed and distinct ranks: every prompt has 6 pairs, so the per-prompt mean is the pooled one
+    assert float(losses.ranking_accuracy(scores, ranks)) == pytest.approx(total / (20 * 6))
 
 
-def test_sequence_kl_sums_valid_tokens_only():
+def test_sequence_kl_of_the_eval_sums_valid_tokens_only():
     policy = np.array([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
     reference = np.array([[-1.5, -1.0, -7.0], [-1.0, -0.25, 0.0]])
     mask = np.array([[1, 1, 0], [1, 1, 1]])
     # row 0: (-1 + 1.5) + (-2 + 1) = -0.5 (third token masked); row 1: 0.5 - 0.25 - 9 = -8.75
-    np.testing.assert_allclose(evaluation.sequence_kl(policy, reference, mask), [-0.5, -8.75])
+    np.testing.assert_allclose(jnp.sum(rl.kl_k1(policy, reference, mask), axis=-1), [-0.5, -8.75])
 
 
 def test_best_of_n_and_distinct_first():

@@ -21,7 +21,7 @@ with gold examples, models of finished stages, sampling), `rankings` (the rankin
 `evaluate` (the eval stage: `evaluate.evaluate`), `run` (the stages, run_pipeline), `sweep`
 (the KL sweep and its `--set` overrides).
 """
-from rlhf_jax.pipeline.evaluate import eval_temperature, gold_matrix, ranking_scores
+from rlhf_jax.pipeline.evaluate import eval_temperature, gold_matrix, ranking_scores, rm_heldout_accuracy
 from rlhf_jax.pipeline.layout import DONE, STAGES, Layout, mark_done, run_stage, stage_configs, stage_info
 from rlhf_jax.pipeline.rankings import collect_ranking_data, distinct_candidates, label_rankings
 from rlhf_jax.pipeline.run import (StageInterrupted, check_special_tokens, export_stage, make_gold_scorer,
@@ -36,7 +36,7 @@ __all__ = [
     "PromptSet", "Sampling", "load_prompt_set", "load_reward_model", "load_stage_model", "read_prompt_ids",
     "sample_texts", "sampling_settings",
     "collect_ranking_data", "distinct_candidates", "label_rankings",
-    "eval_temperature", "gold_matrix", "ranking_scores",
+    "eval_temperature", "gold_matrix", "ranking_scores", "rm_heldout_accuracy",
     "StageInterrupted", "check_special_tokens", "export_stage", "make_gold_scorer", "ppo_stage", "run_pipeline",
     "REUSED_STAGES", "SWEEP_COLUMNS", "SweepResult", "apply_overrides", "load_pipeline_config", "parse_override",
     "run_sweep",

@@ -8,10 +8,11 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from rlhf_jax import evaluation, metrics, report, tasks
+from rlhf_jax import evaluation, losses, metrics, report, rl, tasks
 from rlhf_jax.pipeline.layout import Layout
 from rlhf_jax.pipeline.sampling import (load_prompt_set, load_reward_model, load_stage_model, sample_texts,
                                         sampling_settings)
@@ -36,6 +37,14 @@ def ranking_scores(model, params, path: str, tokenizer, max_len: int, data_dir: 
     return out["score"], batch["ranks"]
 
 
+def rm_heldout_accuracy(scores: np.ndarray, ranks: np.ndarray) -> float:
+    """`losses.ranking_accuracy` of RM scores `[P, K]` against labeler ranks `[P, K]` (0 = best;
+    a score tie counts 1/2), the same rule as the RM trainer's `eval/accuracy`."""
+    if scores.shape != ranks.shape or scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"RM accuracy: scores {scores.shape} and ranks {ranks.shape} need one shape [P, K>=2]")
+    return float(losses.ranking_accuracy(jnp.asarray(scores), jnp.asarray(ranks)))
+
+
 def eval_temperature(config) -> float:
     """config.eval.temperature, or the PPO rollout temperature when it is negative."""
     return float(config.eval.temperature if config.eval.temperature >= 0 else config.ppo.rollout.temperature)
@@ -54,7 +63,8 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     - sft_gold / ppo_gold: mean gold score over all samples;
     - win_rate_vs_sft: sample s of PPO against sample s of SFT under the gold judge, ties 1/2;
     - best_of_4_gold: gold of the RM's favourite among the SFT samples (first `eval.best_of`);
-    - kl_to_sft: mean over prompts of sum_t log pi_ppo - log pi_sft on the PPO samples;
+    - kl_to_sft: mean over prompts of sum_t log pi_ppo - log pi_sft on the PPO samples
+      (`rl.kl_k1` summed over each response, a single-sample estimate: Ziegler et al. 2019);
     - rm_heldout_accuracy: RM pairwise accuracy on the held-out labeler rankings.
     """
     start = time.perf_counter()
@@ -94,7 +104,8 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     args = (prompts.prompt_ids, prompts.prompt_mask, ppo_out["tokens"], ppo_out["mask"], cfg.batch_size)
     ppo_lp = evaluation.teacher_forced_logprobs(logprob_fn, ppo_params, *args)
     sft_lp = evaluation.teacher_forced_logprobs(logprob_fn, sft_params, *args)
-    kl = evaluation.sequence_kl(ppo_lp, sft_lp, ppo_out["mask"])  # [R, S]
+    # [R, S]: per-response sums in float32 (as in training), averaged over prompts in float64
+    kl = np.asarray(jnp.sum(rl.kl_k1(ppo_lp, sft_lp, ppo_out["mask"]), axis=-1), np.float64)
     bar.update()
 
     scores, ranks = ranking_scores(rm_model, rm_params, layout.rankings_heldout, tokenizer,
@@ -106,7 +117,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
         "sft_gold": float(sft_gold.mean()),
         "best_of_4_gold": float(best_gold.mean()),
         "ppo_gold": float(ppo_gold.mean()),
-        "rm_heldout_accuracy": evaluation.pairwise_accuracy(scores, ranks),
+        "rm_heldout_accuracy": rm_heldout_accuracy(scores, ranks),
         "labeler_agreement": float(labeler_agreement),
         "kl_to_sft": float(kl.mean(axis=1).mean()),
         "win_rate_vs_sft": tasks.win_rate(ppo_gold.ravel(), sft_gold.ravel()),
