@@ -8,10 +8,10 @@ uses for the actor and the reference model.
 Conventions
 - Prompts `[B, P]` are LEFT-padded, so every row's last prompt token sits in slot P-1 and new
   tokens go to slots P, P+1, ... of the KV cache.
-- Speed (CPU profile, 6-layer GPT-2 d=256): the decode loop keeps parameters and cache per layer
-  (`unstack_layers`, no per-step slicing copies), updates the cache in place, computes logits only
-  where a token is drawn, and, when the cache is large next to the parameters, runs in segments
-  whose cache grows (`segment_ends`) so attention reads about the live slots, not all P + N.
+- The decode loop runs the model in the decode layout of `rlhf_jax.models.decode` (per-layer
+  parameters and KV cache), computes logits only where a token is drawn, and, when the cache is
+  large next to the parameters, runs in segments whose cache grows (`segment_ends`) so attention
+  reads about the live slots, not all P + N (measurements: docs/benchmarks.md).
 - `logprobs` are log-probs of the sampled tokens under the temperature-scaled, UNFILTERED softmax
   (the distribution PPO trains); top-k / top-p only shape the distribution we draw from.
   `temperature=0` is greedy decoding, its logprobs are under the untempered softmax.
@@ -20,7 +20,7 @@ Conventions
 - Sampler: an exact two-level inverse-CDF draw. Pick a block of 128 vocabulary entries with
   probability proportional to its mass, then a token inside the block proportionally to its
   weight. P(token) = (block mass / total) * (weight / block mass) = weight / total, with two
-  uniforms per row instead of the V Gumbel draws of `jax.random.categorical` (much cheaper on CPU).
+  uniforms per row instead of the V Gumbel draws of `jax.random.categorical`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.transformer import Transformer, init_layer_caches, unstack_layers
+from rlhf_jax import losses
+from rlhf_jax.models import decode
+from rlhf_jax.models.transformer import Transformer, default_position_ids
 
 BLOCK = 128  # vocabulary block size of the two-level draw / argmax
 
@@ -92,7 +94,7 @@ def _take_block(blocks: jax.Array, block_index: jax.Array) -> jax.Array:
 
 def two_level_argmax(x: jax.Array) -> tuple:
     """`(argmax, max)` of `x [B, V]` over the last axis via block maxima (first index on ties,
-    like `jnp.argmax`); cheaper on CPU than one variadic argmax over V."""
+    like `jnp.argmax`)."""
     blocks = _blocks(x, -jnp.inf)
     block_max = blocks.max(axis=-1)
     best = block_max.max(axis=-1)
@@ -213,12 +215,13 @@ def sample(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.A
     """
     batch, prompt_len = prompt_ids.shape
     n_new = config.max_new_tokens
-    params = unstack_layers(params)  # decode layout: no per-step copies of layer slices (see transformer.py)
+    params = decode.unstack_layers(params)  # the decode layout, once, outside the loop
     ends = segment_ends(model, params, batch, prompt_len, n_new)
     prompt_mask = prompt_mask.astype(jnp.int32)
     attention_mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, ends[0]), jnp.int32)], axis=1)
     out = model.apply({"params": params}, prompt_ids.astype(jnp.int32), attention_mask,
-                      cache=init_layer_caches(model.config, batch, prompt_len + ends[0]), cache_index=0,
+                      default_position_ids(prompt_mask),
+                      cache=decode.init_cache(model.config, batch, prompt_len + ends[0]), cache_index=0,
                       heads_from=-1)
     token, logprob = choose_tokens(out.logits[:, -1], jax.random.fold_in(rng, 0), config)
     first_position = prompt_mask.sum(axis=1)  # position id of the first new token (left padding skipped)
@@ -289,16 +292,6 @@ def generate(model: Transformer, params, prompt_ids, prompt_mask, rng, *, max_ne
 # ----------------------------------------------------------------------------------------------
 # Teacher forcing (PPO: actor and reference log-probs of the sampled responses)
 # ----------------------------------------------------------------------------------------------
-def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """log softmax(logits / temperature)[tokens]; `logits [..., V]`, `tokens [...]` -> fp32 `[...]`.
-
-    temperature 0 (greedy) scores under the untempered softmax, as `generate` does.
-    """
-    scaled = logits.astype(jnp.float32) / (temperature or 1.0)
-    picked = jnp.take_along_axis(scaled, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(scaled, axis=-1)
-
-
 def response_logprobs(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.Array,
                       response_ids: jax.Array, response_mask: jax.Array, *, temperature: float = 1.0) -> jax.Array:
     """Teacher-forced log-probs `[B, N]` of `response_ids [B, N]` after left-padded prompts `[B, P]`.
@@ -310,4 +303,5 @@ def response_logprobs(model: Transformer, params, prompt_ids: jax.Array, prompt_
     input_ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
     attention_mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
     logits = model.apply({"params": params}, input_ids, attention_mask, heads_from=prompt_len - 1).logits[:, :-1]
-    return jnp.where(response_mask.astype(bool), token_logprobs(logits, response_ids, temperature), 0.0)
+    scaled = logits.astype(jnp.float32) / (temperature or 1.0)  # temperature 0 (greedy): untempered, as generate
+    return jnp.where(response_mask.astype(bool), losses.token_logprobs(scaled, response_ids), 0.0)

@@ -12,7 +12,7 @@ import pytest
 from rlhf_jax.models import (
     Transformer,
     TransformerConfig,
-    init_cache,
+    default_position_ids,
     init_params,
     last_token_index,
     last_token_values,
@@ -20,9 +20,10 @@ from rlhf_jax.models import (
     param_logical_axes,
 )
 from rlhf_jax.models import heads as heads_lib
+from rlhf_jax.models import decode
+from rlhf_jax.models import matmul as matmul_lib
 from rlhf_jax.models import transformer as transformer_lib
 from rlhf_jax.models.matmul import matmul
-from rlhf_jax.models.transformer import init_layer_caches, unstack_layers
 
 VOCAB = 61
 CONFIGS = {
@@ -44,9 +45,9 @@ def _random_params(model, seed=0, scale=0.3):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(model, params, ids, mask=None, cache=None, cache_index=0):
+def _forward(model, params, ids, mask=None, positions=None, cache=None, cache_index=0):
     """`model.apply` compiled once per model and shapes (cache_index is traced, not baked in)."""
-    return model.apply({"params": params}, ids, mask, cache=cache, cache_index=cache_index)
+    return model.apply({"params": params}, ids, mask, positions, cache=cache, cache_index=cache_index)
 
 
 def _logits(model, params, ids, mask=None):
@@ -67,56 +68,39 @@ def test_left_padding_gives_the_unpadded_logits(name):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_kv_cache_decoding_equals_full_forward(name):
-    """Prefill 5 left-padded slots, then feed 3 tokens one at a time: same logits as one full pass."""
+    """The decode path `generate` uses (decode layout: per-layer parameters and caches): prefill 5
+    left-padded slots, then feed 3 tokens one at a time; the logits equal one plain full pass."""
     cfg = CONFIGS[name]
     model = Transformer(cfg)
     params = _random_params(model, seed=2)
+    per_layer = decode.unstack_layers(params)
+    assert len(per_layer["layers"]) == cfg.n_layers
+    np.testing.assert_array_equal(per_layer["layers"][1]["attn"]["q"]["kernel"], params["layers"]["attn"]["q"]["kernel"][1])
     ids = np.random.RandomState(3).randint(1, VOCAB, (2, 8))
     mask = np.ones((2, 8), np.int32)
     mask[1, :2] = 0
     full = _logits(model, params, ids, mask)
+    positions = np.asarray(default_position_ids(mask))
 
-    cache = init_cache(cfg, batch_size=2, max_len=8)
+    # prefill at slot 0 (a Python int: no cache reads), every slot's logits and the last slot's alone
     cache_mask = np.concatenate([mask[:, :5], np.zeros((2, 3), np.int32)], 1)
-    out = _forward(model, params, ids[:, :5], cache_mask, cache, 0)
+    prefill = lambda heads_from: model.apply({"params": per_layer}, ids[:, :5], cache_mask, positions[:, :5],
+                                             cache=decode.init_cache(cfg, 2, 8), cache_index=0, heads_from=heads_from)
+    out = prefill(0)
+    assert len(out.cache) == cfg.n_layers and out.cache[0]["k"].shape == (2, cfg.kv_heads, 8, cfg.dim_per_head)
+    last_only = prefill(-1)
+    assert last_only.logits.shape == (2, 1, VOCAB)
+    np.testing.assert_allclose(last_only.logits, full[:, 4:5], atol=1e-5)
     step_logits = [np.asarray(out.logits)]
     for t in range(5, 8):
         cache_mask[:, t] = 1
-        out = _forward(model, params, ids[:, t:t + 1], cache_mask, out.cache, t)
+        out = _forward(model, per_layer, ids[:, t:t + 1], cache_mask, positions[:, t:t + 1], out.cache, t)
         step_logits.append(np.asarray(out.logits))
     incremental = np.concatenate(step_logits, 1)
     real = mask.astype(bool)
     np.testing.assert_allclose(incremental[real], full[real], atol=1e-5)
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_decode_layout_equals_stacked_layers(name):
-    """Per-layer parameters and caches (unrolled layers, as `generate` uses them) give the stacked
-    model's logits: a full pass, then prefill 5 slots with heads at the last slot only (`heads_from=-1`), then 3 single steps."""
-    cfg = CONFIGS[name]
-    model = Transformer(cfg)
-    params = _random_params(model, seed=11)
-    per_layer = unstack_layers(params)
-    assert len(per_layer["layers"]) == cfg.n_layers
-    np.testing.assert_array_equal(per_layer["layers"][1]["attn"]["q"]["kernel"], params["layers"]["attn"]["q"]["kernel"][1])
-    ids = np.random.RandomState(12).randint(1, VOCAB, (2, 8))
-    mask = np.ones((2, 8), np.int32)
-    mask[0, :3] = 0
-    full = _logits(model, params, ids, mask)
-    np.testing.assert_allclose(_logits(model, per_layer, ids, mask), full, atol=1e-5)
-
-    cache_mask = np.concatenate([mask[:, :5], np.zeros((2, 3), np.int32)], 1)
-    out = jax.jit(lambda p, i, m, c: model.apply({"params": p}, i, m, cache=c, heads_from=-1))(
-        per_layer, ids[:, :5], cache_mask, init_layer_caches(cfg, 2, 8))
-    assert out.logits.shape == (2, 1, VOCAB) and len(out.cache) == cfg.n_layers
-    step_logits = [np.asarray(out.logits)]
-    for t in range(5, 8):
-        cache_mask[:, t] = 1
-        out = _forward(model, per_layer, ids[:, t:t + 1], cache_mask, out.cache, t)
-        step_logits.append(np.asarray(out.logits))
-    np.testing.assert_allclose(np.concatenate(step_logits, 1), full[:, 4:], atol=1e-5)
-    with pytest.raises(ValueError, match="per-layer cache"):
-        model.apply({"params": params}, ids[:, :5], cache=init_layer_caches(cfg, 2, 8))
+    with pytest.raises(ValueError, match="unstack_layers"):  # stacked parameters with a cache
+        model.apply({"params": params}, ids[:, :5], cache_mask, positions[:, :5], cache=decode.init_cache(cfg, 2, 8))
 
 
 def test_heads_from_gives_the_full_pass_heads_at_those_slots():
@@ -217,6 +201,7 @@ def test_matmul_vjp_equals_autodiff(x_shape):
     ours = lambda x, w: jnp.sum(jnp.sin(matmul(x, w)) * probe)
     autodiff = lambda x, w: jnp.sum(jnp.sin(jnp.matmul(x, w)) * probe)
     np.testing.assert_array_equal(matmul(x, w), jnp.matmul(x, w))
+    assert "custom_vjp_call" in str(jax.make_jaxpr(matmul)(x, w))  # the tests run on CPU: the custom VJP
     for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(autodiff, (0, 1))(x, w)):
         assert got.shape == want.shape and got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -228,6 +213,13 @@ def test_matmul_vjp_equals_autodiff(x_shape):
     for got, want in zip(jax.grad(ours16, (0, 1))(xb, wb), jax.grad(auto16, (0, 1))(xb, wb)):
         assert got.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=0.02, atol=0.05)
+
+
+def test_matmul_is_plain_jnp_matmul_off_the_custom_vjp_backends(monkeypatch):
+    x, w = jnp.ones((3, 4)), jnp.ones((4, 2))
+    monkeypatch.setattr(matmul_lib, "CUSTOM_VJP_BACKENDS", ())
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(matmul)(x, w))
+    np.testing.assert_array_equal(matmul(x, w), np.full((3, 2), 4.0))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -5,7 +5,6 @@ from rlhf_jax.models.transformer import (
     Transformer,
     TransformerConfig,
     default_position_ids,
-    init_cache,
     init_params,
     param_logical_axes,
 )

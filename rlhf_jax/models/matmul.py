@@ -1,7 +1,9 @@
-"""`matmul`: x @ w with a VJP that XLA:CPU runs without transposing the output gradient.
+"""`matmul`: `x @ w` for every projection of the Transformer (q/k/v/o, MLP, LM head).
 
-Every projection of the Transformer (q/k/v/o, MLP, LM head) goes through it. Forward values are
-exactly jnp.matmul's; only the layout of the backward dots differs from autodiff's own rule.
+On the backends in `CUSTOM_VJP_BACKENDS` (XLA:CPU) it carries a hand-written VJP, the textbook
+dx = g·wᵀ and dw = xᵀ·g over the flattened leading axes; elsewhere it is plain `jnp.matmul`.
+Values are jnp.matmul's either way, gradients equal autodiff's up to float rounding (tests check
+both). Why XLA:CPU gets its own VJP: docs/benchmarks.md, "Why the model code looks like this".
 """
 from __future__ import annotations
 
@@ -10,21 +12,23 @@ import functools
 import jax
 import jax.numpy as jnp
 
+CUSTOM_VJP_BACKENDS = ("cpu",)
+
+
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """`x [..., K] @ w [K, N]` -> `[..., N]` in `out_dtype` if given, else x's dtype."""
+    if jax.default_backend() in CUSTOM_VJP_BACKENDS:
+        return _matmul_custom_vjp(x, w, out_dtype)
+    return jnp.matmul(x, w, preferred_element_type=out_dtype)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """`x [..., K] @ w [K, N]` (in `out_dtype` if given, else x's dtype), with a hand-written VJP.
-
-    The values are jnp.matmul's. The VJP is the textbook one, dx = g·wᵀ and dw = xᵀ·g over the
-    flattened leading axes, written so XLA:CPU sees a plain dot: from autodiff's own rule it chose
-    to transpose g for the weight gradient and fused that strided copy into the activation's
-    backward (the SwiGLU MLP of a d_model-512 SFT step spent 15% of the step in those copies).
-    """
+def _matmul_custom_vjp(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     return jnp.matmul(x, w, preferred_element_type=out_dtype)
 
 
 def _matmul_fwd(x, w, out_dtype):
-    return matmul(x, w, out_dtype), (x, w)
+    return _matmul_custom_vjp(x, w, out_dtype), (x, w)
 
 
 def _matmul_bwd(out_dtype, residuals, g):
@@ -35,4 +39,4 @@ def _matmul_bwd(out_dtype, residuals, g):
     return dx, dw
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul_custom_vjp.defvjp(_matmul_fwd, _matmul_bwd)

@@ -2,23 +2,20 @@
 
 Read top to bottom: config -> norms/rope -> attention -> MLP -> block -> model.
 
-Conventions
+- Architecture: Vaswani et al. 2017 (attention), Radford et al. 2019 (GPT-2: learned positions,
+  pre-norm LayerNorm, GELU, tied embeddings), Touvron et al. 2023 (Llama: RMSNorm of Zhang &
+  Sennrich 2019, SwiGLU of Shazeer 2020, rotary positions of Su et al. 2021), grouped-query
+  attention (Ainslie et al. 2023), Mistral's sliding window (Jiang et al. 2023).
 - Parameters live outside the module: `model.apply({"params": params}, input_ids, ...)` is pure.
-- Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`);
+  Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`);
   `rlhf_jax.sharding` maps them to mesh axes with one rules table.
-- Layers are stacked with `nn.scan` (parameters get a leading `layers` axis): compile time does
-  not grow with depth.
-- Padding is on the left. `attention_mask` is 1 on real tokens; position ids default to
+- Layers are stacked with `nn.scan` (parameters get a leading `layers` axis).
+- Padding is on the left. `attention_mask [B, T]` is 1 on real tokens; position ids default to
   `cumsum(mask) - 1`, so a left-padded row gives the same outputs as the unpadded sequence.
-- KV cache: a dict of head-major `[layers, batch, kv_heads, max_len, head_dim]` arrays passed in
-  and out explicitly (head-major: attention reads each head's keys contiguously, no transpose).
-  With a cache, `attention_mask` covers all `max_len` slots and the new tokens are written at
-  slots `[cache_index, cache_index + T)`.
-- Decode layout (`unstack_layers`, `init_layer_caches`): parameters and cache as tuples of
-  per-layer trees, layers unrolled. Inside a decode `while_loop` this avoids the per-step copies
-  that slicing stacked arrays costs on CPU (XLA materialises every layer slice of the parameters
-  and of the cache); the results are the same as with stacked arrays.
-- Compute runs in `config.dtype` (bf16 on accelerators); norms, softmax, logits and values are fp32.
+- Compute runs in `config.dtype` (bf16 on accelerators); parameters, norms, softmax, logits and
+  values are fp32.
+- KV-cache decoding (generation) lives in `rlhf_jax.models.decode`; passing `cache=` is the one
+  switch to it.
 """
 from __future__ import annotations
 
@@ -113,35 +110,11 @@ class TransformerConfig:
 
 @flax.struct.dataclass
 class ModelOutput:
-    """`logits [B, T, V]` (LM head), `values [B, T]` (scalar head), updated KV `cache`."""
+    """`logits [B, T, V]` (LM head), `values [B, T]` (scalar head), updated KV `cache` (decoding only)."""
 
     logits: Optional[Array] = None
     values: Optional[Array] = None
-    cache: Optional[dict] = None
-
-
-def init_cache(config: TransformerConfig, batch_size: int, max_len: int) -> dict:
-    """Zeroed stacked KV cache `[layers, batch, kv_heads, max_len, head_dim]`, in the compute dtype."""
-    shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.dim_per_head)
-    return {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
-
-
-def init_layer_caches(config: TransformerConfig, batch_size: int, max_len: int) -> tuple:
-    """Zeroed KV cache in the decode layout: one `{"k", "v"}` of `[batch, kv_heads, max_len, head_dim]`
-    per layer (use with `unstack_layers` parameters)."""
-    shape = (batch_size, config.kv_heads, max_len, config.dim_per_head)
-    return tuple({"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
-                 for _ in range(config.n_layers))
-
-
-def unstack_layers(params: dict) -> dict:
-    """Parameters in the decode layout: `params["layers"]` (stacked over a leading layer axis) becomes
-    a tuple of per-layer trees. Do this once, outside a decode loop."""
-    stacked = params["layers"]
-    if isinstance(stacked, tuple):
-        return params
-    n_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda p: p[i], stacked) for i in range(n_layers))}
+    cache: Optional[tuple] = None
 
 
 def default_position_ids(attention_mask: Array) -> Array:
@@ -152,26 +125,26 @@ def default_position_ids(attention_mask: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------
-def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """`nn.Dense`'s dot_general (contract lhs's last axis with the kernel's first) via `matmul`."""
-    (lhs_contract, rhs_contract), batch_dims = dimension_numbers
-    if (tuple(lhs_contract), tuple(rhs_contract), batch_dims) != ((lhs.ndim - 1,), (0,), ((), ())) or precision:
-        raise ValueError(f"_dense_dot_general: only Dense's x @ kernel form, got {dimension_numbers}, "
-                         f"precision={precision}")
-    return matmul(lhs, rhs, preferred_element_type)
+class Dense(nn.Module):
+    """`x @ kernel (+ bias)` in the compute dtype; fp32 `kernel [in, out]` with logical `axes`."""
 
+    features: int
+    axes: tuple
+    use_bias: bool
+    dtype: Any
+    bias_axis: Optional[str] = None
 
-def _dense(features, axes, use_bias, dtype, name, bias_axis=None, init_std=0.02):
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        dot_general=_dense_dot_general,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (bias_axis or axes[-1],)),
-        name=name,
-    )
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+                            (x.shape[-1], self.features), jnp.float32)
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   (self.bias_axis or self.axes[-1],)),
+                              (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 class Norm(nn.Module):
@@ -213,67 +186,51 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x.dtype)
 
 
+def qkv_projections(cfg: TransformerConfig, x: Array, rope) -> tuple:
+    """Submodules `q`, `k`, `v` of the calling (compact) module applied to `x [B, T, d_model]`, with
+    RoPE: `q [B, T, KVH, G, D]` (G = n_heads / kv_heads query heads share a kv head), `k` and
+    `v [B, KVH, T, D]`."""
+    dt, h, kvh, d = cfg.compute_dtype, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    bias = cfg.attn_bias or cfg.qkv_bias
+    batch, q_len, _ = x.shape
+    q = Dense(h * d, ("embed", "heads"), bias, dt, name="q")(x).reshape(batch, q_len, h, d)
+    k = Dense(kvh * d, ("embed", "kv"), bias, dt, name="k")(x).reshape(batch, q_len, kvh, d)
+    v = Dense(kvh * d, ("embed", "kv"), bias, dt, name="v")(x).reshape(batch, q_len, kvh, d)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3).astype(dt)
+    return q.reshape(batch, q_len, kvh, h // kvh, d), k, v
+
+
+def allowed_keys(query_slot: Array, key_slot: Array, key_mask: Array, sliding_window: Optional[int]) -> Array:
+    """`[B, 1, 1, Q, K]` bool: real keys (`key_mask [B, K]`), not in the future, inside the window."""
+    allowed = key_slot <= query_slot
+    if sliding_window is not None:
+        allowed &= query_slot - key_slot < sliding_window
+    return allowed[None, None, None] & key_mask.astype(bool)[:, None, None, None, :]
+
+
+def masked_scores(q: Array, keys: Array, allowed: Array) -> Array:
+    """Scaled dot products `[B, KVH, G, Q, K]` in fp32; disallowed keys get the fp32 minimum."""
+    scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, keys, preferred_element_type=jnp.float32)
+    return jnp.where(allowed, scores / jnp.sqrt(jnp.float32(q.shape[-1])), jnp.finfo(jnp.float32).min)
+
+
 class Attention(nn.Module):
-    """Multi-head / grouped-query causal self-attention with an optional KV cache."""
+    """Multi-head / grouped-query causal self-attention: softmax(q·kᵀ/√d)·v over allowed keys."""
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, key_mask, rope, cache_index):
+    def __call__(self, x, key_mask, rope):
         cfg = self.config
-        dt = cfg.compute_dtype
-        h, kvh, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-        bias = cfg.attn_bias or cfg.qkv_bias
         batch, q_len, _ = x.shape
-        q = _dense(h * d, ("embed", "heads"), bias, dt, "q")(x).reshape(batch, q_len, h, d)
-        k = _dense(kvh * d, ("embed", "kv"), bias, dt, "k")(x).reshape(batch, q_len, kvh, d)
-        v = _dense(kvh * d, ("embed", "kv"), bias, dt, "v")(x).reshape(batch, q_len, kvh, d)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3).astype(dt)  # [B, KVH, T, D]
-        q = q.reshape(batch, q_len, kvh, h // kvh, d)
-
-        # Keys: the T new ones, and with a cache also the slots written before `cache_index`. The
-        # cache is only read here and updated at the end, so XLA updates it in place (reading the
-        # updated cache instead makes it copy the whole cache every decode step on CPU).
-        query_slot = cache_index + jnp.arange(q_len)[:, None]
-        new_slot = cache_index + jnp.arange(q_len)[None, :]
-        key_mask = key_mask.astype(bool)
-        new_mask = key_mask if layer_cache is None else jax.lax.dynamic_slice_in_dim(key_mask, cache_index, q_len, 1)
-        parts = [(k, v, self._allowed(query_slot, new_slot, new_mask))]
-        if layer_cache is not None and not (isinstance(cache_index, int) and cache_index == 0):
-            old_slot = jnp.arange(layer_cache["k"].shape[2])[None, :]
-            old_mask = key_mask & (old_slot < cache_index)
-            parts.insert(0, (layer_cache["k"], layer_cache["v"], self._allowed(query_slot, old_slot, old_mask)))
-
-        scores = [jnp.where(allowed, jnp.einsum("bqhgd,bhkd->bhgqk", q, keys, preferred_element_type=jnp.float32)
-                            / jnp.sqrt(jnp.float32(d)), jnp.finfo(jnp.float32).min)
-                  for keys, _, allowed in parts]
-        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dt)
-        out, offset = 0.0, 0
-        # values first: with a single query XLA:CPU otherwise transposes the whole V cache every decode step
-        for (_, values, _), part in zip(parts, scores):
-            width = part.shape[-1]
-            out = out + jnp.einsum("bhkd,bhgqk->bqhgd", values, probs[..., offset:offset + width])
-            offset += width
-        out = out.reshape(batch, q_len, h * d)
-        if layer_cache is not None:
-            # Write after the reads above. The zero term (x * 0 is not folded for floats) makes the written
-            # values depend on the attention output, so XLA can order the in-place update after the reads;
-            # otherwise it copies both caches every decode step (an optimization_barrier does not help).
-            after_reads = (0.0 * out[:, 0, 0]).astype(dt)[:, None, None, None]
-            layer_cache = {
-                "k": jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k + after_reads, cache_index, axis=2),
-                "v": jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v + after_reads, cache_index, axis=2)}
-        out = _dense(cfg.d_model, ("heads", "embed"), cfg.attn_bias, dt, "o", bias_axis="embed")(out)
-        return out, layer_cache
-
-    def _allowed(self, query_slot, key_slot, key_mask):
-        """`[B, 1, 1, T, K]`: real keys, not in the future, inside the sliding window."""
-        allowed = key_slot <= query_slot
-        if self.config.sliding_window is not None:
-            allowed &= query_slot - key_slot < self.config.sliding_window
-        return allowed[None, None, None] & key_mask[:, None, None, None, :]
+        q, k, v = qkv_projections(cfg, x, rope)
+        slots = jnp.arange(q_len)
+        allowed = allowed_keys(slots[:, None], slots[None, :], key_mask, cfg.sliding_window)
+        probs = jax.nn.softmax(masked_scores(q, k, allowed), axis=-1).astype(cfg.compute_dtype)
+        out = jnp.einsum("bhkd,bhgqk->bqhgd", v, probs).reshape(batch, q_len, -1)
+        return Dense(cfg.d_model, ("heads", "embed"), cfg.attn_bias, cfg.compute_dtype, "embed", name="o")(out)
 
 
 class MLP(nn.Module):
@@ -286,12 +243,12 @@ class MLP(nn.Module):
         cfg = self.config
         dt = cfg.compute_dtype
         if cfg.mlp == "swiglu":
-            gate = _dense(cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, dt, "gate")(x)
-            up = _dense(cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, dt, "up")(x)
+            gate = Dense(cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, dt, name="gate")(x)
+            up = Dense(cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, dt, name="up")(x)
             hidden = nn.silu(gate) * up
         else:
-            hidden = nn.gelu(_dense(cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, dt, "up")(x), approximate=True)
-        return _dense(cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, dt, "down", bias_axis="embed")(hidden)
+            hidden = nn.gelu(Dense(cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, dt, name="up")(x), approximate=True)
+        return Dense(cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, dt, "embed", name="down")(hidden)
 
 
 class Block(nn.Module):
@@ -301,14 +258,12 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_cache, key_mask, rope, cache_index):
+    def __call__(self, x, key_mask, rope):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        attn_out, layer_cache = Attention(cfg, name="attn")(
-            Norm(cfg, name="attn_norm")(x), layer_cache, key_mask, rope, cache_index)
-        x = x + drop(attn_out)
+        x = x + drop(Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), key_mask, rope))
         x = x + drop(MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
-        return x, layer_cache
+        return x, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,22 +283,23 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None,
                  cache_index=0, deterministic: bool = True, heads_from: int = 0) -> ModelOutput:
-        """`heads_from`: heads (final norm, LM / value head) at slots `heads_from:` only, as a Python
-        slice start: -1 is the last slot (a prefill before sampling, outputs `[B, 1, ...]`); PPO
-        passes the last prompt slot, so the LM head skips the rest of the prompt."""
+        """`input_ids [B, T]` int -> `ModelOutput` (fp32 `logits [B, T, V]` / `values [B, T]`).
+
+        `heads_from`: heads (final norm, LM / value head) at slots `heads_from:` only, as a Python
+        slice start: -1 is the last slot (outputs `[B, 1, ...]`).
+        `cache` (with `cache_index`): KV-cache decoding, see `rlhf_jax.models.decode`; it needs
+        `decode.unstack_layers(params)`, an `attention_mask` over all cache slots and `position_ids`.
+        """
         cfg = self.config
         unknown = set(self.heads) - {"lm", "value"}
         if unknown:
             raise ValueError(f"Transformer.heads has unknown entries {sorted(unknown)} (allowed: 'lm', 'value')")
-        batch, q_len = input_ids.shape
-        unrolled = isinstance(cache, tuple) or (
-            not self.is_initializing() and isinstance(self.variables["params"].get("layers"), tuple))
+        if cache is not None and (attention_mask is None or position_ids is None):
+            raise ValueError("Transformer: with a cache, pass attention_mask (every cache slot) and position_ids")
         if attention_mask is None:
-            key_len = q_len if cache is None else (cache[0] if unrolled else cache)["k"].shape[-2]
-            attention_mask = jnp.ones((batch, key_len), jnp.int32)
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if position_ids is None:
-            position_ids = jax.lax.dynamic_slice_in_dim(
-                default_position_ids(attention_mask), cache_index, q_len, axis=1)
+            position_ids = default_position_ids(attention_mask)
 
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
@@ -360,19 +316,20 @@ class Transformer(nn.Module):
             rope = rope_tables(position_ids, cfg.dim_per_head, cfg.rope_theta)
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
 
-        if unrolled:
-            x, cache = self._unrolled_layers(x, cache, attention_mask, rope, cache_index, deterministic)
-        else:
+        if cache is None:
             block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
             layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, name="layers")
-            x, cache = layers(x, cache, attention_mask, rope, cache_index)
+            x, _ = layers(x, attention_mask, rope)
+        else:
+            from rlhf_jax.models import decode  # decode builds on this file's layers
+            x, cache = decode.cached_layers(self, x, cache, attention_mask, rope, cache_index)
         if heads_from:
             x = x[:, heads_from:]
         x = Norm(cfg, name="final_norm")(x)
@@ -384,27 +341,6 @@ class Transformer(nn.Module):
         if "value" in self.heads:
             values = heads_lib.ScalarHead(cfg.d_model, name="value_head")(x)
         return ModelOutput(logits=logits, values=values, cache=cache)
-
-
-    def _unrolled_layers(self, x, caches, attention_mask, rope, cache_index, deterministic):
-        """The blocks one after another with per-layer parameters and caches (decode layout)."""
-        layer_params = self.variables["params"].get("layers")
-        if not isinstance(layer_params, tuple) or not (caches is None or isinstance(caches, tuple)):
-            raise ValueError("Transformer: a per-layer cache (init_layer_caches) needs per-layer parameters "
-                             "(unstack_layers) and vice versa; got params['layers'] of type "
-                             f"{type(layer_params).__name__} and a cache of type {type(caches).__name__}")
-        if len(layer_params) != self.config.n_layers:
-            raise ValueError(f"Transformer: params['layers'] has {len(layer_params)} layers, "
-                             f"config.n_layers={self.config.n_layers}")
-        new_caches = []
-        for i, params in enumerate(layer_params):
-            rngs = {} if deterministic or self.config.dropout_rate == 0 else {
-                "dropout": jax.random.fold_in(self.make_rng("dropout"), i)}
-            x, layer_cache = Block(self.config, deterministic, parent=None).apply(
-                {"params": params}, x, None if caches is None else caches[i], attention_mask, rope, cache_index,
-                rngs=rngs)
-            new_caches.append(layer_cache)
-        return x, None if caches is None else tuple(new_caches)
 
 
 def init_params(model: Transformer, rng: Array, seq_len: int = 8) -> Any:
