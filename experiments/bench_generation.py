@@ -154,8 +154,8 @@ def decode_step_cost(config: TransformerConfig, params, batch: int, context: int
 def kernel_floor_seconds(config: TransformerConfig, params, batch: int, context: int, steps: int = 32) -> float:
     """Seconds per decode step of a `fori_loop` running only the step's matrix products (every
     layer's q/k/v/o and MLP kernels, the scores and weighted sum against K and V caches of
-    `context` slots, in the einsum forms `decode.CachedAttention` uses, and the LM head) on the model's own
-    weights, chained by adds. No norms, softmax, sampling or cache writes: what XLA's kernels
+    `context` slots, in the einsum forms `decode.CachedAttention` uses, and the LM head) on the
+    model's own weights, chained by adds. No norms, softmax, sampling or cache writes: what XLA's kernels
     need for the step's arithmetic and reads alone.
     """
     layers = unstack_layers(params)["layers"]

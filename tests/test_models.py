@@ -75,7 +75,8 @@ def test_kv_cache_decoding_equals_full_forward(name):
     params = _random_params(model, seed=2)
     per_layer = decode.unstack_layers(params)
     assert len(per_layer["layers"]) == cfg.n_layers
-    np.testing.assert_array_equal(per_layer["layers"][1]["attn"]["q"]["kernel"], params["layers"]["attn"]["q"]["kernel"][1])
+    np.testing.assert_array_equal(per_layer["layers"][1]["attn"]["q"]["kernel"],
+                                  params["layers"]["attn"]["q"]["kernel"][1])
     ids = np.random.RandomState(3).randint(1, VOCAB, (2, 8))
     mask = np.ones((2, 8), np.int32)
     mask[1, :2] = 0
