@@ -1,7 +1,7 @@
 """Config pieces shared by every stage (configs/sft.py, rm.py, ppo.py, ...).
 
 Each helper returns an `ml_collections.ConfigDict` with a comment on every field; keyword
-arguments override the defaults. The trainers read them through rlhf_jax.trainers.common.
+arguments override the defaults. The trainers read them through rlhf_jax.loading (init), rlhf_jax.optim and rlhf_jax.trainers.setup.
 """
 from __future__ import annotations
 
@@ -35,13 +35,14 @@ def model_config(**fields) -> ml_collections.ConfigDict:
 def init_config(source: str = "scratch", path: str = "") -> ml_collections.ConfigDict:
     """Where a stage's model starts (stage hand-off)."""
     return ml_collections.ConfigDict(dict(
-        source=source,  # "scratch" (fresh config.model), "checkpoint" (an earlier stage), "hf" (HF dir)
+        source=source,  # "scratch" (fresh config.model), "checkpoint" (an earlier stage), "hf" (HF dir);
+        #                 PPO roles also take "actor" / "reward" (a copy of that role) and "none" (no reward model)
         path=path,  # checkpoint: a stage workdir, its checkpoints/ dir or one step dir; hf: local HF dir
     ))
 
 
 def optim_config(**fields) -> ml_collections.ConfigDict:
-    """AdamW with linear warmup + cosine decay (rlhf_jax.trainers.common.make_optimizer)."""
+    """AdamW with linear warmup + cosine decay (rlhf_jax.optim.make_optimizer)."""
     base = dict(
         learning_rate=1e-3,  # peak learning rate
         warmup_steps=10,  # linear warmup from 0, in optimizer updates

@@ -112,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---- stage 3: PPO against the RM ---------------------------------------------------------------
     c.ppo = ppo_configs.get_config("tiny")
     c.ppo.num_steps = 100
-    c.ppo.critic_init = "reward"  # critic from the RM (InstructGPT / DeepSpeed-Chat)
+    c.ppo.critic.init.source = "reward"  # critic from the RM (InstructGPT / DeepSpeed-Chat)
     c.ppo.rewards.rm_weight = 1.0
     c.ppo.rewards.rules.target_token.weight = 0.0  # no rule rewards: the RM is the only reward
     # The policy is the model sampled at temperature 0.5 (PPO's log-probs, the KL and the evaluation
@@ -120,8 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.rollout.update(batch_size=64, prompt_len=12, max_new_tokens=24, temperature=0.5, eos_id=1, pad_id=0)
     c.ppo.ppo.update(epochs=2, num_minibatches=2)
     c.ppo.kl.update(coef=0.1, adaptive=False)  # 0.05 over-optimises the RM (experiments/sweep.py)
-    c.ppo.actor_optim.update(learning_rate=1e-4)  # 3e-4 collapses onto one answer per kind sooner (lower win rate)
-    c.ppo.critic_optim.update(learning_rate=1e-3)
+    c.ppo.actor.optim.update(learning_rate=1e-4)  # 3e-4 collapses onto one answer per kind sooner (lower win rate)
+    c.ppo.critic.optim.update(learning_rate=1e-3)
     c.ppo.log_every, c.ppo.checkpoint.save_every = 1, 50
 
     if preset == "smoke":

@@ -13,6 +13,9 @@ import ml_collections
 
 from configs import common
 
+PPO_OPTIM = dict(warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0)  # constant lr, no decay; steps count
+#   optimizer updates (= ppo.epochs x ppo.num_minibatches per iteration)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "tiny"
@@ -23,14 +26,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0  # seeds model init (when standalone), sampling and minibatch shuffling
     c.num_steps = 40  # PPO iterations (rollout + update) to run in total
 
-    # ---- models and stage hand-off ------------------------------------------------------------
+    # ---- models: one section per role, each with an `init` like SFT/RM's ---------------------------
     c.model = common.model_config(vocab_size=64, d_model=32, d_ff=64, max_len=64)  # a from-scratch actor
-    #          (actor_checkpoint=""); with a checkpoint only dtype / remat come from here (dropout is off)
-    c.actor_checkpoint = ""  # SFT run dir (Orbax checkpoints) or a local HF dir; "" = fresh init
-    c.reward_checkpoint = ""  # RM checkpoint dir; "" = no reward model (rule rewards only)
-    c.critic = "token"  # "token": separate per-token critic (DeepSpeed-Chat); "shared": value head
-    #                      on the actor trunk; "sequence": one scalar per prompt (ColossalChat)
-    c.critic_init = "actor"  # critic trunk (+ fresh value head) from "actor" (SFT) or "reward" (the RM)
+    #          (actor.init.source="scratch"); with a checkpoint only dtype / remat come from here (dropout is off)
+    c.actor = ml_collections.ConfigDict(dict(
+        init=common.init_config("scratch"),  # the SFT policy: "scratch" | "checkpoint" (SFT run dir) | "hf"
+        optim=common.optim_config(learning_rate=3e-3, **PPO_OPTIM),  # AdamW (+ a shared value head)
+    ))
+    c.reference = ml_collections.ConfigDict(dict(
+        init=common.init_config("actor"),  # frozen reference: "actor" (the actor's starting weights) |
+        #                                    "checkpoint" | "hf"
+    ))
+    c.critic = ml_collections.ConfigDict(dict(
+        type="token",  # "token": separate per-token critic (DeepSpeed-Chat); "shared": value head on the
+        #                actor trunk; "sequence": one value per response (ColossalChat)
+        init=common.init_config("actor"),  # critic trunk (+ a fresh value head when it has none): "actor" |
+        #                                    "reward" (a copy of the starting weights of that role) | "checkpoint" | "hf"
+        optim=common.optim_config(learning_rate=3e-3, **PPO_OPTIM),  # AdamW of a separate critic
+    ))
+    c.reward = ml_collections.ConfigDict(dict(
+        init=common.init_config("none"),  # frozen reward model: "none" (rule rewards only) | "checkpoint"
+        #                                   (RM run dir, its stored normalisation applied) | "hf"
+    ))
     c.ema_decay = 0.0  # EMA of actor weights (e.g. 0.992 as in DeepSpeed-Chat); 0 = off
 
     # ---- rollout ------------------------------------------------------------------------------
@@ -45,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pad_id=0,  # padding token
     ))
     c.data = ml_collections.ConfigDict(dict(
-        prompts="",  # JSONL prompts file; "" = synthetic random prompts (from-scratch actor only)
-        tokenizer="",  # local HF tokenizer dir; "" = the one recorded with actor_checkpoint (or its HF dir)
+        prompts="",  # JSONL prompts file; "" = synthetic random prompts (actor.init.source="scratch" only)
+        tokenizer="",  # local HF tokenizer dir; "" = the one recorded with actor.init's checkpoint (or its HF dir)
         template="auto",  # chat template (rlhf_jax.data.chat.TEMPLATES)
         cache_dir="",  # TFDS array_record cache; "" = WORKDIR/data
         min_prompt_len=2,  # synthetic prompts: shortest prompt (the rest is left padding)
@@ -55,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- reward -------------------------------------------------------------------------------
     c.rewards = ml_collections.ConfigDict(dict(
-        rm_weight=0.0,  # weight of the (normalised) reward-model score; needs reward_checkpoint
+        rm_weight=0.0,  # weight of the (normalised) reward-model score; needs reward.init
         score_clip=0.0,  # clip the total score to ±score_clip before KL shaping; 0 = off
         rules=dict(  # rule-based rewards (rlhf_jax/rewards.py); weight 0 = off
             target_token=dict(weight=1.0, token=3),  # +weight per emitted `token`
@@ -89,10 +106,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seq_len=16,  # pretraining sequence length
     ))
 
-    # ---- optimisation (AdamW per network; steps count updates = epochs x minibatches per iteration) --
-    ppo_optim = dict(warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0)  # constant lr, no decay
-    c.actor_optim = common.optim_config(learning_rate=3e-3, **ppo_optim)  # actor (+ shared value head)
-    c.critic_optim = common.optim_config(learning_rate=3e-3, **ppo_optim)  # separate critic
     c.max_nonfinite_streak = 3  # stop after this many consecutive iterations with a skipped update
 
     # ---- mesh, distributed, checkpoints, logging ----------------------------------------------
@@ -107,9 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if preset == "gpt2":
         c.model = common.model_config(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
                                       d_ff=3072, max_len=1024, dtype="bfloat16")
-        c.actor_checkpoint = "runs/sft_gpt2"  # train_sft.py --config configs/sft.py:gpt2 --workdir runs/sft_gpt2
-        c.reward_checkpoint = "runs/rm_gpt2"  # train_rm.py --config configs/rm.py:gpt2 --workdir runs/rm_gpt2
-        c.critic_init = "reward"
+        c.actor.init.update(source="checkpoint", path="runs/sft_gpt2")  # train_sft.py --config configs/sft.py:gpt2
+        c.reward.init.update(source="checkpoint", path="runs/rm_gpt2")  # train_rm.py --config configs/rm.py:gpt2
+        c.critic.init.source = "reward"
         c.data.prompts = "prompts.jsonl"  # your PPO prompts; the tokenizer comes with the SFT checkpoint
         c.rewards.rm_weight = 1.0
         c.rewards.rules.target_token.weight = 0.0
@@ -117,8 +130,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rollout.update(batch_size=64, prompt_len=256, max_new_tokens=256, eos_id=50256, pad_id=50256)
         c.ppo.update(epochs=1, num_minibatches=4)
         c.kl.update(coef=0.1, adaptive=True)
-        c.actor_optim.update(learning_rate=1e-6, warmup_steps=10)
-        c.critic_optim.update(learning_rate=5e-6, warmup_steps=10)
+        c.actor.optim.update(learning_rate=1e-6, warmup_steps=10)
+        c.critic.optim.update(learning_rate=5e-6, warmup_steps=10)
         c.ema_decay = 0.992
         c.num_steps = 1000
         c.checkpoint.save_every = 100
@@ -126,9 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = common.model_config(family="llama", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
                                       n_kv_heads=2, d_ff=4864, max_len=2048, qkv_bias=True, dtype="bfloat16",
                                       remat=True)
-        c.actor_checkpoint = "runs/sft_qwen2"  # train_sft.py --config configs/sft.py:qwen2 --workdir runs/sft_qwen2
-        c.reward_checkpoint = "runs/rm_qwen2"  # train_rm.py --config configs/rm.py:qwen2 --workdir runs/rm_qwen2
-        c.critic_init = "reward"
+        c.actor.init.update(source="checkpoint", path="runs/sft_qwen2")  # train_sft.py --config configs/sft.py:qwen2
+        c.reward.init.update(source="checkpoint", path="runs/rm_qwen2")  # train_rm.py --config configs/rm.py:qwen2
+        c.critic.init.source = "reward"
         c.data.prompts = "prompts.jsonl"  # your PPO prompts; the tokenizer comes with the SFT checkpoint
         c.rewards.rm_weight = 1.0
         c.rewards.rules.target_token.weight = 0.0
@@ -136,8 +149,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rollout.update(batch_size=64, prompt_len=512, max_new_tokens=512, eos_id=151643, pad_id=151643)
         c.ppo.update(epochs=1, num_minibatches=4)
         c.kl.update(coef=0.05, adaptive=True)
-        c.actor_optim.update(learning_rate=5e-7, warmup_steps=10)
-        c.critic_optim.update(learning_rate=5e-6, warmup_steps=10)
+        c.actor.optim.update(learning_rate=5e-7, warmup_steps=10)
+        c.critic.optim.update(learning_rate=5e-6, warmup_steps=10)
         c.mesh.update(data=1, fsdp=-1, tensor=1)  # ZeRO-3 style: params sharded, batch split
         c.num_steps = 1000
         c.checkpoint.save_every = 100

@@ -7,7 +7,7 @@ matmul (the LM head included, embedding lookups excluded) plus attention 12·L·
 (QKᵀ and PV, forward and backward); recomputation (remat) is not counted. XLA's own count from the
 compiled step's cost analysis is printed next to it.
 
-The steps are the trainers' (`rlhf_jax.trainers.common.make_train_step`: gradients, global-norm
+The steps are the trainers' (`rlhf_jax.trainers.train_state.make_train_step`: gradients, global-norm
 clipping, AdamW, non-finite guard) with the library's losses, jitted with the state donated.
 PPO update = one minibatch step of the actor (clipped surrogate on the response tokens) and a
 separate critic (clipped value loss), the inner step of the PPO epochs x minibatches loop.
@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 from bench_generation import machine_info, matmul_peak_flops  # noqa: E402
 from rlhf_jax import losses  # noqa: E402
 from rlhf_jax.models import Transformer, TransformerConfig, init_params, last_token_values  # noqa: E402
-from rlhf_jax.trainers import common  # noqa: E402
+from rlhf_jax import optim  # noqa: E402
+from rlhf_jax.trainers import state as train_state  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("d_model", 512, "Model width.")
@@ -134,10 +135,10 @@ def make_batches(stage: str, batch: int, seq_len: int, vocab: int, prompt_len: i
 
 def time_step(loss_fn, params, batch: dict, steps: int) -> tuple:
     """(best seconds per step, XLA flops of the compiled step, compile seconds)."""
-    optimizer, schedule = common.make_optimizer(OPTIM, 1000)
-    step = jax.jit(common.make_train_step(loss_fn, optimizer, schedule), donate_argnums=(0,))
+    optimizer, schedule = optim.make_optimizer(OPTIM, 1000)
+    step = jax.jit(train_state.make_train_step(loss_fn, optimizer, schedule), donate_argnums=(0,))
     # Built by a jitted function so every leaf is its own buffer (the step donates them all).
-    state = jax.jit(lambda p, r: common.TrainState.create(p, optimizer, r))(params, jax.random.PRNGKey(0))
+    state = jax.jit(lambda p, r: train_state.TrainState.create(p, optimizer, r))(params, jax.random.PRNGKey(0))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()

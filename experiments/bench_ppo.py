@@ -71,8 +71,8 @@ def export_models(preset: dict, directory: str) -> tuple[str, str]:
 def ours_config(preset: dict, reward_dir: str, iterations: int):
     c = ppo_configs.get_config("tiny")
     c.model.update(**{k: v for k, v in preset["model"].items()})
-    c.reward_checkpoint = reward_dir
-    c.critic, c.critic_init = "token", "reward"
+    c.reward.init.update(source="hf", path=reward_dir)
+    c.critic.update(type="token", init={"source": "reward", "path": ""})
     c.rewards.rm_weight = 1.0
     c.rewards.rules.target_token.weight = 0.0
     c.rollout.update(batch_size=preset["batch"], prompt_len=preset["prompt_len"],
@@ -80,7 +80,7 @@ def ours_config(preset: dict, reward_dir: str, iterations: int):
     c.data.min_prompt_len = preset["prompt_len"]  # full prompts, like TRL's
     c.ppo.update(epochs=preset["epochs"], num_minibatches=preset["minibatches"])
     c.kl.update(coef=KL_COEF, adaptive=False)
-    c.actor_optim.learning_rate = c.critic_optim.learning_rate = LR
+    c.actor.optim.learning_rate = c.critic.optim.learning_rate = LR
     c.num_steps = iterations
     c.checkpoint.save_every = 10 ** 6
     c.profile_phases = True
@@ -92,7 +92,8 @@ def run_ours(preset: dict, reward_dir: str, iterations: int) -> dict:
         ppo.train(ours_config(preset, reward_dir, iterations), workdir)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f][1:]  # first: compile + warm-up
-    result = {key: statistics.median(r[f"time/{key}"] for r in rows) for key in ("iteration", "rollout", "update")}
+    result = {key: statistics.median(r[f"time/{name}"] for r in rows)
+              for key, name in (("iteration", "step"), ("rollout", "rollout"), ("update", "update"))}
     result["episodes_per_s"] = preset["batch"] / result["iteration"]
     return result
 

@@ -5,7 +5,7 @@
 --part batch  : generation time vs batch size at a fixed response length (new tokens/s per batch).
 --part memory : per-device parameter + AdamW-state bytes vs FSDP size on 8 simulated CPU devices
                 (should shrink ~1/N). Bytes come from the trainers' shardings
-                (`rlhf_jax.sharding.param_shardings`, `common.train_state_shardings`) via each
+                (`rlhf_jax.sharding.param_shardings`, `train_state.train_state_shardings`) via each
                 array's per-device shard shape; for the smallest model the state is also built on
                 the devices and its addressable shards are summed, to check the arithmetic.
 
@@ -36,7 +36,8 @@ import numpy as np  # noqa: E402
 from bench_generation import MODELS, best_seconds, machine_info, prompts  # noqa: E402
 from rlhf_jax import generation, sharding  # noqa: E402
 from rlhf_jax.models import Transformer, TransformerConfig, init_params  # noqa: E402
-from rlhf_jax.trainers import common  # noqa: E402
+from rlhf_jax import optim  # noqa: E402
+from rlhf_jax.trainers import state as train_state  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("part", "all", ["all", "length", "batch", "memory"], "Which measurement.")
@@ -104,11 +105,11 @@ def batch_part(model, params) -> list:
 def state_shapes_and_shardings(config: TransformerConfig, fsdp: int):
     mesh = sharding.make_mesh({"data": -1, "fsdp": fsdp, "tensor": 1})
     model = Transformer(config)
-    optimizer, _ = common.make_optimizer(OPTIM, 1000)
+    optimizer, _ = optim.make_optimizer(OPTIM, 1000)
     params_shape = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     param_sh = sharding.param_shardings(model, mesh)
-    state_sh = common.train_state_shardings(optimizer, params_shape, param_sh, mesh)
-    state_shape = jax.eval_shape(lambda p: common.TrainState.create(p, optimizer, jax.random.PRNGKey(0)), params_shape)
+    state_sh = train_state.train_state_shardings(optimizer, params_shape, param_sh, mesh)
+    state_shape = jax.eval_shape(lambda p: train_state.TrainState.create(p, optimizer, jax.random.PRNGKey(0)), params_shape)
     return model, optimizer, params_shape, state_shape, state_sh
 
 
@@ -123,7 +124,7 @@ def allocated_bytes_on_device0(config: TransformerConfig, fsdp: int) -> int:
     """Build the train state on the mesh and sum the bytes of device 0's shards."""
     model, optimizer, _, _, state_sh = state_shapes_and_shardings(config, fsdp)
     params = init_params(model, jax.random.PRNGKey(0))
-    state = common.init_train_state(params, optimizer, jax.random.PRNGKey(0), state_sh)
+    state = train_state.init_train_state(params, optimizer, jax.random.PRNGKey(0), state_sh)
     device = jax.devices()[0]
     return sum(shard.data.nbytes for leaf in jax.tree_util.tree_leaves(state)
                for shard in leaf.addressable_shards if shard.device == device)

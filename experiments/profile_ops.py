@@ -32,7 +32,8 @@ import bench_mfu  # noqa: E402  (defines --d_model, --n_layers, --batch, --seq_l
 from bench_generation import MODELS, prompts  # noqa: E402
 from rlhf_jax import generation  # noqa: E402
 from rlhf_jax.models import Transformer, init_params  # noqa: E402
-from rlhf_jax.trainers import common  # noqa: E402
+from rlhf_jax import optim  # noqa: E402
+from rlhf_jax.trainers import state as train_state  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("step", "generate", ["generate", "sft"],
@@ -61,9 +62,9 @@ def generate_call():
 def sft_call():
     """(compiled program, call running it once) for bench_mfu.py's SFT train step (state donated)."""
     model = Transformer(bench_mfu.model_config())
-    optimizer, schedule = common.make_optimizer(bench_mfu.OPTIM, 1000)
-    step = jax.jit(common.make_train_step(bench_mfu.sft_loss_fn(model), optimizer, schedule), donate_argnums=(0,))
-    state = [jax.jit(lambda r: common.TrainState.create(init_params(model, r), optimizer, r))(jax.random.PRNGKey(0))]
+    optimizer, schedule = optim.make_optimizer(bench_mfu.OPTIM, 1000)
+    step = jax.jit(train_state.make_train_step(bench_mfu.sft_loss_fn(model), optimizer, schedule), donate_argnums=(0,))
+    state = [jax.jit(lambda r: train_state.TrainState.create(init_params(model, r), optimizer, r))(jax.random.PRNGKey(0))]
     batch = {k: jnp.asarray(v) for k, v in bench_mfu.make_batches(
         "sft", FLAGS.batch, FLAGS.seq_len, FLAGS.vocab, FLAGS.seq_len // 4).items()}
     compiled = step.lower(state[0], batch).compile()

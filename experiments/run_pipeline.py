@@ -18,10 +18,9 @@ sys.path.insert(0, REPO)  # repo root: configs/
 
 from absl import app, flags  # noqa: E402
 
-from rlhf_jax import pipeline  # noqa: E402
-from rlhf_jax.trainers import common  # noqa: E402
+from rlhf_jax import cli, pipeline  # noqa: E402
 
-_CONFIG = common.define_config_flag(os.path.join(REPO, "configs", "pipeline.py") + ":tiny",
+_CONFIG = cli.define_config_flag(os.path.join(REPO, "configs", "pipeline.py") + ":tiny",
                                     "Pipeline config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage, the report and the plots.",
                                required=True)
@@ -30,7 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage, the 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_script_logging()
+    cli.quiet_script_logging()
     try:
         summary = pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value)
     except pipeline.StageInterrupted as stop:

@@ -19,8 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from absl import app, flags  # noqa: E402
 
-from rlhf_jax import pipeline  # noqa: E402
-from rlhf_jax.trainers import common  # noqa: E402
+from rlhf_jax import cli, pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline workdir (experiments/run_pipeline.py).", required=True)
 _KL_COEFS = flags.DEFINE_list("kl_coefs", ["0.01", "0.05", "0.2"], "KL coefficients, comma-separated.")
@@ -33,7 +32,7 @@ _NAME = flags.DEFINE_string("name", "", "Sub-directory of DIR/sweep for this swe
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_script_logging()
+    cli.quiet_script_logging()
     try:
         kl_coefs = [float(v) for v in _KL_COEFS.value]
     except ValueError as err:

@@ -2,7 +2,7 @@
 
     python experiments/train_ppo.py --config configs/ppo.py:tiny --workdir /tmp/ppo
     python experiments/train_ppo.py --config configs/ppo.py:gpt2 --workdir runs/ppo_gpt2 \
-        --config.actor_checkpoint=runs/sft_gpt2 --config.reward_checkpoint=runs/rm_gpt2
+        --config.actor.init.path=runs/sft_gpt2 --config.reward.init.path=runs/rm_gpt2
 
 Writes WORKDIR/config.json, metrics.jsonl, TensorBoard events and checkpoints/; running the same
 command again resumes from the newest checkpoint. `--config.num_steps=N` sets the run length.
@@ -26,9 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from absl import app, flags  # noqa: E402
 
-from rlhf_jax.trainers import common, ppo  # noqa: E402
+from rlhf_jax import cli  # noqa: E402
+from rlhf_jax.trainers import ppo  # noqa: E402
 
-_CONFIG = common.define_config_flag("configs/ppo.py:tiny", "PPO config file[:preset].")
+_CONFIG = cli.define_config_flag("configs/ppo.py:tiny", "PPO config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
 
 

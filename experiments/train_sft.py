@@ -18,16 +18,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from absl import app, flags  # noqa: E402
 
-from rlhf_jax.trainers import common, sft  # noqa: E402
+from rlhf_jax import cli  # noqa: E402
+from rlhf_jax.trainers import sft  # noqa: E402
 
-_CONFIG = common.define_config_flag("configs/sft.py:tiny", "SFT config file[:preset].")
+_CONFIG = cli.define_config_flag("configs/sft.py:tiny", "SFT config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    common.quiet_script_logging()
+    cli.quiet_script_logging()
     result = sft.train(_CONFIG.value, _WORKDIR.value)
     if result.preempted:
         return

@@ -8,7 +8,7 @@ Conventions (shared with the trainers):
 - prompts are LEFT-padded `[B, P]`; responses are `generate` outputs `[B, N]` whose mask is 1 up
   to and including the first EOS;
 - the RM score of a response is the scalar head at the last real token of prompt + response,
-  normalised with the RM's stored `reward_norm` (`rlhf_jax.trainers.rm.score`);
+  normalised with the RM's stored `reward_norm` (`rlhf_jax.models.reward.score`);
 - the formulas live in one place each: the sequence KL of a response is `rl.kl_k1` summed over
   its valid tokens, the RM's pairwise accuracy is `losses.ranking_accuracy` (a score tie counts
   one half); this module only batches, samples, decodes and scores.
@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import generation
+from rlhf_jax import generation, loading
 from rlhf_jax.models import Transformer
+from rlhf_jax.models import reward as reward_lib
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,18 +102,16 @@ def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
 
 def make_score_fn(model: Transformer, norm: Mapping[str, float] | None = None) -> Callable:
     """Jitted `score(params, prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`: the
-    reward model's normalised score (`rlhf_jax.trainers.rm.score`, norm {"mean", "std"}) of the
+    reward model's normalised score (`rlhf_jax.models.reward.score`, norm {"mean", "std"}) of the
     left-padded prompt followed by the response, read at its last real token."""
-    from rlhf_jax.trainers import rm
-
     if "value" not in model.heads:
         raise ValueError(f"scoring needs a model with a 'value' head, got heads={model.heads}")
-    norm = dict(norm or rm.IDENTITY_NORM)
+    norm = dict(norm or loading.IDENTITY_NORM)
 
     @jax.jit
     def score(params, prompt_ids, prompt_mask, response_ids, response_mask):
         input_ids, attention_mask = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
-        return rm.score(model, params, norm, input_ids, attention_mask)
+        return reward_lib.score(model, params, norm, input_ids, attention_mask)
 
     return score
 

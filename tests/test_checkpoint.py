@@ -1,6 +1,5 @@
 """Orbax checkpoints: round trip onto another mesh, keep-last-N, corrupt-step fallback, hand-off."""
 import logging
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, optim, sharding
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import state as train_state
 
 TINY = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=32)
 OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=0, decay_steps=0, final_lr_ratio=0.1,
@@ -21,12 +20,12 @@ OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=0, decay
 def _state_on(mesh, params=None):
     """A TrainState on `mesh` (params from `params` or a fixed init) and its shardings/shape."""
     model = Transformer(TINY)
-    optimizer, _ = common.make_optimizer(OPTIM, num_steps=10)
+    optimizer, _ = optim.make_optimizer(OPTIM, num_steps=10)
     shape = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-    state_sh = common.train_state_shardings(optimizer, shape, sharding.param_shardings(model, mesh), mesh)
+    state_sh = train_state.train_state_shardings(optimizer, shape, sharding.param_shardings(model, mesh), mesh)
     if params is None:
         params = jax.jit(lambda r: init_params(model, r))(jax.random.PRNGKey(0))
-    state = common.init_train_state(params, optimizer, jax.random.PRNGKey(7), state_sh)
+    state = train_state.init_train_state(params, optimizer, jax.random.PRNGKey(7), state_sh)
     return state, state_sh, jax.eval_shape(lambda: state)
 
 
@@ -41,12 +40,12 @@ def test_restore_onto_a_different_mesh_and_resume_metadata(tmp_path):
     # Make the optimizer state non-trivial so its restore is checked too.
     state = state.replace(step=jnp.int32(5), opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))
     saver = checkpoint.Checkpointer(tmp_path / "ckpt")
-    saver.save(5, common.state_items(state), {"data": {"position": 40}, "model": {"d_model": 32}})
+    saver.save(5, train_state.state_items(state), {"data": {"position": 40}, "model": {"d_model": 32}})
     saver.close()
 
     one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     _, sh1, shape1 = _state_on(one)
-    restored, meta, step = common.restore_or_init(checkpoint.Checkpointer(tmp_path / "ckpt"), shape1, sh1,
+    restored, meta, step = train_state.restore_or_init(checkpoint.Checkpointer(tmp_path / "ckpt"), shape1, sh1,
                                                   init_fn=lambda: pytest.fail("should resume, not init"))
     assert step == 5 and meta == {"data": {"position": 40}, "model": {"d_model": 32}}
     _assert_trees_equal(restored, state)
@@ -55,11 +54,11 @@ def test_restore_onto_a_different_mesh_and_resume_metadata(tmp_path):
 
     # ... and back from 1 device onto a (data=1, fsdp=4, tensor=2) mesh.
     saver = checkpoint.Checkpointer(tmp_path / "ckpt1")
-    saver.save(6, common.state_items(restored), {})
+    saver.save(6, train_state.state_items(restored), {})
     saver.close()
     mesh_b = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     _, sh_b, shape_b = _state_on(mesh_b)
-    back, _, _ = common.restore_or_init(checkpoint.Checkpointer(tmp_path / "ckpt1"), shape_b, sh_b, lambda: None)
+    back, _, _ = train_state.restore_or_init(checkpoint.Checkpointer(tmp_path / "ckpt1"), shape_b, sh_b, lambda: None)
     _assert_trees_equal(back, state)
     assert back.params["layers"]["attn"]["q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
 
@@ -67,7 +66,7 @@ def test_restore_onto_a_different_mesh_and_resume_metadata(tmp_path):
 def test_empty_directory_initialises(tmp_path):
     mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
     state, sh, shape = _state_on(mesh)
-    got, meta, step = common.restore_or_init(checkpoint.Checkpointer(tmp_path), shape, sh, lambda: state)
+    got, meta, step = train_state.restore_or_init(checkpoint.Checkpointer(tmp_path), shape, sh, lambda: state)
     assert got is state and meta == {} and step is None
 
 

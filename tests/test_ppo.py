@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 
 from configs import ppo as ppo_configs
+from rlhf_jax import algorithms, loading, optim, rewards, sharding, tasks
 from rlhf_jax import checkpoint as checkpoint_lib
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax import rewards, sharding, tasks
+from rlhf_jax.data import synthetic
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
-from rlhf_jax.trainers import common, ppo
+from rlhf_jax.trainers import loop, ppo, setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_ppo.py"
@@ -43,8 +44,8 @@ def tiny_config(**overrides):
     fast_compile (XLA backend optimisation off) because compiling dominates these short runs."""
     config = ppo_configs.get_config("tiny")
     config.fast_compile = True
-    config.actor_optim.decay_steps = 1000
-    config.critic_optim.decay_steps = 1000
+    config.actor.optim.decay_steps = 1000
+    config.critic.optim.decay_steps = 1000
     config.checkpoint.save_every = 2
     config.update_from_flattened_dict(overrides)  # dotted keys: 'a.b.c'
     return config
@@ -58,18 +59,16 @@ def run_iterations(config, mesh, n, observe=None):
     """
     models = ppo.build_models(config)
     optimizers = ppo.make_optimizers(config, models)
-    state_sh = ppo.state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0)
-    state = ppo.initial_state(config, models, optimizers, state_sh, mesh)
+    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0)
+    state = ppo.initial_state(config, models, optimizers, state_sh)
     step_fn = ppo.jit_iteration(models, ppo.settings_from_config(config), optimizers, state_sh, mesh,
-                                with_ptx=bool(config.ptx.coef), options=common.compiler_options(config))
-    prompts, ptx = ppo.make_data(config, "unused-without-data-files")
+                                with_ptx=bool(config.ptx.coef), options=setup.compiler_options(config))
+    batches = ppo.iteration_batches(*ppo.make_data(config, "unused-without-data-files"))
     rows = []
     for _ in range(n):
-        batch = next(prompts)
-        device_prompts = sharding.shard_batch({k: batch[k] for k in ("prompt_ids", "prompt_mask")}, mesh)
-        device_ptx = None if ptx is None else sharding.shard_batch(next(ptx), mesh)
+        batch = ppo.place_batch(next(batches), mesh)
         before = jax.device_get(state) if observe else None
-        state, metrics, _ = step_fn(state, device_prompts, device_ptx)
+        state, metrics, _ = step_fn(state, batch)
         rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         if observe:
             observe(before, jax.device_get(state), rows[-1])
@@ -107,27 +106,30 @@ def test_rule_config_errors_name_the_key():
 
 
 def test_config_errors_before_compilation():
-    with pytest.raises(ValueError, match=r"config.critic='bogus'"):
-        ppo.validate_config(tiny_config(critic="bogus"), (1, 1, 1))
+    with pytest.raises(ValueError, match=r"config.critic.type='bogus'"):
+        ppo.validate_config(tiny_config(**{"critic.type": "bogus"}), (1, 1, 1))
     with pytest.raises(ValueError, match=r"config.rollout.batch_size=12 must be a positive multiple of "
                                          r"data\*fsdp=8 \* ppo.num_minibatches=2 = 16"):
         ppo.validate_config(tiny_config(**{"rollout.batch_size": 12}), (8, 1, 1))
-    with pytest.raises(ValueError, match=r"config.rewards.rm_weight=1.0 but config.reward_checkpoint is empty"):
+    with pytest.raises(ValueError, match=r"config.rewards.rm_weight=1.0 but config.reward.init.source='none'"):
         ppo.validate_config(tiny_config(**{"rewards.rm_weight": 1.0}), (1, 1, 1))
-    with pytest.raises(ValueError, match=r"config.reward_checkpoint='/nonexistent/rm' does not exist"):
-        ppo.validate_config(tiny_config(reward_checkpoint="/nonexistent/rm"), (1, 1, 1))
+    with pytest.raises(ValueError, match=r"config.reward.init.path='/nonexistent/rm' does not exist"):
+        ppo.validate_config(tiny_config(**{"reward.init.source": "checkpoint", "reward.init.path": "/nonexistent/rm"}),
+                            (1, 1, 1))
+    with pytest.raises(ValueError, match=r"config.reference.init.source='scratch' \(allowed: 'actor', 'checkpoint', 'hf'\)"):
+        ppo.validate_config(tiny_config(**{"reference.init.source": "scratch"}), (1, 1, 1))
     with pytest.raises(ValueError, match=r"config.rewards: no reward at all"):
         ppo.validate_config(tiny_config(**{"rewards.rules.target_token.weight": 0.0}), (1, 1, 1))
 
 
 def test_synthetic_prompts_are_left_padded_and_process_sliced():
-    full = next(ppo.SyntheticPrompts(8, 6, 2, 16, (0, 1), seed=3))
+    full = next(synthetic.SyntheticPrompts(8, 6, 2, 16, (0, 1), seed=3))
     assert np.all(full["prompt_mask"][:, -1] == 1)  # left padding: the last slot is always real
     assert np.all(np.diff(full["prompt_mask"], axis=1) >= 0)  # 0s then 1s
     assert np.all(full["prompt_mask"].sum(1) >= 2)
     real = full["prompt_ids"][full["prompt_mask"] == 1]
     assert not np.isin(real, [0, 1]).any()  # no pad / EOS inside prompts
-    halves = [next(ppo.SyntheticPrompts(8, 6, 2, 16, (0, 1), seed=3, process_index=i, process_count=2))
+    halves = [next(synthetic.SyntheticPrompts(8, 6, 2, 16, (0, 1), seed=3, process_index=i, process_count=2))
               for i in range(2)]
     for key in full:
         np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), full[key])
@@ -158,7 +160,7 @@ def test_reward_rises_on_emit_token_task_and_compiles_once(single_device_run):
 
 
 # Shared value head, PPO-ptx on counting sequences, EMA and the adaptive KL controller.
-VARIANT = dict(critic="shared", ema_decay=0.9, **{"ptx.coef": 1.0, "kl.adaptive": True, "kl.target": 1.0,
+VARIANT = dict(ema_decay=0.9, **{"critic.type": "shared", "ptx.coef": 1.0, "kl.adaptive": True, "kl.target": 1.0,
                                                   "kl.horizon": 100})
 
 
@@ -209,7 +211,7 @@ def assert_same_metrics(reference_rows, rows, keys=DETERMINISTIC_KEYS):
 
 def _save_stage(workdir, model, params, meta):
     checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints")
-    checkpointer.save(1, {"params": params}, {"model": common.model_meta(model), **meta})
+    checkpointer.save(1, {"params": params}, {"model": loading.model_meta(model), **meta})
     checkpointer.close()
 
 
@@ -225,8 +227,10 @@ def test_hand_off_from_sft_and_rm_checkpoints(tmp_path):
     _save_stage(tmp_path / "sft", sft_model, sft_params, {"tokenizer": files["tokenizer"]})
     _save_stage(tmp_path / "rm", rm_model, rm_params, {"reward_norm": {"mean": 0.3, "std": 2.0}})
 
-    config = tiny_config(actor_checkpoint=str(tmp_path / "sft"), reward_checkpoint=str(tmp_path / "rm"),
-                         critic="sequence", critic_init="reward", **{
+    config = tiny_config(**{
+                             "actor.init.source": "checkpoint", "actor.init.path": str(tmp_path / "sft"),
+                             "reward.init.source": "checkpoint", "reward.init.path": str(tmp_path / "rm"),
+                             "critic.type": "sequence", "critic.init.source": "reward",
                              "rewards.rm_weight": 1.0, "rewards.rules.target_token.weight": 0.0,
                              "rollout.prompt_len": 16, "data.prompts": files["ppo_prompts"],
                              "data.ptx": files["corpus"], "data.cache_dir": str(tmp_path / "tfds"),
@@ -238,21 +242,22 @@ def test_hand_off_from_sft_and_rm_checkpoints(tmp_path):
     tokenizer = ppo.load_tokenizer(config, models)
     prompts, ptx = ppo.make_data(config, str(tmp_path / "run"), tokenizer)
     optimizers = ppo.make_optimizers(config, models)
-    state_sh = ppo.state_shardings(models, optimizers, mesh, ema=False)
-    state = ppo.initial_state(config, models, optimizers, state_sh, mesh)
+    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=False)
+    state = ppo.initial_state(config, models, optimizers, state_sh)
     same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), b)  # noqa: E731
     same(state.actor, sft_params), same(state.ref, sft_params), same(state.reward, rm_params)
     same(state.critic, rm_params)  # critic = copy of the RM (DeepSpeed-Chat)
 
-    settings = ppo.settings_from_config(config, ppo.reward_norm_from_checkpoint(config.reward_checkpoint))
+    settings = ppo.settings_from_config(config, loading.reward_norm(config.reward.init.path))
     assert settings.reward_norm == (0.3, 2.0)
     step_fn = ppo.jit_iteration(models, settings, optimizers, state_sh, mesh, with_ptx=True,
-                                options=common.compiler_options(config))
+                                options=setup.compiler_options(config))
+    batches = ppo.iteration_batches(prompts, ptx)
     for _ in range(2):
-        host_prompts = next(prompts)
+        host_batch = next(batches)
+        host_prompts = host_batch["prompts"]
         assert host_prompts["prompt_ids"].shape == (16, 16) and np.all(host_prompts["prompt_mask"][:, -1] == 1)
-        device_prompts = sharding.shard_batch({k: host_prompts[k] for k in ("prompt_ids", "prompt_mask")}, mesh)
-        state, metrics, outputs = step_fn(state, device_prompts, sharding.shard_batch(next(ptx), mesh))
+        state, metrics, outputs = step_fn(state, ppo.place_batch(host_batch, mesh))
     same(state.ref, sft_params), same(state.reward, rm_params)  # frozen
     assert not np.allclose(jax.device_get(state.actor)["embed"]["embedding"], sft_params["embed"]["embedding"])
 
@@ -285,20 +290,20 @@ def test_guarded_update_skips_non_finite_gradients():
     params = {"w": jnp.array([1.0, 2.0])}
     optimizer = optax.adam(0.1)
     opt_state = optimizer.init(params)
-    kept, kept_state, finite = ppo._guarded_update(optimizer, params, opt_state, {"w": jnp.array([jnp.nan, 1.0])},
+    kept, kept_state, finite = optim.guarded_update(optimizer, params, opt_state, {"w": jnp.array([jnp.nan, 1.0])},
                                                    jnp.float32(1.0))
     assert not bool(finite)
     np.testing.assert_array_equal(kept["w"], params["w"])
     jax.tree.map(np.testing.assert_array_equal, kept_state, opt_state)
-    _, _, finite = ppo._guarded_update(optimizer, params, opt_state, {"w": jnp.ones(2)}, jnp.float32(jnp.inf))
+    _, _, finite = optim.guarded_update(optimizer, params, opt_state, {"w": jnp.ones(2)}, jnp.float32(jnp.inf))
     assert not bool(finite)  # a non-finite loss also skips
-    moved, _, finite = ppo._guarded_update(optimizer, params, opt_state, {"w": jnp.ones(2)}, jnp.float32(1.0))
+    moved, _, finite = optim.guarded_update(optimizer, params, opt_state, {"w": jnp.ones(2)}, jnp.float32(1.0))
     assert bool(finite)
     np.testing.assert_allclose(moved["w"], [0.9, 1.9], rtol=1e-5)  # Adam's first step: −lr · sign(g)
 
 
 def test_minibatch_indices_are_a_permutation_per_epoch():
-    rows = np.asarray(ppo.minibatch_indices(jax.random.PRNGKey(0), batch_size=12, epochs=3, num_minibatches=4))
+    rows = np.asarray(algorithms.minibatch_indices(jax.random.PRNGKey(0), batch_size=12, epochs=3, num_minibatches=4))
     assert rows.shape == (12, 3)  # 3 epochs x 4 minibatches, 3 rows each
     epochs = rows.reshape(3, 12)
     for epoch in epochs:
@@ -311,8 +316,8 @@ def test_minibatch_indices_are_a_permutation_per_epoch():
 # ----------------------------------------------------------------------------------------------
 def run_script(workdir, env, *flags, timeout=300):
     cmd = [sys.executable, str(SCRIPT), f"--workdir={workdir}", "--config.fast_compile=True",
-           "--config.actor_optim.decay_steps=1000",
-           "--config.critic_optim.decay_steps=1000", "--config.checkpoint.save_every=2", *flags]
+           "--config.actor.optim.decay_steps=1000",
+           "--config.critic.optim.decay_steps=1000", "--config.checkpoint.save_every=2", *flags]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -362,7 +367,7 @@ def test_nonfinite_iterations_stop_with_the_last_good_checkpoint(tmp_path):
     checkpoint, writes no checkpoint of step 3, and step 2 still holds the untouched initial actor."""
     config = tiny_config(num_steps=6, max_nonfinite_streak=3, **{"kl.coef": float("nan")})
     workdir = tmp_path / "nan"
-    with pytest.raises(common.NonFiniteError, match=r"3 consecutive non-finite PPO iterations \(1\.\.3\); stopping\. "
+    with pytest.raises(loop.NonFiniteError, match=r"3 consecutive non-finite PPO iterations \(1\.\.3\); stopping\. "
                                                     r"Last good checkpoint: .*/checkpoints/2$"):
         ppo.train(config, str(workdir))
     rows = metrics_lib.read_metrics(workdir)
@@ -373,9 +378,9 @@ def test_nonfinite_iterations_stop_with_the_last_good_checkpoint(tmp_path):
     mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
     models = ppo.build_models(config)
     optimizers = ppo.make_optimizers(config, models)
-    initial = ppo.initial_state(config, models, optimizers, ppo.state_shardings(models, optimizers, mesh, ema=False),
-                                mesh)
-    saved = common.load_stage_model(str(workdir), mesh)[1]
+    initial = ppo.initial_state(config, models, optimizers, algorithms.state_shardings(models, optimizers, mesh,
+                                                                                        ema=False))
+    saved = loading.load_model(str(workdir), mesh=mesh)[1]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved), jax.device_get(initial.actor))
 
 
@@ -412,7 +417,7 @@ def test_two_process_distributed_cpu_run(compilation_cache, tmp_path):
     procs = []
     for pid in range(2):
         cmd = [sys.executable, str(SCRIPT), f"--workdir={workdir}", "--config.num_steps=2", "--config.fast_compile=True",
-               "--config.actor_optim.decay_steps=1000", "--config.critic_optim.decay_steps=1000",
+               "--config.actor.optim.decay_steps=1000", "--config.critic.optim.decay_steps=1000",
                "--config.distributed.initialize=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
@@ -426,14 +431,16 @@ def test_two_process_distributed_cpu_run(compilation_cache, tmp_path):
     assert (workdir / "checkpoints" / "2").is_dir()
 
 
-def test_init_source_tells_a_run_dir_from_a_hugging_face_dir(tmp_path):
-    """A stage workdir has a config.json too (the run's config): only weights make it an HF dir."""
-    run_dir, hf_dir = tmp_path / "sft", tmp_path / "hf"
-    run_dir.mkdir(), hf_dir.mkdir()
-    (run_dir / "config.json").write_text("{}")
-    (run_dir / "checkpoints").mkdir()
-    (hf_dir / "config.json").write_text("{}")
-    (hf_dir / "model.safetensors").write_bytes(b"")
-    assert ppo.init_source("") == "scratch"
-    assert ppo.init_source(str(run_dir)) == "checkpoint"
-    assert ppo.init_source(str(hf_dir)) == "hf"
+def test_old_ppo_keys_fail_with_the_new_key(tmp_path):
+    """README's old command lines (flat actor_checkpoint / reward_checkpoint / critic / critic_init /
+    *_optim keys) stop in one line naming the key that replaced them."""
+    for flag, new in (("--config.actor_checkpoint=runs/sft", "--config.actor.init.path"),
+                      ("--config.critic_init=reward", "--config.critic.init.source"),
+                      ("--config.critic=shared", "--config.critic.type"),
+                      ("--config.actor_optim.learning_rate=0.1", "--config.actor.optim.learning_rate")):
+        proc = subprocess.run([sys.executable, str(SCRIPT), f"--workdir={tmp_path / 'run'}", flag], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "was renamed: use " + new in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -26,8 +26,9 @@ import optax
 import pytest
 
 from configs import ppo as ppo_configs
-from rlhf_jax import checkpoint, metrics, sharding, tasks
-from rlhf_jax.trainers import common, ppo
+from rlhf_jax import checkpoint, loading, metrics, optim, sharding, tasks
+from rlhf_jax.trainers import loop, ppo, setup
+from rlhf_jax.trainers import state as train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -73,28 +74,29 @@ def toy_config(**fields):
 
 
 def toy_run(workdir, config, batches, resume=False):
-    """`common.train_loop` on the toy problem (8-device data mesh), resuming from workdir when asked."""
+    """`loop.train_loop` on the toy problem (8-device data mesh), resuming from workdir when asked."""
     mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
     optim_cfg = ml_collections.ConfigDict(dict(learning_rate=0.5, warmup_steps=0, decay_steps=0, final_lr_ratio=1.0,
                                                max_grad_norm=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0))
-    optimizer, schedule = common.make_optimizer(optim_cfg, config.num_steps)
+    optimizer, schedule = optim.make_optimizer(optim_cfg, config.num_steps)
     params = {"w": np.zeros(4, np.float32)}
     param_sh = {"w": sharding.replicated(mesh)}
-    state_sh = common.train_state_shardings(optimizer, params, param_sh, mesh)
-    init = lambda: common.init_train_state(params, optimizer, jax.random.PRNGKey(0), state_sh)  # noqa: E731
+    state_sh = train_state.train_state_shardings(optimizer, params, param_sh, mesh)
+    init = lambda: train_state.init_train_state(params, optimizer, jax.random.PRNGKey(0), state_sh)  # noqa: E731
     checkpointer = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=5)
     state, meta, resumed = init(), {}, None
     if resume:
-        shape = jax.eval_shape(lambda: common.TrainState.create(params, optimizer, jax.random.PRNGKey(0)))
-        state, meta, resumed = common.restore_or_init(checkpointer, shape, state_sh, init)
+        shape = jax.eval_shape(lambda: train_state.TrainState.create(params, optimizer, jax.random.PRNGKey(0)))
+        state, meta, resumed = train_state.restore_or_init(checkpointer, shape, state_sh, init)
         batches.set_state(meta["data"])
-    step = common.jit_train_step(common.make_train_step(toy_loss, optimizer, schedule), state_sh,
-                                 sharding.batch_sharding(mesh))
+    step = train_state.jit_train_step(train_state.make_train_step(toy_loss, optimizer, schedule), state_sh,
+                                      sharding.batch_sharding(mesh))
     writer = metrics.MetricWriter(workdir, resume_step=resumed)
     try:
-        return common.train_loop(config, state=state, train_step=step, batches=batches, mesh=mesh,
-                                 checkpointer=checkpointer, writer=writer,
-                                 meta_fn=lambda s: {"data": batches.get_state()})
+        return loop.train_loop(config, state=state, step_fn=step, batches=batches,
+                               place=lambda batch: sharding.shard_batch(batch, mesh), checkpointer=checkpointer,
+                               writer=writer, meta_fn=lambda s: {"data": batches.get_state()},
+                               items_fn=train_state.state_items)
     finally:
         writer.close()
         checkpointer.close()
@@ -121,7 +123,7 @@ def toy_reference(tmp_path_factory):
 def test_nan_streak_stops_naming_the_steps_and_the_intact_last_good_checkpoint(toy_reference, tmp_path):
     """Steps 5, 6, 7 see NaN targets: each is skipped and counted; at the third the loop stops
     with an error naming steps 5..7 and checkpoint 4, which still equals the clean run's step 4."""
-    with pytest.raises(common.NonFiniteError) as error:
+    with pytest.raises(loop.NonFiniteError) as error:
         toy_run(tmp_path, toy_config(), ToyBatches(poison=(5, 6, 7)))
     assert str(error.value) == (f"3 consecutive non-finite steps (5..7); stopping. Last good checkpoint: "
                                 f"{tmp_path.absolute()}/checkpoints/4")
@@ -148,8 +150,8 @@ def test_logged_lr_is_the_one_applied_after_a_skipped_step():
     next good step moves the parameters by exactly that learning rate."""
     schedule = lambda count: 0.1 * (count + 1)  # noqa: E731
     optimizer = optax.sgd(schedule)
-    train_step = jax.jit(common.make_train_step(toy_loss, optimizer, schedule))
-    state = common.TrainState.create({"w": jnp.zeros(4)}, optimizer, jax.random.PRNGKey(0))
+    train_step = jax.jit(train_state.make_train_step(toy_loss, optimizer, schedule))
+    state = train_state.TrainState.create({"w": jnp.zeros(4)}, optimizer, jax.random.PRNGKey(0))
     x = jnp.eye(4)[:2]
     good, bad = {"x": x, "y": jnp.ones(2)}, {"x": x, "y": jnp.array([1.0, np.nan])}
     logged = []
@@ -184,7 +186,7 @@ def test_sigterm_in_the_shared_loop_saves_prints_and_resumes_exactly(toy_referen
 
 def test_preemption_guard_first_signal_asks_second_sigint_interrupts():
     previous = signal.getsignal(signal.SIGINT)
-    with common.PreemptionGuard() as guard:
+    with loop.PreemptionGuard() as guard:
         assert not guard.should_stop(1)
         os.kill(os.getpid(), signal.SIGINT)
         assert guard.signal_name == "SIGINT" and guard.should_stop(1)
@@ -256,7 +258,7 @@ def ppo_config(**overrides):
     """test_ppo's tiny config (same compiled program: the session cache serves it)."""
     config = ppo_configs.get_config("tiny")
     config.update(fast_compile=True)
-    config.actor_optim.decay_steps = config.critic_optim.decay_steps = 1000
+    config.actor.optim.decay_steps = config.critic.optim.decay_steps = 1000
     config.checkpoint.save_every = 2
     config.update_from_flattened_dict(overrides)  # dotted keys: 'a.b.c'
     return config
@@ -300,10 +302,12 @@ def no_jit(monkeypatch):
                                 r"ppo.num_minibatches=2 = 16"),
     ({"ptx.coef": 0.5, "ptx.batch_size": 24}, r"config.ptx.batch_size=24 must be a positive multiple of "
                                               r"data\*fsdp=8 \* ppo.num_minibatches=2 = 16"),
-    ({"actor_checkpoint": "/nonexistent/sft"}, r"config.actor_checkpoint='/nonexistent/sft' does not exist"),
-    ({"rewards.rm_weight": 1.0}, r"config.rewards.rm_weight=1.0 but config.reward_checkpoint is empty"),
-    ({"critic_init": "reward"}, r"config.critic_init='reward' needs config.reward_checkpoint"),
-    ({"critic": "bogus"}, r"config.critic='bogus' \(allowed: 'token', 'shared', 'sequence'\)"),
+    ({"actor.init.source": "checkpoint", "actor.init.path": "/nonexistent/sft"},
+     r"config.actor.init.path='/nonexistent/sft' does not exist"),
+    ({"rewards.rm_weight": 1.0}, r"config.rewards.rm_weight=1.0 but config.reward.init.source='none'"),
+    ({"critic.init.source": "reward"}, r"config.critic.init.source='reward' needs a reward model \(config.reward.init\)"),
+    ({"critic.type": "bogus"}, r"config.critic.type='bogus' \(allowed: 'token', 'shared', 'sequence'\)"),
+    ({"reward.init.source": "scratch"}, r"config.reward.init.source='scratch' \(allowed: 'none', 'checkpoint', 'hf'\)"),
     ({"kl.blowup_threshold": 0.0}, r"config.kl.blowup_threshold=0.0: need > 0"),
     ({"data.min_prompt_len": 9}, r"config.data.min_prompt_len=9: need 1..rollout.prompt_len"),
 ])
@@ -317,7 +321,7 @@ def test_ppo_config_errors_are_one_line_and_come_before_compilation(tmp_path, no
 def test_workdir_and_init_path_checks(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"--workdir='.*/file' exists and is not a directory"):
-        common.validate_workdir(tmp_path / "file")
+        setup.validate_workdir(tmp_path / "file")
     not_hf = tmp_path / "not_hf"  # e.g. a run dir: config.json (the run's config) but no safetensors weights
     not_hf.mkdir()
     (not_hf / "config.json").write_text("{}")
@@ -325,9 +329,9 @@ def test_workdir_and_init_path_checks(tmp_path):
     init = ml_collections.ConfigDict(dict(source="hf", path=str(not_hf)))
     with pytest.raises(ValueError, match=r"config.init.path='.*/not_hf' is not a Hugging Face model directory: "
                                          r"config.init.source='hf' needs config.json \+ \*.safetensors"):
-        common.validate_init(init, "sft", ("scratch", "checkpoint", "hf"))
+        loading.check_init(init)
     (not_hf / "model.safetensors").write_bytes(b"")
-    common.validate_init(init, "sft", ("scratch", "checkpoint", "hf"))  # now it looks like one
+    loading.check_init(init)  # now it looks like one
 
 
 @pytest.mark.parametrize("script, flag, message", [
@@ -338,10 +342,10 @@ def test_workdir_and_init_path_checks(tmp_path):
     ("train_ppo.py", "--config.fast_compile=maybe", r"flag --config.fast_compile=maybe: .*Non-boolean argument"),
     *[(script, f"--config.{section}.lerning_rate=0.1", r"unknown config key 'lerning_rate' Did you mean "
                                                          r"\"learning_rate\" instead of \"lerning_rate\"\? \(in --config")
-      for script, section in (("train_sft.py", "optim"), ("train_rm.py", "optim"), ("train_ppo.py", "actor_optim"))],
+      for script, section in (("train_sft.py", "optim"), ("train_rm.py", "optim"), ("train_ppo.py", "actor.optim"))],
 ])
 def test_scripts_reject_wrong_types_and_unknown_keys_at_flag_parsing(tmp_path, script, flag, message):
-    """Locked ml_collections config flags (common.define_config_flag): a value of the wrong type or
+    """Locked ml_collections config flags (cli.define_config_flag): a value of the wrong type or
     an unknown key is a one-line `FATAL Flags parsing error` naming the key, exit code 1, before
     the trainer is even called (no workdir, no traceback)."""
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / script), f"--workdir={tmp_path / 'run'}", flag],
@@ -367,10 +371,10 @@ def test_tokenizer_with_custom_code_is_refused_without_running_it(tmp_path):
     config_file.write_text(json.dumps(config))
     (tokenizer_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     with pytest.raises(ValueError, match=r"tokenizer_config.json: 'auto_map' asks for custom tokenizer code") as error:
-        common.load_tokenizer(str(tokenizer_dir))
+        loading.load_tokenizer(str(tokenizer_dir))
     assert "\n" not in str(error.value) and not marker.exists()
     tasks.save_tokenizer(tmp_path / "clean")  # the same tokenizer without the custom-code entry loads
-    assert common.load_tokenizer(str(tmp_path / "clean")).encode("hello", add_special_tokens=False)
+    assert loading.load_tokenizer(str(tmp_path / "clean")).encode("hello", add_special_tokens=False)
 
 
 LOADING_CODE = [*sorted((REPO / "rlhf_jax").rglob("*.py")), *sorted((REPO / "experiments").glob("train_*.py")),

@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rlhf_jax
 from configs import rm as rm_configs
-from rlhf_jax import checkpoint, metrics, sharding, tasks
+from rlhf_jax import checkpoint, loading, metrics, sharding, tasks
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
-from rlhf_jax.trainers import common, rm
+from rlhf_jax.models import reward as reward_lib
+from rlhf_jax.trainers import rm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 24
@@ -88,13 +90,13 @@ def test_reward_normalisation_centres_the_best_responses(files, reference_run):
     the public scoring API on [B, T] rows."""
     _, workdir, result = reference_run
     mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-    model, params, norm = rm.load_reward_model(str(workdir), mesh)
+    model, params, norm = loading.load_reward_model(str(workdir), mesh=mesh)
     assert norm["std"] == 1.0 and result.last_row["reward_norm/mean"] == norm["mean"]
     assert json.loads((workdir / "reward_norm.json").read_text()) == norm
 
     from rlhf_jax import data
 
-    tokenizer = common.load_tokenizer(str(files / "tokenizer"))
+    tokenizer = loading.load_tokenizer(str(files / "tokenizer"))
     split = data.load_split("rankings", str(files / "train.jsonl"), tokenizer, max_len=32, batch_format="ranking",
                             data_dir=str(files / "tfds"))
     best_ids, best_mask = [], []
@@ -106,8 +108,8 @@ def test_reward_normalisation_centres_the_best_responses(files, reference_run):
             break
     ids, mask = np.concatenate(best_ids), np.concatenate(best_mask)
     assert ids.shape == (16, 32)
-    normalised, raw = jax.jit(lambda p, i, m: (rm.score(model, p, norm, i, m), rm.raw_scores(model, p, i, m)))(
-        params, ids, mask)
+    normalised, raw = jax.jit(lambda p, i, m: (reward_lib.score(model, p, norm, i, m),
+                                               reward_lib.raw_scores(model, p, i, m)))(params, ids, mask)
     np.testing.assert_allclose(float(jnp.mean(normalised)), 0.0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(normalised), np.asarray(raw) - norm["mean"], atol=1e-5)
 
@@ -148,8 +150,8 @@ def test_sigterm_resume_is_exact_and_the_script_continues_on_one_device(files, r
     rows, workdir, _ = reference_run
     assert without_timings(metrics.read_metrics(run)) == without_timings(rows)
     mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-    _, resumed, norm = rm.load_reward_model(str(run), mesh)
-    _, straight, norm_ref = rm.load_reward_model(str(workdir), mesh)
+    _, resumed, norm = loading.load_reward_model(str(run), mesh=mesh)
+    _, straight, norm_ref = loading.load_reward_model(str(workdir), mesh=mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
     assert norm == norm_ref
 
@@ -164,7 +166,7 @@ def test_sigterm_resume_is_exact_and_the_script_continues_on_one_device(files, r
         np.testing.assert_allclose([row["loss"], row["score/mean"]], [ref["loss"], ref["score/mean"]], rtol=1e-4,
                                    atol=1e-5, err_msg=f"step {row['step']}")  # score/mean is ~0: atol
     np.testing.assert_allclose(got[-1]["eval/accuracy"], rows[-1]["eval/accuracy"], rtol=1e-4)
-    _, continued, norm_one = rm.load_reward_model(str(copy), sharding.make_mesh(
+    _, continued, norm_one = loading.load_reward_model(str(copy), mesh=sharding.make_mesh(
         {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(continued),
                  jax.device_get(straight))
@@ -178,25 +180,35 @@ def test_rm_starts_from_an_sft_checkpoint(files, tmp_path):
     lm = Transformer(TransformerConfig(vocab_size=128, d_model=32, n_heads=2, d_ff=64, max_len=64))
     lm_params = jax.device_get(jax.jit(lambda r: init_params(lm, r))(jax.random.PRNGKey(3)))
     saver = checkpoint.Checkpointer(tmp_path / "sft" / "checkpoints")
-    saver.save(7, {"params": lm_params}, {"model": common.model_meta(lm),
+    saver.save(7, {"params": lm_params}, {"model": loading.model_meta(lm),
                                           "tokenizer": str(files / "tokenizer")})
     saver.close()
     config = tiny_config(files, **{"init.source": "checkpoint", "init.path": str(tmp_path / "sft"),
                                    "data.tokenizer": ""})
-    assert common.tokenizer_path(config) == str(files / "tokenizer")  # recorded by the SFT stage
-    model = common.architecture(config, heads=("value",))
+    assert loading.tokenizer_path(config.data.tokenizer, config.init) == str(files / "tokenizer")  # recorded by SFT
+    model = loading.architecture(config.init, config.model, heads=("value",))
     assert model.config == lm.config and model.heads == ("value",)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    params = common.initial_params(config, model, mesh, sharding.param_shardings(model, mesh), jax.random.PRNGKey(0))
+    params = loading.initial_params(config.init, model, sharding.param_shardings(model, mesh), jax.random.PRNGKey(0))
     assert "lm_head" not in params and params["value_head"]["kernel"].shape == (32, 1)
     trunk = {k: v for k, v in lm_params.items() if k != "lm_head"}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get({k: params[k] for k in trunk}), trunk)
+
+    # the research-code loaders read the same checkpoint (one device, dropout off) and refuse the wrong kind
+    loaded, loaded_params = rlhf_jax.load(tmp_path / "sft")
+    assert loaded.config == lm.config and loaded.heads == ("lm",)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded_params), lm_params)
+    with pytest.raises(ValueError, match=r"the saved model has heads \('lm',\), not \('value',\)"):
+        rlhf_jax.load(tmp_path / "sft", heads=("value",))
+    with pytest.raises(ValueError, match=r"not a reward-model checkpoint"):
+        rlhf_jax.load_reward_model(tmp_path / "sft")
 
 
 @pytest.mark.parametrize("override, message", [
     ({"num_steps": -1}, r"config.num_steps=-1 must be >= 0"),
     ({"data.kind": "demonstrations"}, r"config.data.kind='demonstrations' \(allowed: 'rankings', 'comparisons', 'hh'\)"),
-    ({"init.source": "checkpoint"}, r"config.init.path is empty but config.init.source='checkpoint': the rm stage"),
+    ({"init.source": "checkpoint"}, r"config.init.path is empty but config.init.source='checkpoint': give the path of "
+                                    r"the starting point \(--config.init.path=...\)"),
     ({"eval.batch_size": 4}, r"config.eval.batch_size=4 must be a positive multiple of data\*fsdp=8"),
 ])
 def test_config_errors_name_the_key_before_any_compilation(files, tmp_path, override, message, monkeypatch):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from configs import sft as sft_configs
-from rlhf_jax import checkpoint, metrics, sharding, tasks
-from rlhf_jax.trainers import common, sft
+from rlhf_jax import checkpoint, loading, metrics, sharding, tasks
+from rlhf_jax.trainers import loop, sft
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 40
@@ -56,7 +56,7 @@ def without_timings(rows):
 
 def final_params(workdir):
     one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    return jax.device_get(common.load_stage_model(str(workdir), one_device)[1])
+    return jax.device_get(loading.load_model(str(workdir), mesh=one_device)[1])
 
 
 def assert_close_rows(rows, reference, rtol, keys=("loss", "accuracy", "grad_norm", "eval/loss")):
@@ -198,7 +198,7 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(task_files,
     poisoned.close()
     config = tiny_config(task_files, num_steps=6, max_nonfinite_streak=3,
                          **{"mesh.data": 8, "init.source": "checkpoint", "init.path": str(tmp_path / "poisoned")})
-    with pytest.raises(common.NonFiniteError,
+    with pytest.raises(loop.NonFiniteError,
                        match=r"3 consecutive non-finite steps \(1\.\.3\); stopping. Last good checkpoint: none saved"):
         sft.train(config, str(tmp_path / "run"))
     rows = metrics.read_metrics(tmp_path / "run")

@@ -3,13 +3,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import sharding
+from rlhf_jax import optim, sharding
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import state as train_state
 
 TINY = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=32)
 
@@ -105,12 +104,12 @@ def _batch(rows=8, length=12, seed=0):
 
 def _run_steps(mesh, params, steps=3, grad_accum=1):
     model = Transformer(TINY)
-    optimizer, schedule = common.make_optimizer(_optim_cfg(), num_steps=10)
+    optimizer, schedule = optim.make_optimizer(_optim_cfg(), num_steps=10)
     param_sh = sharding.param_shardings(model, mesh)
-    state_sh = common.train_state_shardings(optimizer, jax.eval_shape(lambda: params), param_sh, mesh)
-    state = common.init_train_state(params, optimizer, jax.random.PRNGKey(1), state_sh)
+    state_sh = train_state.train_state_shardings(optimizer, jax.eval_shape(lambda: params), param_sh, mesh)
+    state = train_state.init_train_state(params, optimizer, jax.random.PRNGKey(1), state_sh)
     weight = lambda b: jnp.sum(b["loss_mask"][:, 1:])
-    step = common.jit_train_step(common.make_train_step(_lm_loss(model), optimizer, schedule,
+    step = train_state.jit_train_step(train_state.make_train_step(_lm_loss(model), optimizer, schedule,
                                                         grad_accum=grad_accum, weight_fn=weight),
                                  state_sh, sharding.batch_sharding(mesh))
     losses = []
@@ -138,7 +137,7 @@ def test_sharded_step_matches_single_device_and_accumulation_matches_big_batch()
 
 
 def test_schedule_warmup_then_cosine():
-    schedule = common.make_schedule(_optim_cfg(), num_steps=10)
+    schedule = optim.make_schedule(_optim_cfg(), num_steps=10)
     # warmup 2 steps: 0, 0.005, then peak 0.01 at step 2; cosine to 0.1 * 0.01 at step 10.
     np.testing.assert_allclose([float(schedule(s)) for s in (0, 1, 2, 10)], [0.0, 0.005, 0.01, 0.001], rtol=1e-6)
     # halfway through the decay (step 6 of 2..10): end + (peak - end) * (1 + cos(pi/2)) / 2 = 0.0055
@@ -147,7 +146,7 @@ def test_schedule_warmup_then_cosine():
 
 def test_weight_decay_only_on_matrices():
     params = jax.eval_shape(lambda: init_params(Transformer(TINY), jax.random.PRNGKey(0)))
-    mask = common.decay_mask(params)
+    mask = optim.decay_mask(params)
     assert mask["layers"]["attn"]["q"]["kernel"] and mask["embed"]["embedding"]
     assert not mask["layers"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
 
@@ -158,9 +157,9 @@ def test_nonfinite_step_is_skipped_and_counted():
         loss = jnp.sum((params["w"] - 3.0) ** 2)
         return jnp.where(batch["poison"][0] > 0, jnp.nan, loss), {}
 
-    optimizer, schedule = common.make_optimizer(_optim_cfg(warmup_steps=0, weight_decay=0.0), num_steps=10)
-    state = common.TrainState.create({"w": jnp.zeros(4)}, optimizer, jax.random.PRNGKey(0))
-    step = jax.jit(common.make_train_step(loss_fn, optimizer, schedule))
+    optimizer, schedule = optim.make_optimizer(_optim_cfg(warmup_steps=0, weight_decay=0.0), num_steps=10)
+    state = train_state.TrainState.create({"w": jnp.zeros(4)}, optimizer, jax.random.PRNGKey(0))
+    step = jax.jit(train_state.make_train_step(loss_fn, optimizer, schedule))
     good, poison = {"poison": jnp.zeros(1, jnp.int32)}, {"poison": jnp.ones(1, jnp.int32)}
     state, m1 = step(state, good)
     after_good = jax.device_get(state)

@@ -26,14 +26,14 @@ from rlhf_jax.pipeline.layout import DONE, STAGES, Layout, mark_done, run_stage,
 from rlhf_jax.pipeline.rankings import collect_ranking_data, distinct_candidates, label_rankings
 from rlhf_jax.pipeline.run import (StageInterrupted, check_special_tokens, export_stage, make_gold_scorer,
                                    ppo_stage, run_pipeline)
-from rlhf_jax.pipeline.sampling import (PromptSet, Sampling, load_prompt_set, load_reward_model, load_stage_model,
-                                        read_prompt_ids, sample_texts, sampling_settings)
+from rlhf_jax.pipeline.sampling import (PromptSet, Sampling, load_prompt_set, read_prompt_ids, sample_texts,
+                                        sampling_settings)
 from rlhf_jax.pipeline.sweep import (REUSED_STAGES, SWEEP_COLUMNS, SweepResult, apply_overrides,
                                      load_pipeline_config, parse_override, run_sweep)
 
 __all__ = [
     "DONE", "STAGES", "Layout", "mark_done", "run_stage", "stage_configs", "stage_info",
-    "PromptSet", "Sampling", "load_prompt_set", "load_reward_model", "load_stage_model", "read_prompt_ids",
+    "PromptSet", "Sampling", "load_prompt_set", "read_prompt_ids",
     "sample_texts", "sampling_settings",
     "collect_ranking_data", "distinct_candidates", "label_rankings",
     "eval_temperature", "gold_matrix", "ranking_scores", "rm_heldout_accuracy",

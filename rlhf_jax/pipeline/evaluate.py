@@ -12,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from rlhf_jax import evaluation, losses, metrics, report, rl, tasks
+from rlhf_jax import evaluation, loading, losses, metrics, report, rl, tasks
+from rlhf_jax.models import reward as reward_lib
 from rlhf_jax.pipeline.layout import Layout
-from rlhf_jax.pipeline.sampling import (load_prompt_set, load_reward_model, load_stage_model, sample_texts,
-                                        sampling_settings)
-from rlhf_jax.trainers import common, rm
+from rlhf_jax.pipeline.sampling import load_prompt_set, sample_texts, sampling_settings
 
 
 def ranking_scores(model, params, path: str, tokenizer, max_len: int, data_dir: str,
@@ -30,7 +29,7 @@ def ranking_scores(model, params, path: str, tokenizer, max_len: int, data_dir: 
         raise ValueError(f"{path}: {split.num_dropped} rankings were dropped when tokenizing ({split.drop_counts}); "
                          "the held-out accuracy would not cover every ranking")
     batch = split.collate(np.arange(len(split)))
-    score = jax.jit(lambda input_ids, attention_mask: {"score": rm.flat_scores(
+    score = jax.jit(lambda input_ids, attention_mask: {"score": reward_lib.ranking_scores(
         model, params, {"input_ids": input_ids, "attention_mask": attention_mask})})
     out = evaluation.map_batched(score, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
                                  max(1, batch_size // batch["input_ids"].shape[1]))
@@ -71,15 +70,15 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     cfg = config.eval
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = common.load_tokenizer(layout.tokenizer)
+    tokenizer = loading.load_tokenizer(layout.tokenizer)
     gold = tasks.load_gold(layout.task_file("gold.jsonl"))
     prompts = load_prompt_set(layout.task_file("heldout_prompts.jsonl"), tokenizer, gold,
                               config.ppo.rollout.prompt_len, layout.data_cache)
     temperature = eval_temperature(config)
     sampling = sampling_settings(config, tokenizer, temperature, cfg.batch_size)
-    sft_model, sft_params = load_stage_model(layout.stage("sft"), heads=("lm",))
-    ppo_model, ppo_params = load_stage_model(ppo_dir, heads=("lm",))
-    rm_model, rm_params, rm_norm = load_reward_model(layout.stage("rm"))
+    sft_model, sft_params = loading.load_model(layout.stage("sft"), heads=("lm",))
+    ppo_model, ppo_params = loading.load_model(ppo_dir, heads=("lm",))
+    rm_model, rm_params, rm_norm = loading.load_reward_model(layout.stage("rm"))
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 23)
 
     bar = tqdm.tqdm(total=5, desc="eval", dynamic_ncols=True)

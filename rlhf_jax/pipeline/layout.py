@@ -131,10 +131,8 @@ def stage_configs(config, layout: Layout) -> dict:
 
     ppo = config.ppo.copy_and_resolve_references()
     ppo.seed = config.seed
-    # the checkpoints/ dirs, not the run dirs: a run dir holds the run's config.json, which the PPO
-    # trainer would take for a Hugging Face model directory
-    ppo.actor_checkpoint = str(layout.stage("sft") / "checkpoints")
-    ppo.reward_checkpoint = str(layout.stage("rm") / "checkpoints")
+    ppo.actor.init.update(source="checkpoint", path=str(layout.stage("sft")))
+    ppo.reward.init.update(source="checkpoint", path=str(layout.stage("rm")))
     ppo.data.update(prompts=layout.task_file("ppo_prompts.jsonl"), tokenizer=tokenizer, cache_dir=cache,
                     ptx=layout.task_file("corpus.txt") if ppo.ptx.coef else "")
     return {"pretrain": pretrain, "sft": sft, "rm": rm, "ppo": ppo}

@@ -8,10 +8,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from rlhf_jax import evaluation, tasks
+from rlhf_jax import evaluation, loading, tasks
 from rlhf_jax.pipeline.layout import Layout
-from rlhf_jax.pipeline.sampling import load_prompt_set, load_stage_model, sample_texts, sampling_settings
-from rlhf_jax.trainers import common
+from rlhf_jax.pipeline.sampling import load_prompt_set, sample_texts, sampling_settings
 
 
 def distinct_candidates(texts: list[list[str]], k: int) -> tuple[list[int], list[list[str]]]:
@@ -43,11 +42,11 @@ def collect_ranking_data(config, layout: Layout, echo: Callable[[str], None] = p
     rankings (the ceiling the RM is compared to).
     """
     cfg = config.rankings
-    tokenizer = common.load_tokenizer(layout.tokenizer)
+    tokenizer = loading.load_tokenizer(layout.tokenizer)
     gold = tasks.load_gold(layout.task_file("gold.jsonl"))
     prompts = load_prompt_set(layout.task_file("rm_prompts.jsonl"), tokenizer, gold, config.ppo.rollout.prompt_len,
                               layout.data_cache)
-    model, params = load_stage_model(layout.stage("sft"), heads=("lm",))
+    model, params = loading.load_model(layout.stage("sft"), heads=("lm",))
     sampling = sampling_settings(config, tokenizer, cfg.temperature, cfg.batch_size)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 11)
     _, texts = sample_texts(model, params, prompts, rng, cfg.candidates, sampling, tokenizer)

@@ -9,12 +9,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from rlhf_jax import evaluation, tasks
+from rlhf_jax import evaluation, loading, tasks
 from rlhf_jax.pipeline.evaluate import evaluate
 from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs
 from rlhf_jax.pipeline.rankings import collect_ranking_data
 from rlhf_jax.pipeline.sampling import read_prompt_ids
-from rlhf_jax.trainers import common, rm, sft
+from rlhf_jax.trainers import rm, sft
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def ppo_stage(config, layout: Layout, ppo_config, workdir: str | pathlib.Path) -
     # `import rlhf_jax.pipeline` (flag parsing, the unit tests) does not need
     from rlhf_jax.trainers import ppo
 
-    tokenizer = common.load_tokenizer(layout.tokenizer)
+    tokenizer = loading.load_tokenizer(layout.tokenizer)
     scorer = make_gold_scorer(ppo_config.data.prompts, tasks.load_gold(layout.task_file("gold.jsonl")), tokenizer)
     return _trained("ppo", ppo.train(ppo_config, str(workdir), gold_scorer=scorer))
 
@@ -90,7 +90,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
     seeded = lambda section: {"seed": config.seed, **section.to_dict()}  # noqa: E731
     records = {"task": run_stage("task", layout.task, lambda: export_stage(config, layout), echo,
                                  seeded(config.task))}
-    check_special_tokens(config, common.load_tokenizer(layout.tokenizer))
+    check_special_tokens(config, loading.load_tokenizer(layout.tokenizer))
     for name in ("pretrain", "sft"):
         records[name] = run_stage(name, layout.stage(name), lambda: _trained(
             name, sft.train(cfgs[name], str(layout.stage(name)))), echo, cfgs[name].to_dict())

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from rlhf_jax import evaluation, sharding
-from rlhf_jax.models import Transformer
-from rlhf_jax.trainers import common, rm
+from rlhf_jax import evaluation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,30 +59,6 @@ def load_prompt_set(path: str, tokenizer, gold: Mapping[str, Any], prompt_len: i
     if missing:
         raise ValueError(f"{path}: prompt ids {missing[:5]} have no entry in the gold key")
     return PromptSet(batch["prompt_ids"], batch["prompt_mask"], [gold[ids[i]] for i in batch["index"]])
-
-
-# ----------------------------------------------------------------------------------------------
-# Models of finished stages (one device: evaluation and sampling are small)
-# ----------------------------------------------------------------------------------------------
-def _single_device_mesh():
-    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-
-
-def load_stage_model(stage_dir: str | pathlib.Path, heads: tuple[str, ...]):
-    """(Transformer with `heads`, params) of a stage's newest checkpoint on one device
-    (`common.load_stage_model`); parameters of heads not asked for are dropped."""
-    saved, params = common.load_stage_model(str(stage_dir), _single_device_mesh())
-    missing = [h for h in heads if h not in saved.heads]
-    if missing:
-        raise ValueError(f"{stage_dir}: the saved model has heads {saved.heads}, not {tuple(missing)}")
-    params = {name: value for name, value in params.items()
-              if not (name == "lm_head" and "lm" not in heads) and not (name == "value_head" and "value" not in heads)}
-    return Transformer(saved.config.replace(dropout_rate=0.0), heads=heads), params
-
-
-def load_reward_model(rm_dir: str | pathlib.Path):
-    """(model, params, norm) of the RM stage on one device (`rlhf_jax.trainers.rm.load_reward_model`)."""
-    return rm.load_reward_model(str(rm_dir), _single_device_mesh())
 
 
 # ----------------------------------------------------------------------------------------------

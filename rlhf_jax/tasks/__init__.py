@@ -3,8 +3,9 @@
 `instructions`: a small instruction-following task (sort, reverse, count, uppercase, remove
 vowels, repeat, first n, largest) with a gold judge, imperfect demonstrations and a corpus;
 `labelers`: Plackett-Luce / Bradley-Terry simulated rankings; `tokenizer`: its word-level HF
-tokenizer and chat template; `export`: JSONL/text files for the data package.
+tokenizer and chat template; `export`: JSONL/text files for the data package; `builtin`: the files standalone SFT/RM runs use.
 """
+from rlhf_jax.tasks.builtin import builtin_rankings, builtin_task
 from rlhf_jax.tasks.export import (export_task, load_gold, write_corpus, write_demonstrations,
                                    write_gold, write_prompts, write_rankings)
 from rlhf_jax.tasks.instructions import (KINDS, PREAMBLES, SUFFIXES, Example, answer_distance,

@@ -1,9 +1,9 @@
-"""Reward-model trainer (InstructGPT stage 2) and the reward-model scoring API used by PPO.
+"""Reward-model trainer (InstructGPT stage 2).
 
     from rlhf_jax.trainers import rm
     result = rm.train(config, workdir)              # configs/rm.py; resumes from WORKDIR/checkpoints
-    model, params, norm = rm.load_reward_model(WORKDIR, mesh)
-    rewards = rm.score(model, params, norm, input_ids, attention_mask)     # [B], normalised
+    model, params, norm = rlhf_jax.load_reward_model(WORKDIR)               # rlhf_jax.loading
+    rewards = rlhf_jax.models.reward.score(model, params, norm, input_ids, attention_mask)   # [B]
 
 The RM is the SFT model with the unembedding dropped and a scalar head added; a sequence's score
 is the scalar at its last real token. Each ranking batch holds P prompts with K responses
@@ -24,50 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, losses, sharding
+from rlhf_jax import checkpoint, loading, losses, sharding, tasks
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax.models import Transformer, last_token_values
-from rlhf_jax.trainers import common, sft
+from rlhf_jax.models import Transformer
+from rlhf_jax.models import reward as reward_lib
+from rlhf_jax.trainers import loop, setup
+from rlhf_jax.trainers import state as state_lib
 
 DATA_KINDS = ("rankings", "comparisons", "hh")
-IDENTITY_NORM = {"mean": 0.0, "std": 1.0}
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring (also the API for PPO and the pipeline)
-# ----------------------------------------------------------------------------------------------
-def raw_scores(model: Transformer, params, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Unnormalised reward `[B]`: the value head at the last real token of each right-padded row."""
-    values = model.apply({"params": params}, input_ids, attention_mask).values
-    return last_token_values(values, attention_mask)
-
-
-def score(model: Transformer, params, norm, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Normalised reward `[B]` = (raw - norm["mean"]) / norm["std"] (traceable; jit it as needed)."""
-    return (raw_scores(model, params, input_ids, attention_mask) - norm["mean"]) / norm["std"]
-
-
-def load_reward_model(path: str, mesh, rules=sharding.DEFAULT_RULES):
-    """(model, params on `mesh`, norm) from an RM run (workdir, checkpoints/ dir or step dir)."""
-    model, params = common.load_stage_model(path, mesh, rules)
-    if "value" not in model.heads:
-        raise ValueError(f"{path}: not a reward-model checkpoint (its model heads are {model.heads})")
-    return model, params, dict(checkpoint.read_meta(path).get("reward_norm", IDENTITY_NORM))
 
 
 # ----------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------
-def flat_scores(model: Transformer, params, batch, rng=None, deterministic: bool = True) -> jax.Array:
-    """Raw scores `[P, K]` of a ranking batch (`[P, K, T]` flattened to `[P*K, T]` for the model)."""
-    num_prompts, k, length = batch["input_ids"].shape
-    ids = batch["input_ids"].reshape(num_prompts * k, length)
-    mask = batch["attention_mask"].reshape(num_prompts * k, length)
-    values = model.apply({"params": params}, ids, mask, deterministic=deterministic,
-                         rngs=None if deterministic else {"dropout": rng}).values
-    return last_token_values(values, mask).reshape(num_prompts, k)
-
-
 def prompts_with_pairs(ranks: jax.Array) -> jax.Array:
     """Prompts that form at least one ordered pair (present responses with different ranks):
     the denominator of `ranking_loss`, so accumulation weighs microbatches exactly."""
@@ -81,7 +50,7 @@ def make_loss_fn(model: Transformer):
     deterministic = model.config.dropout_rate == 0.0
 
     def loss_fn(params, batch, rng):
-        scores = flat_scores(model, params, batch, rng, deterministic)
+        scores = reward_lib.ranking_scores(model, params, batch, rng, deterministic)
         present = (batch["ranks"] >= 0).astype(jnp.float32)
         count = jnp.maximum(jnp.sum(present), 1.0)
         mean = jnp.sum(scores * present) / count
@@ -97,10 +66,10 @@ def make_loss_fn(model: Transformer):
 # ----------------------------------------------------------------------------------------------
 def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     """One-line errors naming the key, raised before any data is read or compiled."""
-    common.validate_init(config.init, "rm", ("scratch", "checkpoint", "hf"))
-    common.validate_batch("batch_size", config.batch_size, mesh_shape, config.grad_accum, "grad_accum")
-    common.validate_batch("eval.batch_size", config.eval.batch_size, mesh_shape)
-    common.validate_positive(config, ("num_epochs", "log_every", "checkpoint.save_every", "data.max_len",
+    loading.check_init(config.init)
+    setup.validate_batch("batch_size", config.batch_size, mesh_shape, config.grad_accum, "grad_accum")
+    setup.validate_batch("eval.batch_size", config.eval.batch_size, mesh_shape)
+    setup.validate_positive(config, ("num_epochs", "log_every", "checkpoint.save_every", "data.max_len",
                                       "grad_accum", "max_nonfinite_streak", "data.builtin_responses"))
     if not isinstance(config.num_steps, int) or config.num_steps < 0:
         raise ValueError(f"config.num_steps={config.num_steps!r} must be >= 0 (0 = num_epochs over the data)")
@@ -108,43 +77,19 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
         raise ValueError(f"config.data.kind={config.data.kind!r} (allowed: {', '.join(map(repr, DATA_KINDS))})")
     if config.data.builtin_responses < 2:
         raise ValueError(f"config.data.builtin_responses={config.data.builtin_responses} must be >= 2")
-    common.validate_paths(config.data, ("train", "eval", "tokenizer"))
+    setup.validate_paths(config.data, ("train", "eval", "tokenizer"))
 
 
-def builtin_rankings(workdir: str, config) -> dict:
-    """Rankings from the built-in task (written once into WORKDIR/task): per prompt, K imperfect
-    demonstrations (wrong w.p. builtin_error_rate, chatty w.p. 0.3) ranked by a simulated labeler
-    from their gold scores. Returns the task files plus "rm_train" / "rm_eval"."""
-    from rlhf_jax import tasks
-
-    files = sft.builtin_task(workdir, config.seed)
-    out = pathlib.Path(workdir) / "task"
-    d = config.data
-    for name, split, count in (("rm_train", "train", d.builtin_prompts), ("rm_eval", "heldout",
-                                                                           max(d.builtin_prompts // 4, 1))):
-        path = out / f"{name}_k{d.builtin_responses}.jsonl"
-        files[name] = str(path)
-        if path.exists() or jax.process_index() != 0:
-            continue
-        rng = np.random.default_rng([config.seed, 7, split == "train"])
-        examples = tasks.sample_examples(count, seed=config.seed + 1000, split=split)
-        responses = [[tasks.demonstration(e, rng, error_rate=d.builtin_error_rate) for _ in range(d.builtin_responses)]
-                     for e in examples]
-        records = tasks.collect_rankings(examples, responses, rng, temperature=d.builtin_labeler_temperature)
-        tmp = path.with_suffix(".tmp")
-        tasks.write_rankings(tmp, records)
-        tmp.rename(path)
-    return files
-
-
-def resolve_data(config, workdir: str) -> sft.DataFiles:
+def resolve_data(config, workdir: str) -> setup.DataFiles:
+    """Training/eval files and tokenizer: the config's, else the built-in task's rankings."""
     data = config.data
     if data.train:
-        return sft.DataFiles(train=[p.strip() for p in data.train.split(",") if p.strip()],
-                             eval=data.eval or None, tokenizer=common.tokenizer_path(config))
-    task = builtin_rankings(workdir, config)
-    return sft.DataFiles(train=[task["rm_train"]], eval=data.eval or task["rm_eval"],
-                         tokenizer=common.tokenizer_path(config, task))
+        return setup.DataFiles(train=[p.strip() for p in data.train.split(",") if p.strip()], eval=data.eval or None,
+                         tokenizer=loading.tokenizer_path(data.tokenizer, config.init))
+    task = tasks.builtin_rankings(workdir, config.seed, data.builtin_prompts, data.builtin_responses,
+                                  data.builtin_error_rate, data.builtin_labeler_temperature)
+    return setup.DataFiles(train=[task["rm_train"]], eval=data.eval or task["rm_eval"],
+                     tokenizer=loading.tokenizer_path(data.tokenizer, config.init, task))
 
 
 def load_ranking_split(config, files, tokenizer, workdir: str):
@@ -163,7 +108,7 @@ def make_stats_step(model, mesh, param_sh, options: dict | None = None):
     them: ranking loss and pairwise accuracy summed over prompts that form pairs (`pairs`), and the
     sum / sum of squares / count of the raw scores of the best (rank 0) responses."""
     def stats(params, batch):
-        scores, ranks = flat_scores(model, params, batch), batch["ranks"]
+        scores, ranks = reward_lib.ranking_scores(model, params, batch), batch["ranks"]
         pairs = prompts_with_pairs(ranks).astype(jnp.float32)
         best = (ranks == 0).astype(jnp.float32)
         return {"loss_sum": losses.ranking_loss(scores, ranks) * pairs,
@@ -212,14 +157,15 @@ def reward_norm(config, stats_step, train_split, mesh, params) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def train(config, workdir: str) -> common.LoopResult:
+def train(config, workdir: str) -> loop.LoopResult:
     """Run (or resume) reward-model training in `workdir`; returns the loop result.
 
     The final metrics row also carries `reward_norm/mean` and `reward_norm/std`."""
-    mesh = common.setup_run(config, workdir, validate=functools.partial(validate_config, config))
+    mesh = setup.setup_run(config, workdir, validate=functools.partial(validate_config, config))
+    options = setup.compiler_options(config)
     files = resolve_data(config, workdir)
-    tokenizer = common.load_tokenizer(files.tokenizer)
-    common.save_tokenizer(tokenizer, workdir)
+    tokenizer = loading.load_tokenizer(files.tokenizer)
+    loading.save_tokenizer(tokenizer, workdir)
     train_split = load_ranking_split(config, files.train, tokenizer, workdir)
     eval_split = load_ranking_split(config, files.eval, tokenizer, workdir) if files.eval else None
     num_steps = config.num_steps or config.num_epochs * (len(train_split) // config.batch_size)
@@ -228,35 +174,36 @@ def train(config, workdir: str) -> common.LoopResult:
                          f"prompts: an epoch has no step")
 
     # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ------------------------
-    model = common.architecture(config, heads=("value",), vocab_size=len(tokenizer))
-    common.check_vocab(model, tokenizer)
-    setup = common.build_state(config, model, mesh, workdir, num_steps)
+    model = loading.architecture(config.init, config.model, heads=("value",), vocab_size=len(tokenizer))
+    loading.check_vocab(model, tokenizer)
+    built = state_lib.build_state(config, model, mesh, workdir, num_steps, options)
     batches = train_split.iterator(config.batch_size, seed=config.seed)
-    if setup.resumed is not None:
-        batches.set_state(setup.meta["data"])
+    if built.resumed is not None:
+        batches.set_state(built.meta["data"])
 
     # ---- jitted step, eval, loop ---------------------------------------------------------------------
-    step_fn = common.make_train_step(make_loss_fn(model), setup.optimizer, setup.schedule,
-                                     grad_accum=config.grad_accum, weight_fn=lambda b: prompts_with_pairs(b["ranks"]))
-    train_step = common.jit_train_step(step_fn, setup.state_sh, sharding.batch_sharding(mesh),
-                                       common.compiler_options(config))
-    stats_step = make_stats_step(model, mesh, setup.param_sh, common.compiler_options(config))
+    step_fn = state_lib.make_train_step(make_loss_fn(model), built.optimizer, built.schedule,
+                                        grad_accum=config.grad_accum,
+                                        weight_fn=lambda b: prompts_with_pairs(b["ranks"]))
+    train_step = state_lib.jit_train_step(step_fn, built.state_sh, sharding.batch_sharding(mesh), options)
+    stats_step = make_stats_step(model, mesh, built.param_sh, options)
     eval_fn = make_eval_fn(config, stats_step, eval_split, mesh) if eval_split is not None else None
-    writer = metrics_lib.MetricWriter(workdir, resume_step=setup.resumed)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=built.resumed)
 
     def meta_fn(state) -> dict:
-        return {"data": batches.get_state(), "model": common.model_meta(model), "stage": "rm",
+        return {"data": batches.get_state(), "model": loading.model_meta(model), "stage": "rm",
                 "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()),
                 "reward_norm": reward_norm(config, stats_step, train_split, mesh, state.params)}
 
     try:
-        result = common.train_loop(config, state=setup.state, train_step=train_step, batches=batches, mesh=mesh,
-                                   checkpointer=setup.checkpointer, writer=writer, meta_fn=meta_fn, eval_fn=eval_fn,
-                                   num_steps=num_steps, desc="rm")
+        result = loop.train_loop(config, state=built.state, step_fn=train_step, batches=batches,
+                                 place=lambda batch: sharding.shard_batch(batch, mesh),
+                                 checkpointer=built.checkpointer, writer=writer, meta_fn=meta_fn,
+                                 items_fn=state_lib.state_items, eval_fn=eval_fn, num_steps=num_steps, desc="rm")
     finally:
         writer.close()
-        setup.checkpointer.close()
-    norm = checkpoint.read_meta(pathlib.Path(workdir) / "checkpoints").get("reward_norm", IDENTITY_NORM)
+        built.checkpointer.close()
+    norm = checkpoint.read_meta(pathlib.Path(workdir) / "checkpoints").get("reward_norm", loading.IDENTITY_NORM)
     if result.last_row:  # this call trained: report the normalisation stored with its final checkpoint
         result.last_row.update({"reward_norm/mean": norm["mean"], "reward_norm/std": norm["std"]})
     if jax.process_index() == 0:

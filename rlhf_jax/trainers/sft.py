@@ -12,7 +12,6 @@ their metadata describes the model and tokenizer so the RM and PPO stages can lo
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pathlib
@@ -22,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import loading, losses, sharding, tasks
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import loop, setup
+from rlhf_jax.trainers import state as state_lib
 
 DATA_KINDS = ("demonstrations", "text", "comparisons", "rankings", "hh")
 
@@ -34,54 +34,29 @@ DATA_KINDS = ("demonstrations", "text", "comparisons", "rankings", "hh")
 # ----------------------------------------------------------------------------------------------
 def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     """One-line errors naming the key, raised before any data is read or compiled."""
-    common.validate_init(config.init, "sft", ("scratch", "checkpoint", "hf"))
-    common.validate_batch("batch_size", config.batch_size, mesh_shape, config.grad_accum, "grad_accum")
-    common.validate_batch("eval.batch_size", config.eval.batch_size, mesh_shape)
-    common.validate_positive(config, ("num_steps", "log_every", "checkpoint.save_every", "data.max_len",
+    loading.check_init(config.init)
+    setup.validate_batch("batch_size", config.batch_size, mesh_shape, config.grad_accum, "grad_accum")
+    setup.validate_batch("eval.batch_size", config.eval.batch_size, mesh_shape)
+    setup.validate_positive(config, ("num_steps", "log_every", "checkpoint.save_every", "data.max_len",
                                       "grad_accum", "max_nonfinite_streak"))
     if config.data.kind not in DATA_KINDS:
         raise ValueError(f"config.data.kind={config.data.kind!r} (allowed: {', '.join(map(repr, DATA_KINDS))})")
     if config.data.text_separator not in ("blank_line", "line"):
         raise ValueError(f"config.data.text_separator={config.data.text_separator!r} (allowed: 'blank_line', 'line')")
-    common.validate_paths(config.data, ("train", "eval", "tokenizer"))
+    setup.validate_paths(config.data, ("train", "eval", "tokenizer"))
 
 
-@dataclasses.dataclass
-class DataFiles:
-    """Resolved data paths: training files, held-out file (or None) and tokenizer directory."""
-
-    train: list[str]
-    eval: str | None
-    tokenizer: str
-
-
-def builtin_task(workdir: str, seed: int) -> dict:
-    """Export the built-in instruction task into WORKDIR/task once (deterministic in `seed`),
-    plus `sft_eval.jsonl`: demonstrations of held-out prompts. Returns {name: path}."""
-    from rlhf_jax import tasks
-
-    out = pathlib.Path(workdir) / "task"
-    index = out / "files.json"
-    if index.exists():
-        return json.loads(index.read_text())
-    paths = tasks.export_task(out, seed=seed)
-    paths["sft_eval"] = str(out / "sft_eval.jsonl")
-    tasks.write_demonstrations(paths["sft_eval"], tasks.sample_examples(200, seed, split="heldout"), seed + 1)
-    if jax.process_index() == 0:
-        index.write_text(json.dumps(paths, indent=2))
-    return paths
-
-
-def resolve_data(config, workdir: str) -> DataFiles:
+def resolve_data(config, workdir: str) -> setup.DataFiles:
     """Training/eval files and tokenizer: the config's, else the built-in task's (see configs/sft.py)."""
     data = config.data
-    task = builtin_task(workdir, config.seed) if not data.train else None
+    task = tasks.builtin_task(workdir, config.seed) if not data.train else None
     if task:
         train = [task["corpus"] if data.kind == "text" else task["sft"]]
         eval_file = data.eval or (None if data.kind == "text" else task["sft_eval"])
     else:
         train, eval_file = [p.strip() for p in data.train.split(",") if p.strip()], data.eval or None
-    return DataFiles(train=train, eval=eval_file, tokenizer=common.tokenizer_path(config, task))
+    tokenizer = loading.tokenizer_path(data.tokenizer, config.init, task)
+    return setup.DataFiles(train=train, eval=eval_file, tokenizer=tokenizer)
 
 
 def load_lm_split(config, files, tokenizer, workdir: str, batch_format: str = "lm"):
@@ -121,7 +96,7 @@ def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param
     loss_fn = make_loss_fn(model.clone(config=model.config.replace(dropout_rate=0.0)))
 
     @functools.partial(jax.jit, in_shardings=(param_sh, sharding.batch_sharding(mesh)),
-                       out_shardings=sharding.replicated(mesh), compiler_options=common.compiler_options(config))
+                       out_shardings=sharding.replicated(mesh), compiler_options=setup.compiler_options(config))
     def eval_step(params, batch):  # replicated sums over the global batch: readable on every process
         loss, aux = loss_fn(params, batch, None)
         tokens = target_tokens(batch)
@@ -175,13 +150,14 @@ def write_samples(config, model, state, prompt_split, tokenizer, workdir: str) -
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def train(config, workdir: str) -> common.LoopResult:
+def train(config, workdir: str) -> loop.LoopResult:
     """Run (or resume) SFT in `workdir`; returns the loop result (final state, step, last metrics row,
     whether a signal stopped it)."""
-    mesh = common.setup_run(config, workdir, validate=functools.partial(validate_config, config))
+    mesh = setup.setup_run(config, workdir, validate=functools.partial(validate_config, config))
+    options = setup.compiler_options(config)
     files = resolve_data(config, workdir)
-    tokenizer = common.load_tokenizer(files.tokenizer)
-    common.save_tokenizer(tokenizer, workdir)
+    tokenizer = loading.load_tokenizer(files.tokenizer)
+    loading.save_tokenizer(tokenizer, workdir)
     train_split = load_lm_split(config, files.train, tokenizer, workdir)
     eval_split = prompt_split = None
     if files.eval:
@@ -190,27 +166,27 @@ def train(config, workdir: str) -> common.LoopResult:
             prompt_split = load_lm_split(config, files.eval, tokenizer, workdir, batch_format="prompts")
 
     # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ----------------------
-    model = common.architecture(config, heads=("lm",), vocab_size=len(tokenizer))
-    common.check_vocab(model, tokenizer)
-    setup = common.build_state(config, model, mesh, workdir, config.num_steps)
+    model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))
+    loading.check_vocab(model, tokenizer)
+    built = state_lib.build_state(config, model, mesh, workdir, config.num_steps, options)
     batches = train_split.iterator(config.batch_size, seed=config.seed)
-    if setup.resumed is not None:
-        batches.set_state(setup.meta["data"])
+    if built.resumed is not None:
+        batches.set_state(built.meta["data"])
 
     # ---- jitted step and loop ---------------------------------------------------------------------
-    step_fn = common.make_train_step(make_loss_fn(model), setup.optimizer, setup.schedule,
-                                     grad_accum=config.grad_accum, weight_fn=target_tokens)
-    train_step = common.jit_train_step(step_fn, setup.state_sh, sharding.batch_sharding(mesh),
-                                       common.compiler_options(config))
-    eval_fn = make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, setup.param_sh, workdir)
-    writer = metrics_lib.MetricWriter(workdir, resume_step=setup.resumed)
-    meta_fn = lambda state: {"data": batches.get_state(), "model": common.model_meta(model),  # noqa: E731
+    step_fn = state_lib.make_train_step(make_loss_fn(model), built.optimizer, built.schedule,
+                                        grad_accum=config.grad_accum, weight_fn=target_tokens)
+    train_step = state_lib.jit_train_step(step_fn, built.state_sh, sharding.batch_sharding(mesh), options)
+    eval_fn = make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, built.param_sh, workdir)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=built.resumed)
+    meta_fn = lambda state: {"data": batches.get_state(), "model": loading.model_meta(model),  # noqa: E731
                              "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()), "stage": "sft"}
     try:
-        result = common.train_loop(config, state=setup.state, train_step=train_step, batches=batches, mesh=mesh,
-                                   checkpointer=setup.checkpointer, writer=writer, meta_fn=meta_fn,
-                                   eval_fn=eval_fn, desc="sft")
+        result = loop.train_loop(config, state=built.state, step_fn=train_step, batches=batches,
+                                 place=lambda batch: sharding.shard_batch(batch, mesh),
+                                 checkpointer=built.checkpointer, writer=writer, meta_fn=meta_fn,
+                                 items_fn=state_lib.state_items, eval_fn=eval_fn, desc="sft")
     finally:
         writer.close()
-        setup.checkpointer.close()
+        built.checkpointer.close()
     return result

@@ -1,0 +1,22 @@
+"""The RL iteration as pure functions, separate from host-side plumbing (trainers/ppo.py).
+
+    experience, metrics = rollout(models, settings, state, prompts)
+    state, metrics = update(models, settings, optimizers, state, experience, ptx)
+    state, metrics, outputs = iteration(models, settings, optimizers, state, batch)   # both, one program
+
+- `types.py`: `RLSettings` (the algorithm: advantage estimator, critic or none, where the KL goes,
+  and their hyperparameters), `Models`, `RLState`, `Experience`, state shardings and creation.
+- `rollout.py`: generate -> score -> log-probs / reference log-probs / values -> rewards with
+  the KL leash -> advantages.
+- `update.py`: epochs x minibatches of actor (and critic) steps under `lax.scan`, the KL
+  controller, and `iteration = rollout then update`.
+Each piece is jittable on its own (profiling) and inside `iteration` (training): one code path.
+"""
+from rlhf_jax.algorithms.rollout import rollout
+from rlhf_jax.algorithms.types import (ADVANTAGES, CRITICS, Experience, Models, Optimizers, RLSettings, RLState,
+                                       abstract_state, create_state, state_shardings)
+from rlhf_jax.algorithms.update import iteration, iteration_keys, minibatch_indices, next_kl_coef, update
+
+__all__ = ["ADVANTAGES", "CRITICS", "Experience", "Models", "Optimizers", "RLSettings", "RLState", "abstract_state",
+           "create_state", "iteration", "iteration_keys", "minibatch_indices", "next_kl_coef", "rollout",
+           "state_shardings", "update"]

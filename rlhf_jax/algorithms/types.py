@@ -1,0 +1,174 @@
+"""Settings, models, state and experience of the on-device RL iteration.
+
+Roles (DeepSpeed-Chat conventions): the actor starts from the SFT model; the reference is frozen
+(params only); the reward model is frozen; the critic is a separate scalar-head network with one
+value per token, or a value head on the actor trunk (`critic="shared"`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import checkpoint as checkpoint_lib
+from rlhf_jax import generation, loading, optim, sharding
+from rlhf_jax import rewards as rewards_lib
+from rlhf_jax.models import Transformer
+
+ADVANTAGES = ("gae", "sequence")
+CRITICS = ("separate", "shared")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSettings:
+    """The algorithm and its hyperparameters; the jitted iteration closes over them (static:
+    changing one recompiles).
+
+    The algorithm is three explicit choices:
+    - `advantage`: "gae" — per-token rewards (−β·KL per token, the score at the last token) and
+      GAE(γ, λ) over per-token values (Schulman et al. 2016; InstructGPT / DeepSpeed-Chat);
+      "sequence" — one reward per response (score − β·KL summed) minus one value per response,
+      V(seq) = masked mean of the critic's token values (early ColossalChat).
+    - `critic`: "separate" network with its own optimizer, or "shared" value head on the actor
+      trunk (loss = policy loss + vf_coef · value loss).
+    - where the KL goes: into the reward (`rl.kl_penalized_rewards`), with β fixed or adaptive
+      (Ziegler et al. 2019).
+    The policy loss is PPO's clipped surrogate (Schulman et al. 2017, eq. 7) on the
+    temperature-scaled policy; PPO-ptx adds ptx_coef · LM loss (Ouyang et al. 2022, eq. 2).
+    """
+
+    sampling: generation.SamplingConfig
+    advantage: str = "gae"
+    critic: str = "separate"
+    epochs: int = 1
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    kl_adaptive: bool = False
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    score_clip: Optional[float] = None
+    rm_weight: float = 0.0
+    reward_norm: tuple = (0.0, 1.0)  # RM score = (raw − mean) / std, stored with the RM
+    rules: tuple = ()  # ((name, ((key, value), ...)), ...): hashable form of config.rewards.rules
+    ptx_coef: float = 0.0
+    ema_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"RLSettings.advantage={self.advantage!r} (allowed: {ADVANTAGES})")
+        if self.critic not in CRITICS:
+            raise ValueError(f"RLSettings.critic={self.critic!r} (allowed: {CRITICS})")
+
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature or 1.0
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.epochs * self.num_minibatches
+
+    def rule_reward(self) -> Callable:
+        return rewards_lib.make_rule_reward({name: dict(entry) for name, entry in self.rules})
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The Linen modules (parameters live in `RLState`). `critic`/`reward` are None when absent."""
+
+    actor: Transformer  # heads ("lm",), or ("lm", "value") with a shared critic
+    ref: Transformer  # heads ("lm",): the frozen reference policy
+    critic: Optional[Transformer]  # heads ("value",)
+    reward: Optional[Transformer]  # heads ("value",): the frozen reward model
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizers:
+    actor: optax.GradientTransformation
+    critic: Optional[optax.GradientTransformation]
+    lr_schedule: Callable  # the actor's, in optimizer updates
+
+
+@flax.struct.dataclass
+class RLState:
+    """Everything an exact resume needs. `critic*` are None with a shared value head, `reward`
+    without a reward model, `ema` without EMA. `rng` is a raw uint32[2] key; iteration s uses
+    fold_in(rng, s). `nonfinite_steps`/`nonfinite_streak` count iterations in which some update
+    was skipped for a non-finite loss or gradient (total / consecutive)."""
+
+    step: jax.Array
+    actor: Any
+    actor_opt: Any
+    critic: Any
+    critic_opt: Any
+    ref: Any
+    reward: Any
+    ema: Any
+    kl_coef: jax.Array
+    rng: jax.Array
+    nonfinite_steps: jax.Array
+    nonfinite_streak: jax.Array
+
+
+@flax.struct.dataclass
+class Experience:
+    """One batch of experience, rows aligned. Prompts `[B, P]` left-padded, responses `[B, N]`;
+    response token t is predicted at sequence position P−1+t, where its value V_t is read.
+    `values`/`returns`/`value_mask` are `[B, N]` for per-token advantages and `[B, 1]` for
+    `advantage="sequence"`. Log-probs are fp32 under the temperature-scaled policy."""
+
+    seq_ids: jax.Array  # [B, P+N] prompt then response
+    seq_mask: jax.Array  # [B, P+N]
+    tokens: jax.Array  # [B, N] response
+    mask: jax.Array  # [B, N] 1 up to and including EOS
+    scores: jax.Array  # [B] total score of each response (rules + RM), before KL shaping
+    kl: jax.Array  # [B] sequence KL to the reference, sum_t (log pi - log pi_ref) (k1)
+    logprobs: jax.Array  # [B, N] old policy
+    ref_logprobs: jax.Array  # [B, N] reference policy
+    advantages: jax.Array  # [B, N] (whitened when configured)
+    values: jax.Array  # old values
+    returns: jax.Array
+    value_mask: jax.Array
+
+
+def state_shardings(models: Models, optimizers: Optimizers, mesh, ema: bool) -> RLState:
+    """RLState of NamedShardings: params by their logical axes, optimizer moments alike, scalars replicated."""
+    rep = sharding.replicated(mesh)
+    actor_sh = sharding.param_shardings(models.actor, mesh)
+    critic_sh = None if models.critic is None else sharding.param_shardings(models.critic, mesh)
+    return RLState(
+        step=rep, actor=actor_sh,
+        actor_opt=optim.opt_state_shardings(optimizers.actor, loading.param_shapes(models.actor), actor_sh, mesh),
+        critic=critic_sh,
+        critic_opt=None if critic_sh is None else optim.opt_state_shardings(
+            optimizers.critic, loading.param_shapes(models.critic), critic_sh, mesh),
+        ref=sharding.param_shardings(models.ref, mesh),
+        reward=None if models.reward is None else sharding.param_shardings(models.reward, mesh),
+        ema=actor_sh if ema else None, kl_coef=rep, rng=rep, nonfinite_steps=rep, nonfinite_streak=rep)
+
+
+def create_state(actor, critic, ref, reward, optimizers: Optimizers, kl_coef: float, rng, ema: bool) -> RLState:
+    """Fresh state (traceable: jit it with out_shardings so optimizer moments are born sharded)."""
+    zero = jnp.zeros((), jnp.int32)
+    return RLState(step=zero, actor=actor, actor_opt=optimizers.actor.init(actor), critic=critic,
+                   critic_opt=None if critic is None else optimizers.critic.init(critic), ref=ref, reward=reward,
+                   ema=jax.tree.map(jnp.copy, actor) if ema else None, kl_coef=jnp.asarray(kl_coef, jnp.float32),
+                   rng=rng, nonfinite_steps=zero, nonfinite_streak=zero)
+
+
+def abstract_state(models: Models, optimizers: Optimizers, state_sh: RLState, kl_coef: float, ema: bool) -> RLState:
+    """Shapes of the state with its shardings (nothing materialised): the checkpoint restore target."""
+    shapes = lambda model: None if model is None else loading.param_shapes(model)  # noqa: E731
+    shaped = jax.eval_shape(
+        lambda a, c, r, w: create_state(a, c, r, w, optimizers, kl_coef, jax.random.PRNGKey(0), ema),
+        shapes(models.actor), shapes(models.critic), shapes(models.ref), shapes(models.reward))
+    return checkpoint_lib.abstract_tree(shaped, state_sh)

@@ -1,0 +1,65 @@
+"""The RL trainer's data: prompt batches and the PPO-ptx text stream, from files or synthetic.
+
+Each iterator is checkpointable (`get_state` / `set_state`); the loop draws one host batch per
+iteration, {"prompts": {prompt_ids, prompt_mask [B, P] left-padded, index [B]}, "ptx": LM batch
+or None}, and `place_batch` puts its device part on the mesh.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import sharding
+from rlhf_jax.data.dataset import load_split
+from rlhf_jax.data.synthetic import SyntheticPrompts, SyntheticText
+
+
+def make_data(config, workdir: str, tokenizer=None):
+    """(prompt iterator, ptx iterator or None): files through rlhf_jax.data, else synthetic streams."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    cache_dir = config.data.cache_dir or str(pathlib.Path(workdir) / "data")
+    if config.data.prompts:
+        split = load_split("prompts", config.data.prompts, tokenizer, max_len=config.rollout.prompt_len,
+                                    batch_format="prompts", template=config.data.template, data_dir=cache_dir)
+        prompts = split.iterator(config.rollout.batch_size, config.seed)
+    else:
+        prompts = SyntheticPrompts(config.rollout.batch_size, config.rollout.prompt_len, config.data.min_prompt_len,
+                                   config.model.vocab_size, (config.rollout.pad_id, config.rollout.eos_id),
+                                   config.seed, pid, nproc)
+    ptx = None
+    if config.ptx.coef and config.data.ptx:
+        split = load_split("text", config.data.ptx, tokenizer, max_len=config.ptx.seq_len, data_dir=cache_dir)
+        ptx = split.iterator(config.ptx.batch_size, config.seed + 1)
+    elif config.ptx.coef:
+        low = max(config.rollout.pad_id, config.rollout.eos_id) + 1
+        ptx = SyntheticText(config.ptx.batch_size, config.ptx.seq_len, config.model.vocab_size, low, config.seed,
+                            pid, nproc)
+    return prompts, ptx
+
+
+PROMPT_KEYS, PTX_KEYS = ("prompt_ids", "prompt_mask"), ("input_ids", "attention_mask", "loss_mask")
+
+
+def iteration_batches(prompts: Iterator, ptx: Optional[Iterator]) -> Iterator[dict]:
+    """Host batches of the loop: {"prompts": prompt batch (with `index`), "ptx": LM batch or None}."""
+    while True:
+        yield {"prompts": next(prompts), "ptx": None if ptx is None else next(ptx)}
+
+
+def place_batch(host: Mapping, mesh) -> dict:
+    """The device part of a host batch (the prompts' `index` stays on the host for gold scoring)."""
+    ptx = host["ptx"]
+    return {"prompts": sharding.shard_batch({k: host["prompts"][k] for k in PROMPT_KEYS}, mesh),
+            "ptx": None if ptx is None else sharding.shard_batch({k: ptx[k] for k in PTX_KEYS}, mesh)}
+
+
+def abstract_batch(config, mesh) -> dict:
+    """Global ShapeDtypeStructs of one iteration batch, for ahead-of-time compilation."""
+    batch_sh = sharding.batch_sharding(mesh)
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)  # noqa: E731
+    prompts = {k: spec(config.rollout.batch_size, config.rollout.prompt_len) for k in PROMPT_KEYS}
+    ptx = {k: spec(config.ptx.batch_size, config.ptx.seq_len) for k in PTX_KEYS} if config.ptx.coef else None
+    return {"prompts": prompts, "ptx": ptx}
