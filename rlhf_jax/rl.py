@@ -1,4 +1,5 @@
-"""RL math for RLHF-PPO: masked statistics, KL estimators, KL-shaped rewards, GAE, whitening.
+"""RL math for RLHF-PPO and its family: masked statistics, KL estimators, KL-shaped rewards, GAE,
+discounted returns, group baselines (GRPO / Dr.GRPO / RLOO), whitening, KL-coefficient controllers.
 
 Pure `jax.numpy` functions over `[B, T]` arrays (time on the last axis), safe under `jax.jit` and
 `jax.vmap`. `mask` is 1 on response tokens; rows are normally prefixes (1s then 0s) and may have
@@ -138,6 +139,20 @@ def adaptive_kl_coef(kl_coef, observed_kl, n_steps, target, horizon) -> jax.Arra
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
+def ppo_penalty_coef(beta, observed_kl, kl_target) -> jax.Array:
+    """beta / 2 if KL < target / 1.5, 2 * beta if KL > 1.5 * target, else beta (fp32 scalar).
+
+    The adaptive KL penalty of PPO (Schulman et al. 2017, section 4, "Adaptive KL Penalty
+    Coefficient"): `observed_kl` is the mean KL(pi_old || pi) of the last update, e.g. the
+    `kl` of `losses.ppo_penalty_loss`. Traceable (no Python branching on values).
+    """
+    beta = jnp.asarray(beta, jnp.float32)
+    observed_kl = jnp.asarray(observed_kl, jnp.float32)
+    kl_target = jnp.asarray(kl_target, jnp.float32)
+    return jnp.where(observed_kl < kl_target / 1.5, beta / 2.0,
+                     jnp.where(observed_kl > kl_target * 1.5, beta * 2.0, beta))
+
+
 # --------------------------------------------------------------------------------------------
 # Advantages
 # --------------------------------------------------------------------------------------------
@@ -170,6 +185,59 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma, lam) -> t
     advantages = jnp.moveaxis(advantages, 0, -1)
     returns = jnp.where(valid, advantages + values, 0.0)
     return advantages, returns
+
+
+def discounted_returns(rewards: jax.Array, mask: jax.Array, gamma) -> jax.Array:
+    """G_t = sum_{k >= t} gamma^(k - t) r_k over the valid run containing t -> `[B, T]` fp32, 0 on padding.
+
+    Returns-to-go of per-token rewards, the advantage of REINFORCE++ before its batch-wide
+    normalisation (Hu 2025, "REINFORCE++", with the rewards of `kl_penalized_rewards` and
+    `whiten` afterwards). It is exactly `gae` with values 0 and lam = 1 (delta_t = r_t), so it
+    shares gae's scan and conventions: nothing after the last valid token, a hole cuts the sum.
+    """
+    rewards = jnp.asarray(rewards)
+    advantages, _ = gae(rewards, jnp.zeros_like(rewards, jnp.float32), mask, gamma, 1.0)
+    return advantages
+
+
+# --------------------------------------------------------------------------------------------
+# Group baselines (one scalar score per response, G responses per prompt)
+# --------------------------------------------------------------------------------------------
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def group_advantages(scores: jax.Array, group_size: int, estimator: str = "grpo", eps: float = 1e-6) -> jax.Array:
+    """Per-response advantage against the other responses to the same prompt: `scores [B]` -> `[B]` fp32.
+
+    Rows g*G ... (g+1)*G - 1 (G = `group_size`) are the G responses of prompt g. With the group
+    mean m_g and the sample standard deviation s_g (ddof = 1, as TRL, verl and OpenRLHF compute it):
+      "grpo":    (r - m_g) / (s_g + eps)      Shao et al. 2024 (DeepSeekMath, section 4.1.2)
+      "dr_grpo": r - m_g                      Liu et al. 2025 ("Understanding R1-Zero-like training")
+      "rloo":    r - mean of the other G - 1 = G / (G - 1) * (r - m_g)   Ahmadian et al. 2024
+    A group of size 1 has no baseline and gets 0 under every estimator (never NaN). The mean is
+    taken relative to the group's first score, so a group of equal scores gives exactly 0.
+    `group_size` and `estimator` are static Python values. Raises ValueError when B is not a
+    multiple of `group_size` (or `group_size` < 1) and for an unknown `estimator`.
+    """
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {GROUP_ESTIMATORS}")
+    scores = jnp.asarray(scores)
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    n_rows = scores.shape[-1]
+    if group_size < 1 or n_rows % group_size:
+        raise ValueError(f"batch size {n_rows} is not a multiple of group_size {group_size}")
+    grouped = scores.reshape(scores.shape[:-1] + (n_rows // group_size, group_size))
+    shifted = grouped - grouped[..., :1]  # exact zeros for a group of equal scores
+    centered = shifted - jnp.mean(shifted, axis=-1, keepdims=True)
+    if estimator == "grpo":
+        std = jnp.sqrt(jnp.sum(jnp.square(centered), axis=-1, keepdims=True) / max(group_size - 1, 1))
+        advantages = centered / (std + eps)
+    elif estimator == "dr_grpo":
+        advantages = centered
+    else:  # rloo
+        advantages = centered * (group_size / (group_size - 1) if group_size > 1 else 0.0)
+    return advantages.reshape(scores.shape)
 
 
 # --------------------------------------------------------------------------------------------

@@ -316,6 +316,146 @@ def test_gae_ignores_padded_values():
 
 
 # ------------------------------------------------------------------------------------------
+# Discounted returns (REINFORCE++)
+# ------------------------------------------------------------------------------------------
+
+
+def returns_reference(rewards, mask, gamma):
+    """Row by row, backwards; a masked position contributes nothing and ends the sum before it."""
+    returns = np.zeros_like(rewards, dtype=np.float64)
+    for b in range(rewards.shape[0]):
+        running = 0.0
+        for t in reversed(range(rewards.shape[1])):
+            running = rewards[b, t] + gamma * running if mask[b, t] else 0.0
+            returns[b, t] = running
+    return returns
+
+
+def test_discounted_returns_hand_example():
+    rewards = jnp.array([[1.0, 0.0, 2.0], [-1.0, 4.0, 99.0], [7.0, 7.0, 7.0]])
+    mask = jnp.array([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    # gamma 0.5: row 0: G2 = 2, G1 = 0 + 0.5*2 = 1, G0 = 1 + 0.5*1 = 1.5
+    #            row 1: G1 = 4 (the padded 99 is not seen), G0 = -1 + 0.5*4 = 1 ; row 2 empty -> 0
+    close(rl.discounted_returns(rewards, mask, 0.5), [[1.5, 1.0, 2.0], [1.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_discounted_returns_match_loop(seed):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=(B, T)).astype(np.float32)
+    mask = ragged_mask(rng, allow_empty=True)
+    gamma = float(rng.uniform(0.8, 1.0))
+    out = rl.discounted_returns(np.where(mask, rewards, np.nan), mask, gamma)  # padding may be NaN
+    close(out, returns_reference(rewards, mask, gamma))
+    assert np.all(np.asarray(out)[mask == 0] == 0)
+    # gamma = 1: the plain reverse cumulative sum of the valid rewards
+    reward_to_go = np.flip(np.cumsum(np.flip(rewards * mask, 1), 1), 1)
+    close(rl.discounted_returns(rewards, mask, 1.0), np.where(mask, reward_to_go, 0.0))
+
+
+# ------------------------------------------------------------------------------------------
+# Group baselines (GRPO / Dr.GRPO / RLOO)
+# ------------------------------------------------------------------------------------------
+
+
+def group_advantages_reference(scores, group_size, estimator, eps=1e-6):
+    """Plain Python per group: statistics.mean / statistics.stdev (sample std), leave-one-out loop."""
+    import statistics
+
+    out = []
+    for start in range(0, len(scores), group_size):
+        group = [float(x) for x in scores[start:start + group_size]]
+        for i, r in enumerate(group):
+            if len(group) == 1:
+                out.append(0.0)
+            elif estimator == "grpo":
+                out.append((r - statistics.mean(group)) / (statistics.stdev(group) + eps))
+            elif estimator == "dr_grpo":
+                out.append(r - statistics.mean(group))
+            else:
+                others = group[:i] + group[i + 1:]
+                out.append(r - sum(others) / len(others))
+    return np.array(out)
+
+
+def test_group_advantages_hand_example():
+    scores = jnp.array([1.0, 0.0, 0.0, 0.0, 3.0, 5.0])
+    # group_size 3: group 0 = [1, 0, 0]: mean 1/3, deviations [2/3, -1/3, -1/3]
+    #   sample var = (4/9 + 1/9 + 1/9) / 2 = 1/3, std = 1/sqrt(3) = 0.57735
+    #   grpo: [2/3, -1/3, -1/3] * sqrt(3) = [1.154701, -0.577350, -0.577350] (eps 1e-6 ignored at 1e-5)
+    #   rloo: [1 - 0, 0 - 1/2, 0 - 1/2] = [1, -0.5, -0.5] = 3/2 * deviations
+    # group 1 = [0, 3, 5]: mean 8/3, deviations [-8/3, 1/3, 7/3]
+    #   sample var = (64/9 + 1/9 + 49/9) / 2 = 114/18 = 19/3, std = sqrt(19/3) = 2.516611
+    #   rloo: [0 - 4, 3 - 5/2, 5 - 3/2] = [-4, 0.5, 3.5]
+    s3, s19 = math.sqrt(3), math.sqrt(19 / 3)
+    close(rl.group_advantages(scores, 3), [2 / 3 * s3, -1 / 3 * s3, -1 / 3 * s3, -8 / 3 / s19, 1 / 3 / s19, 7 / 3 / s19])
+    close(rl.group_advantages(scores, 3, "dr_grpo"), [2 / 3, -1 / 3, -1 / 3, -8 / 3, 1 / 3, 7 / 3])
+    close(rl.group_advantages(scores, 3, "rloo"), [1.0, -0.5, -0.5, -4.0, 0.5, 3.5])
+    # group_size 2: pairs [1, 0], [0, 0], [3, 5]: sample std of a pair = |a - b| / sqrt(2)
+    #   grpo [1, 0] -> (±0.5) / (1/sqrt 2) = ±0.7071 ; [0, 0] -> 0 ; [3, 5] -> ∓0.7071
+    #   rloo of a pair: r - the other one
+    h = math.sqrt(0.5)
+    close(rl.group_advantages(scores, 2), [h, -h, 0.0, 0.0, -h, h])
+    close(rl.group_advantages(scores, 2, "rloo"), [1.0, -1.0, 0.0, 0.0, -2.0, 2.0])
+    assert rl.group_advantages(scores, 3).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("estimator", rl.GROUP_ESTIMATORS)
+def test_group_advantages_equal_scores_and_size_one(estimator):
+    # 1.1 and 0.1 are not exact in binary: in fp32 a plain mean of [1.1] * 3 is 1.1 - 1.19e-7, which
+    # GRPO would turn into -1.19e-7 / (std 1.4e-7 + eps) = -0.10 instead of 0; the mean taken
+    # relative to the group's first score gives exactly 0 for a group of equal scores
+    scores = jnp.array([1.1, 1.1, 1.1, 0.1, 0.1, 0.1, 2.0, 2.0, 2.0], jnp.float32)
+    out = np.asarray(rl.group_advantages(scores, 3, estimator))
+    assert np.all(np.isfinite(out)) and np.all(out == 0.0)
+    # size-1 groups: no baseline, 0 (not NaN from ddof 1, not the raw score)
+    out = np.asarray(rl.group_advantages(jnp.array([3.0, -1.0, 0.5]), 1, estimator))
+    assert np.all(out == 0.0)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("estimator", rl.GROUP_ESTIMATORS)
+def test_group_advantages_match_reference(seed, estimator):
+    rng = np.random.default_rng(seed)
+    group_size = [2, 3, 4, 8][seed % 4]
+    scores = rng.normal(size=4 * group_size).astype(np.float32)
+    scores[:group_size] = np.round(scores[:group_size])  # binary-like rewards, possibly all equal
+    close(rl.group_advantages(scores, group_size, estimator), group_advantages_reference(scores, group_size, estimator),
+          tol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_group_advantages_relations(seed):
+    """rloo = G/(G-1) dr_grpo; dr_grpo = grpo * (std + eps); each group's dr_grpo sums to 0."""
+    rng = np.random.default_rng(seed)
+    g = 5
+    scores = rng.normal(size=3 * g).astype(np.float32)
+    dr = np.asarray(rl.group_advantages(scores, g, "dr_grpo"))
+    close(rl.group_advantages(scores, g, "rloo"), g / (g - 1) * dr)
+    stds = np.repeat(scores.reshape(-1, g).std(axis=1, ddof=1), g)
+    close(np.asarray(rl.group_advantages(scores, g, "grpo")) * (stds + 1e-6), dr)
+    close(dr.reshape(-1, g).sum(axis=1), np.zeros(3))
+
+
+def test_group_advantages_errors():
+    with pytest.raises(ValueError, match="7.*3|3.*7"):
+        rl.group_advantages(jnp.zeros(7), 3)
+    with pytest.raises(ValueError, match="grpo.*dr_grpo.*rloo"):
+        rl.group_advantages(jnp.zeros(6), 3, estimator="ppo")
+
+
+def test_ppo_penalty_coef_hand_example():
+    # target 0.01: below 0.01/1.5 = 0.00667 -> halve; above 0.015 -> double; in between -> keep
+    close(rl.ppo_penalty_coef(0.2, 0.005, 0.01), 0.1)
+    close(rl.ppo_penalty_coef(0.2, 0.02, 0.01), 0.4)
+    close(rl.ppo_penalty_coef(0.2, 0.01, 0.01), 0.2)
+    close(rl.ppo_penalty_coef(0.2, 0.0149, 0.01), 0.2)
+    close(rl.ppo_penalty_coef(0.2, 0.0067, 0.01), 0.2)
+    # traceable: jit with every argument traced
+    close(jax.jit(rl.ppo_penalty_coef)(0.2, 0.02, 0.01), 0.4)
+
+
+# ------------------------------------------------------------------------------------------
 # Sequence-level critic variant
 # ------------------------------------------------------------------------------------------
 
@@ -359,6 +499,11 @@ def _rl_cases(rng):
         "seq_rewards": (lambda s, a, b, m: rl.sequence_kl_penalized_rewards(s, a, b, m, 0.05, 1.0),
                         (scores, lp, ref, mask)),
         "seq_values": (rl.sequence_values, (x, mask)),
+        "discounted_returns": (lambda r, m: rl.discounted_returns(r, m, 0.9), (x, mask)),
+        "group_grpo": (lambda s: rl.group_advantages(s, 3), (scores,)),
+        "group_dr_grpo": (lambda s: rl.group_advantages(s, 2, "dr_grpo"), (scores,)),
+        "group_rloo": (lambda s: rl.group_advantages(s, 3, "rloo"), (scores,)),
+        "ppo_penalty_coef": (lambda b, k: rl.ppo_penalty_coef(b, k, 0.01), (np.float32(0.1), np.float32(0.02))),
     }
 
 
