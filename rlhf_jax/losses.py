@@ -1,15 +1,17 @@
-"""Losses for the InstructGPT recipe: LM/SFT, reward-model ranking, PPO policy/value, PPO-ptx.
+"""Losses for the InstructGPT recipe and its RL family: LM/SFT, reward-model ranking, PPO policy
+(clip, clip-higher, dual-clip, penalty, sequence-level GSPO) and value, PPO-ptx.
 
 Pure `jax.numpy` functions, safe under `jax.jit` / `jax.vmap`; all reductions are fp32 and
 "token-mean" means sum over valid tokens of the whole batch / number of valid tokens (every token
-weighs the same, not every sequence). Losses with diagnostics return `(loss, aux)`.
+weighs the same, not every sequence) unless a `loss_agg_mode` says otherwise (see `aggregate`).
+Losses with diagnostics return `(loss, aux)`.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.rl import kl_k3, masked_count, masked_mean
+from rlhf_jax.rl import first_valid, kl_k3, masked_count, masked_mean, masked_sum
 
 # --------------------------------------------------------------------------------------------
 # Token log-probabilities and entropy
@@ -125,28 +127,135 @@ def ranking_accuracy(scores: jax.Array, ranks: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
-                    mask: jax.Array, clip_eps) -> tuple[jax.Array, dict]:
-    """Token-mean of max(-A*rho, -A*clip(rho, 1-eps, 1+eps)), rho = exp(log pi - log pi_old).
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
-    The clipped surrogate of PPO (Schulman et al. 2017, eq. 7) as a loss. aux: `clipfrac` =
-    fraction of valid tokens where the clipped term wins (its gradient is 0), `approx_kl` =
-    token-mean k3 estimate of KL(pi_old || pi) = (rho - 1) - log rho (as in CleanRL), `ratio` =
-    token-mean rho. `old_logprobs` and `advantages` are treated as constants.
+
+def _check_agg_mode(mode: str) -> None:
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {mode!r}; expected one of {LOSS_AGG_MODES}")
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean") -> jax.Array:
+    """Reduce a per-token loss `[B, T]` over the valid tokens to an fp32 scalar, verl's mode names:
+
+      "token-mean"               sum over all valid tokens / their count (every token weighs the same)
+      "seq-mean-token-mean"      each row's mean over its valid tokens, then the mean over the rows
+                                 that have any (every sequence weighs the same; GRPO's 1/|o_i|)
+      "seq-mean-token-sum"       each row's sum, then the mean over all B rows
+      "seq-mean-token-sum-norm"  each row's sum / T (T = mask.shape[-1], a constant), mean over all
+                                 B rows: Dr.GRPO's length-unbiased aggregation (Liu et al. 2025)
+    Masked entries never contribute (NaN-safe). Raises ValueError for an unknown `mode`.
     """
+    _check_agg_mode(mode)
+    if mode == "token-mean":
+        return masked_mean(per_token, mask)
+    if mode == "seq-mean-token-mean":
+        return masked_mean(masked_mean(per_token, mask, axis=-1), masked_count(mask, axis=-1) > 0)
+    row_sums = masked_sum(per_token, mask, axis=-1)
+    if mode == "seq-mean-token-sum":
+        return jnp.mean(row_sums)
+    return jnp.mean(row_sums / mask.shape[-1])
+
+
+def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
+                    mask: jax.Array, clip_eps, *, clip_eps_high=None, dual_clip: float | None = None,
+                    loss_agg_mode: str = "token-mean") -> tuple[jax.Array, dict]:
+    """Aggregate of max(-A*rho, -A*clip(rho, 1-eps, 1+eps_high)), rho = exp(log pi - log pi_old).
+
+    The clipped surrogate of PPO (Schulman et al. 2017, eq. 7) as a loss, `[B, T]` inputs, fp32.
+      `clip_eps_high`  DAPO's clip-higher (Yu et al. 2025): the range is [1 - clip_eps,
+                       1 + clip_eps_high]; None means clip_eps (symmetric PPO).
+      `dual_clip` c    dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games"):
+                       where A < 0 the token loss is min(max(-A*rho, -A*clip(rho)), -c*A), so a
+                       huge ratio on a bad action cannot give an unbounded loss. A static Python
+                       number > 1 (ValueError otherwise); None turns it off.
+      `loss_agg_mode`  how token losses become one number, see `aggregate` (ValueError if unknown).
+    With the keywords left out this is the original token-mean PPO loss, op for op.
+    aux (each a token-mean over valid tokens, whatever the loss_agg_mode): `clipfrac` = fraction
+    where the clipped term wins (its gradient is 0) = `clipfrac_high` (rho above the range, A > 0)
+    + `clipfrac_low` (rho below it, A < 0); `dual_clipfrac` (with dual_clip) = fraction where A < 0
+    and -c*A is the smaller bound (verl's pg_clipfrac_lower; disjoint from clipfrac); `approx_kl` =
+    k3 estimate of KL(pi_old || pi) = (rho - 1) - log rho (as in CleanRL); `ratio` = mean rho.
+    `old_logprobs` and `advantages` are treated as constants.
+    """
+    _check_agg_mode(loss_agg_mode)
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (a bound -c*A on the loss where A < 0), got {dual_clip}")
     old_logprobs = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
     advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
     log_ratio = logprobs.astype(jnp.float32) - old_logprobs
     ratio = jnp.exp(log_ratio)
+    upper = 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high)
     unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, upper)
+    per_token = jnp.maximum(unclipped, clipped)
+    is_clipped = clipped > unclipped
     aux = {
-        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "clipfrac": masked_mean(is_clipped.astype(jnp.float32), mask),
+        "clipfrac_high": masked_mean((is_clipped & (ratio > 1.0)).astype(jnp.float32), mask),
+        "clipfrac_low": masked_mean((is_clipped & (ratio < 1.0)).astype(jnp.float32), mask),
         "approx_kl": masked_mean(jax.lax.stop_gradient(kl_k3(old_logprobs, logprobs)), mask),
         "ratio": masked_mean(jax.lax.stop_gradient(ratio), mask),
     }
-    return loss, aux
+    if dual_clip is not None:
+        dual_bound = -dual_clip * advantages
+        negative = advantages < 0
+        aux["dual_clipfrac"] = masked_mean((negative & (per_token > dual_bound)).astype(jnp.float32), mask)
+        per_token = jnp.where(negative, jnp.minimum(per_token, dual_bound), per_token)
+    return aggregate(per_token, mask, loss_agg_mode), aux
+
+
+def ppo_penalty_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, mask: jax.Array,
+                     beta) -> tuple[jax.Array, dict]:
+    """token-mean(-rho*A) + beta * token-mean((rho - 1) - log rho), rho = exp(log pi - log pi_old).
+
+    PPO's KL-penalised objective (Schulman et al. 2017, eq. 8) as a loss. The penalty is the k3
+    estimator (`rl.kl_k3` with pi_old as the sampling policy): over tokens sampled from pi_old,
+    E[(rho - 1) - log rho] = KL(pi_old || pi), the direction of the paper's KL[pi_old, pi].
+    Gradients flow through both terms; `old_logprobs`, `advantages` are constants. Adapt `beta`
+    with `rl.ppo_penalty_coef(beta, aux["kl"], target)`. `[B, T]` inputs, fp32.
+    aux: `kl` (the penalty's token-mean, no gradient), `surrogate` (the first term), `ratio`.
+    """
+    old_logprobs = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
+    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
+    logprobs = logprobs.astype(jnp.float32)
+    ratio = jnp.exp(logprobs - old_logprobs)
+    surrogate = aggregate(-advantages * ratio, mask)
+    kl = aggregate(kl_k3(old_logprobs, logprobs), mask)
+    aux = {"kl": jax.lax.stop_gradient(kl), "surrogate": jax.lax.stop_gradient(surrogate),
+           "ratio": masked_mean(jax.lax.stop_gradient(ratio), mask)}
+    return surrogate + beta * kl, aux
+
+
+def gspo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, mask: jax.Array,
+                     clip_eps, *, clip_eps_high=None) -> tuple[jax.Array, dict]:
+    """mean over rows of max(-s*A, -clip(s, 1-eps, 1+eps_high)*A) with a sequence-level ratio s.
+
+    GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", eq. 5-7): the importance ratio
+    is the length-normalised sequence likelihood ratio
+        s_i = (pi(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp(mean over valid t of (log pi - log pi_old)),
+    clipped per sequence (the paper's ranges are tiny, e.g. 3e-4 / 4e-4). The sequence advantage
+    A_i is `advantages` at the row's first valid token (GRPO-style advantages are the same on
+    every token of a row). Rows without valid tokens are left out of the mean. `clip_eps_high`
+    None means clip_eps. `[B, T]` inputs, fp32; `old_logprobs`, `advantages` are constants.
+    aux: `clipfrac` = fraction of (non-empty) rows whose clipped term wins, `approx_kl` = token-mean
+    k3 estimate of KL(pi_old || pi) like `ppo_policy_loss`, `ratio` = row mean of s.
+    """
+    old_logprobs = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
+    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
+    log_ratio = logprobs.astype(jnp.float32) - old_logprobs
+    seq_ratio = jnp.exp(masked_mean(log_ratio, mask, axis=-1))
+    seq_advantages = first_valid(advantages, mask)
+    has_tokens = masked_count(mask, axis=-1) > 0
+    upper = 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high)
+    unclipped = -seq_advantages * seq_ratio
+    clipped = -seq_advantages * jnp.clip(seq_ratio, 1.0 - clip_eps, upper)
+    aux = {
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), has_tokens),
+        "approx_kl": masked_mean(jax.lax.stop_gradient(kl_k3(old_logprobs, logprobs)), mask),
+        "ratio": masked_mean(jax.lax.stop_gradient(seq_ratio), has_tokens),
+    }
+    return masked_mean(jnp.maximum(unclipped, clipped), has_tokens), aux
 
 
 def ppo_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,

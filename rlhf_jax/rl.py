@@ -115,6 +115,13 @@ def last_valid_onehot(mask: jax.Array) -> jax.Array:
     return (onehot & jnp.any(valid, axis=-1, keepdims=True)).astype(jnp.float32)
 
 
+def first_valid(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x at the first position with mask 1 in each row: `[..., T]` -> `[...]` fp32; 0 for an empty row."""
+    valid = jnp.asarray(mask).astype(bool)
+    picked = jnp.take_along_axis(x, jnp.argmax(valid, axis=-1)[..., None], axis=-1)[..., 0]
+    return jnp.where(jnp.any(valid, axis=-1), picked, 0.0).astype(jnp.promote_types(picked.dtype, jnp.float32))
+
+
 def kl_penalized_rewards(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Array,
                          mask: jax.Array, kl_coef, score_clip: float | None = None) -> jax.Array:
     """r_t = -kl_coef * (log pi - log pi_ref)_t + [t = last valid] * clip(score, ±score_clip).

@@ -202,6 +202,12 @@ def test_last_valid_onehot_handles_holes_and_empty_rows():
     close(rl.last_valid_onehot(mask), [[0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]])
 
 
+def test_first_valid_handles_holes_and_empty_rows():
+    x = jnp.array([[5.0, 6.0, 7.0], [5.0, 6.0, 7.0], [5.0, 6.0, 7.0], [np.nan, 6.0, 7.0]])
+    mask = jnp.array([[1, 1, 0], [0, 1, 1], [0, 0, 0], [0, 0, 1]])
+    close(rl.first_valid(x, mask), [5.0, 6.0, 0.0, 7.0])  # NaN before the first valid entry is not seen
+
+
 def test_adaptive_kl_coef_hand_example():
     # KL 4.4 vs target 4: error 0.1 -> 0.1 * (1 + 0.1 * 256/10000) = 0.1 * 1.00256
     close(rl.adaptive_kl_coef(0.1, 4.4, 256, 4.0, 10000), 0.1 * 1.00256, tol=1e-7)
@@ -388,7 +394,8 @@ def test_group_advantages_hand_example():
     #   sample var = (64/9 + 1/9 + 49/9) / 2 = 114/18 = 19/3, std = sqrt(19/3) = 2.516611
     #   rloo: [0 - 4, 3 - 5/2, 5 - 3/2] = [-4, 0.5, 3.5]
     s3, s19 = math.sqrt(3), math.sqrt(19 / 3)
-    close(rl.group_advantages(scores, 3), [2 / 3 * s3, -1 / 3 * s3, -1 / 3 * s3, -8 / 3 / s19, 1 / 3 / s19, 7 / 3 / s19])
+    close(rl.group_advantages(scores, 3),
+          [2 / 3 * s3, -1 / 3 * s3, -1 / 3 * s3, -8 / 3 / s19, 1 / 3 / s19, 7 / 3 / s19])
     close(rl.group_advantages(scores, 3, "dr_grpo"), [2 / 3, -1 / 3, -1 / 3, -8 / 3, 1 / 3, 7 / 3])
     close(rl.group_advantages(scores, 3, "rloo"), [1.0, -0.5, -0.5, -4.0, 0.5, 3.5])
     # group_size 2: pairs [1, 0], [0, 0], [3, 5]: sample std of a pair = |a - b| / sqrt(2)
@@ -499,6 +506,7 @@ def _rl_cases(rng):
         "seq_rewards": (lambda s, a, b, m: rl.sequence_kl_penalized_rewards(s, a, b, m, 0.05, 1.0),
                         (scores, lp, ref, mask)),
         "seq_values": (rl.sequence_values, (x, mask)),
+        "first_valid": (rl.first_valid, (x, mask)),
         "discounted_returns": (lambda r, m: rl.discounted_returns(r, m, 0.9), (x, mask)),
         "group_grpo": (lambda s: rl.group_advantages(s, 3), (scores,)),
         "group_dr_grpo": (lambda s: rl.group_advantages(s, 2, "dr_grpo"), (scores,)),
