@@ -214,7 +214,8 @@ def ppo_penalty_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: j
     E[(rho - 1) - log rho] = KL(pi_old || pi), the direction of the paper's KL[pi_old, pi].
     Gradients flow through both terms; `old_logprobs`, `advantages` are constants. Adapt `beta`
     with `rl.ppo_penalty_coef(beta, aux["kl"], target)`. `[B, T]` inputs, fp32.
-    aux: `kl` (the penalty's token-mean, no gradient), `surrogate` (the first term), `ratio`.
+    aux: `kl` (the penalty's token-mean, no gradient), `approx_kl` (the same number, under the
+    name the clipped losses use), `surrogate` (the first term), `ratio` (token-mean rho).
     """
     old_logprobs = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
     advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
@@ -222,8 +223,8 @@ def ppo_penalty_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: j
     ratio = jnp.exp(logprobs - old_logprobs)
     surrogate = aggregate(-advantages * ratio, mask)
     kl = aggregate(kl_k3(old_logprobs, logprobs), mask)
-    aux = {"kl": jax.lax.stop_gradient(kl), "surrogate": jax.lax.stop_gradient(surrogate),
-           "ratio": masked_mean(jax.lax.stop_gradient(ratio), mask)}
+    aux = {"kl": jax.lax.stop_gradient(kl), "approx_kl": jax.lax.stop_gradient(kl),
+           "surrogate": jax.lax.stop_gradient(surrogate), "ratio": masked_mean(jax.lax.stop_gradient(ratio), mask)}
     return surrogate + beta * kl, aux
 
 

@@ -449,7 +449,9 @@ def test_ppo_penalty_loss_hand_example():
     loss, aux = losses.ppo_penalty_loss(logprobs, old, advantages, mask, 0.1)
     close(loss, -0.725)
     close(aux["kl"], 0.25)
+    close(aux["approx_kl"], 0.25)  # the clipped losses' name for the same k3 token-mean
     close(aux["surrogate"], -0.75)
+    close(aux["ratio"], (2 + 0.5) / 2)
     # d/dlogp of -rho*A + beta*(rho - 1 - log rho) = -rho*A + beta*(rho - 1), over N = 2 tokens:
     #   t0: (-2 + 0.1 * 1) / 2 = -0.95 ; t1: (0.5 + 0.1 * -0.5) / 2 = 0.225 ; masked t2: 0
     grad = jax.grad(lambda lp: losses.ppo_penalty_loss(lp, old, advantages, mask, 0.1)[0])(logprobs)
