@@ -2,6 +2,7 @@
 
     python experiments/run_pipeline.py --workdir /tmp/rlhf                       # tiny
     python experiments/run_pipeline.py --workdir /tmp/rlhf --config.seed=1 --config.ppo.kl.coef=0.1
+    python experiments/run_pipeline.py --workdir /tmp/rlhf --config.algorithm=grpo   # into /tmp/rlhf/grpo
 
 - tiny  : the default: the whole recipe on a 2-core CPU in <= 10 minutes, from a fresh workdir.
 - smoke : a few steps per stage, for the test suite (well under a minute of steps).
@@ -109,7 +110,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rm.log_every, c.rm.eval_every, c.rm.checkpoint.save_every = 10, 50, 200
     c.rm.eval.update(batch_size=16, num_batches=0)
 
-    # ---- stage 3: PPO against the RM ---------------------------------------------------------------
+    # ---- stage 3: RL against the RM (section `ppo`: the RL stage's config, configs/ppo.py) ----------
+    c.algorithm = "ppo"  # the RL algorithm (rlhf_jax/algorithms/catalog.py): ppo | ppo_penalty | grpo | dr_grpo |
+    #                      dapo | gspo | rloo | reinforce_pp | reinforce_pp_baseline | remax. Not ppo: the RL
+    #                      stage and its evaluation go to DIR/<algorithm>/, reusing DIR's other stages
     c.ppo = ppo_configs.get_config("tiny")
     c.ppo.num_steps = 100
     c.ppo.critic.init.source = "reward"  # critic from the RM (InstructGPT / DeepSpeed-Chat)

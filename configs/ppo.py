@@ -50,6 +50,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.ema_decay = 0.0  # EMA of actor weights (e.g. 0.992 as in DeepSpeed-Chat); 0 = off
 
+    # ---- the algorithm (rlhf_jax/algorithms/catalog.py: which pieces each one uses) -------------
+    c.algorithm = ml_collections.ConfigDict(dict(
+        name="ppo",  # ppo | ppo_penalty | grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp |
+        #              reinforce_pp_baseline | remax
+        group_size=4,  # responses per prompt of the group algorithms (grpo, dr_grpo, dapo, gspo, rloo,
+        #                reinforce_pp_baseline); rollout.batch_size counts responses; others use 1
+        clip_eps_high=0.28,  # upper clip 1 + clip_eps_high of clip-higher algorithms (dapo)
+        dual_clip=0.0,  # dual-clip bound c > 1 on negative advantages (Ye et al. 2020); 0 = off
+        kl_estimator="k3",  # per-token KL estimator when the KL is a loss term (grpo, dr_grpo): k1 | k3
+        penalty_coef=1.0,  # ppo_penalty: initial β_pen of the KL(π_old ‖ π_θ) term
+        penalty_target=0.01,  # ppo_penalty: d_targ (nats per token) of the doubling / halving rule
+        overlong_buffer=4,  # dapo: soft overlong punishment over the last this many tokens (0 = off)
+    ))
+
     # ---- rollout ------------------------------------------------------------------------------
     c.rollout = ml_collections.ConfigDict(dict(
         batch_size=16,  # prompts (= responses) per PPO iteration, global over all devices
@@ -78,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             target_token=dict(weight=1.0, token=3),  # +weight per emitted `token`
             length=dict(weight=0.0, target=4),  # −weight·|length − target|
             missing_eos=dict(weight=0.0, eos_id=1),  # −weight when the response has no EOS
+            overlong=dict(weight=0.0, buffer=4),  # DAPO soft overlong punishment over the last `buffer` tokens
         ),
     ))
 

@@ -17,18 +17,18 @@ from typing import Any, Mapping, Sequence
 
 PathLike = str | os.PathLike
 
-SUMMARY_KEYS = ("sft_gold", "best_of_4_gold", "ppo_gold", "rm_heldout_accuracy", "labeler_agreement",
+SUMMARY_KEYS = ("sft_gold", "best_of_4_gold", "policy_gold", "rm_heldout_accuracy", "labeler_agreement",
                 "kl_to_sft", "win_rate_vs_sft", "wall_seconds")
 """Every key summary.json must carry (all finite numbers)."""
 
 SUMMARY_DESCRIPTIONS = {
     "sft_gold": "mean gold score of SFT samples on held-out prompts",
     "best_of_4_gold": "mean gold score of the RM's pick among 4 SFT samples per prompt",
-    "ppo_gold": "mean gold score of PPO samples on held-out prompts",
+    "policy_gold": "mean gold score of the RL policy's samples on held-out prompts (ppo_gold for PPO)",
     "rm_heldout_accuracy": "RM pairwise accuracy on held-out labeler rankings",
     "labeler_agreement": "how often two simulated labelers agree on a pair (the bar for the RM)",
-    "kl_to_sft": "mean over held-out prompts of sum_t log pi_ppo - log pi_sft (PPO samples)",
-    "win_rate_vs_sft": "gold judge: PPO sample beats SFT sample for the same prompt (ties count 1/2)",
+    "kl_to_sft": "mean over held-out prompts of sum_t log pi_policy - log pi_sft (policy samples)",
+    "win_rate_vs_sft": "gold judge: policy sample beats SFT sample for the same prompt (ties count 1/2)",
     "wall_seconds": "wall-clock seconds of all stages (as recorded when each finished) and the evaluation",
 }
 
@@ -148,7 +148,7 @@ def plot_rm_accuracy(rows: Sequence[Mapping[str, Any]], out_path: PathLike,
 
 
 def plot_overoptimization(rows: Sequence[Mapping[str, Any]], out_path: PathLike, *, x: str = "kl_to_sft",
-                          gold: str = "ppo_gold", rm: str = "ppo_rm_score", label: str = "kl_coef",
+                          gold: str = "policy_gold", rm: str = "ppo_rm_score", label: str = "kl_coef",
                           baseline: tuple[float, float, float] | None = None) -> None:
     """Gold and RM score against KL to SFT, one point per run (Gao et al. 2022, Fig. 1 style).
 
@@ -222,10 +222,11 @@ def write_report(path: PathLike, summary: Mapping[str, Any], samples: Sequence[M
     check_summary(summary)
     metric_rows = [{"metric": key, "value": summary[key], "meaning": SUMMARY_DESCRIPTIONS[key]}
                    for key in SUMMARY_KEYS]
+    algorithm = summary.get("algorithm", "ppo").upper()
     parts = [
-        "# RLHF pipeline report\n",
-        f"PPO vs SFT on held-out prompts (gold judge): win rate **{summary['win_rate_vs_sft']:.2f}**, "
-        f"gold **{summary['sft_gold']:.3f} -> {summary['ppo_gold']:.3f}** "
+        f"# RLHF pipeline report ({algorithm})\n",
+        f"{algorithm} vs SFT on held-out prompts (gold judge): win rate **{summary['win_rate_vs_sft']:.2f}**, "
+        f"gold **{summary['sft_gold']:.3f} -> {summary['policy_gold']:.3f}** "
         f"(best-of-4 reranked by the RM: {summary['best_of_4_gold']:.3f}), at KL "
         f"{summary['kl_to_sft']:.2f} nats from SFT. The reward model agrees with held-out labeler "
         f"rankings {summary['rm_heldout_accuracy']:.1%} of the time; two labelers agree "
@@ -233,7 +234,7 @@ def write_report(path: PathLike, summary: Mapping[str, Any], samples: Sequence[M
         "## Numbers\n",
         markdown_table(metric_rows, ("metric", "value", "meaning")),
         *[f"- {note}\n" for note in notes],
-        "## Samples before / after PPO\n",
+        f"## Samples before / after {algorithm}\n",
         "Gold score in parentheses.\n",
         samples_markdown(samples),
         "## Plots\n",

@@ -1,4 +1,4 @@
-"""Rule-based (programmatic) rewards for PPO, as jnp functions of the sampled response.
+"""Rule-based (programmatic) rewards for RL, as jnp functions of the sampled response.
 
 In the spirit of GPT-4's rule-based reward models: a reward that code can compute, added to the
 reward-model score with a weight from the config (or used alone, with no reward model at all).
@@ -10,6 +10,8 @@ Rules (config `rewards.<name>` with a `weight`; weight 0 switches a rule off):
   learnable reward for tests and smoke runs).
 - `length`: −|response length − `target`| (prefer responses of a given length).
 - `missing_eos`: −1 when the response never emits `eos_id` (truncated rambling), else 0.
+- `overlong`: DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) over the last `buffer`
+  tokens before the response cap N: 0 up to N − buffer tokens, then falling linearly to −1 at N.
 """
 from __future__ import annotations
 
@@ -39,11 +41,20 @@ def missing_eos(tokens: Array, mask: Array, *, eos_id: int) -> Array:
     return jnp.where(has_eos, 0.0, -1.0).astype(jnp.float32)
 
 
+def overlong_penalty(tokens: Array, mask: Array, *, buffer: int) -> Array:
+    """DAPO soft overlong punishment with L_max = N (the response cap, tokens.shape[-1]) and
+    L_cache = `buffer`: 0 for |y| <= N − buffer, ((N − buffer) − |y|) / buffer above (−1 at the cap)."""
+    length = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    start = tokens.shape[-1] - buffer
+    return jnp.minimum(0.0, (start - length) / max(buffer, 1)).astype(jnp.float32)
+
+
 # name -> (function, the config keys it takes besides `weight`)
 RULES: dict[str, tuple[Callable[..., Array], tuple[str, ...]]] = {
     "target_token": (target_token_count, ("token",)),
     "length": (length_deviation, ("target",)),
     "missing_eos": (missing_eos, ("eos_id",)),
+    "overlong": (overlong_penalty, ("buffer",)),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import pipeline as pipeline_configs
 from rlhf_jax import evaluation, losses, pipeline, report, rl, tasks
+from rlhf_jax.pipeline import compare
 from rlhf_jax.tasks import tokenizer as task_tokenizer
 
 
@@ -94,7 +97,7 @@ def test_decode_responses_stops_at_eos_and_keeps_other_specials():
 # report
 # ----------------------------------------------------------------------------------------------
 def _summary(**overrides):
-    values = dict(sft_gold=0.4, best_of_4_gold=0.5, ppo_gold=0.7, rm_heldout_accuracy=0.71,
+    values = dict(sft_gold=0.4, best_of_4_gold=0.5, policy_gold=0.7, rm_heldout_accuracy=0.71,
                   labeler_agreement=0.74, kl_to_sft=3.2, win_rate_vs_sft=0.8, wall_seconds=100.0)
     values.update(overrides)
     return values
@@ -103,7 +106,7 @@ def _summary(**overrides):
 def test_write_summary_rejects_missing_and_nonfinite(tmp_path):
     path = tmp_path / "summary.json"
     report.write_summary(path, _summary())
-    assert json.loads(path.read_text())["ppo_gold"] == 0.7
+    assert json.loads(path.read_text())["policy_gold"] == 0.7
     with pytest.raises(ValueError, match="kl_to_sft=nan"):
         report.write_summary(path, _summary(kl_to_sft=float("nan")))
     bad = _summary()
@@ -132,7 +135,7 @@ def test_plots_and_report_files(tmp_path):
     assert report.plot_ppo_curves(ppo_rows, tmp_path / "ppo.png") == ["reward/mean", "kl", "kl_coef"]
     rm_rows = [{"step": 1, "accuracy": 0.6}, {"step": 2, "accuracy": 0.7, "eval/accuracy": 0.65}]
     assert report.plot_rm_accuracy(rm_rows, tmp_path / "rm.png", ceiling=0.74) == ["accuracy", "eval/accuracy"]
-    sweep_rows = [{"kl_coef": c, "kl_to_sft": k, "ppo_gold": g, "ppo_rm_score": r}
+    sweep_rows = [{"kl_coef": c, "kl_to_sft": k, "policy_gold": g, "ppo_rm_score": r}
                   for c, k, g, r in ((0.2, 1.0, 0.5, 0.3), (0.01, 9.0, 0.4, 1.2), (0.05, 4.0, 0.6, 0.9))]
     report.plot_overoptimization(sweep_rows, tmp_path / "sweep.png", baseline=(0.0, 0.45, 0.0))
     for name in ("ppo.png", "rm.png", "sweep.png"):
@@ -214,9 +217,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAINED_STAGES = ("pretrain", "sft", "rm", "ppo")
 
 
-def _run_pipeline(workdir, env) -> subprocess.CompletedProcess:
+def _run_pipeline(workdir, env, *flags) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "experiments" / "run_pipeline.py"), f"--workdir={workdir}",
-                           f"--config={REPO / 'configs' / 'pipeline.py'}:smoke"],
+                           f"--config={REPO / 'configs' / 'pipeline.py'}:smoke", *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -245,7 +248,7 @@ def test_smoke_summary_report_and_plots(smoke_workdir):
     summary = json.loads((smoke_workdir / "summary.json").read_text())
     for key in report.SUMMARY_KEYS:
         assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), key
-    for key in ("sft_gold", "best_of_4_gold", "ppo_gold", "rm_heldout_accuracy", "labeler_agreement",
+    for key in ("sft_gold", "best_of_4_gold", "ppo_gold", "policy_gold", "rm_heldout_accuracy", "labeler_agreement",
                 "win_rate_vs_sft"):
         assert 0.0 <= summary[key] <= 1.0, (key, summary[key])
     assert summary["wall_seconds"] > 0
@@ -255,7 +258,8 @@ def test_smoke_summary_report_and_plots(smoke_workdir):
     assert np.mean([min(s["sft_gold"]) for s in samples]) <= summary["best_of_4_gold"] + 1e-9
     assert summary["best_of_4_gold"] <= np.mean([max(s["sft_gold"]) for s in samples]) + 1e-9
     assert summary["sft_gold"] == pytest.approx(np.mean([s["sft_gold"] for s in samples]))
-    assert summary["ppo_gold"] == pytest.approx(np.mean([s["ppo_gold"] for s in samples]))
+    assert summary["ppo_gold"] == summary["policy_gold"] == pytest.approx(np.mean([s["ppo_gold"] for s in samples]))
+    assert summary["algorithm"] == "ppo"
     text = (smoke_workdir / "report.md").read_text()
     for key in report.SUMMARY_KEYS:
         assert f"| {key} |" in text
@@ -273,3 +277,48 @@ def test_smoke_rerun_skips_finished_stages(smoke_workdir, script_env):
         assert f"[{stage}] done already" in result.stdout
     assert "running" not in result.stdout
     assert (smoke_workdir / "summary.json").read_text() == before
+
+
+def test_another_algorithm_reuses_the_stages_and_writes_its_own_directory(smoke_workdir, script_env):
+    """--config.algorithm=grpo on a finished workdir: task .. rm are skipped, the RL stage and the
+    evaluation run into DIR/grpo/ (its summary names the algorithm; PPO's summary is untouched)."""
+    before = (smoke_workdir / "summary.json").read_text()
+    result = _run_pipeline(smoke_workdir, script_env(1), "--config.algorithm=grpo")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("task", "pretrain", "sft", "rankings", "rm"):
+        assert f"[{stage}] done already" in result.stdout
+    assert f"[grpo] running in {smoke_workdir / 'grpo' / 'rl'}" in result.stdout
+    summary = json.loads((smoke_workdir / "grpo" / "summary.json").read_text())
+    assert summary["algorithm"] == "grpo" and "ppo_gold" not in summary
+    samples = [json.loads(line) for line in (smoke_workdir / "grpo" / "samples.jsonl").read_text().splitlines()]
+    assert summary["policy_gold"] == pytest.approx(np.mean([s["ppo_gold"] for s in samples]))
+    assert (smoke_workdir / "summary.json").read_text() == before
+    rows = [json.loads(line) for line in (smoke_workdir / "grpo" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all("group/zero_std_fraction" in row and "value/loss" not in row for row in rows)
+    assert json.loads((smoke_workdir / "grpo" / "rl" / "config.json").read_text())["algorithm"]["name"] == "grpo"
+
+
+def test_comparison_table_from_finished_runs(smoke_workdir, tmp_path):
+    """compare_algorithms over the finished ppo and grpo runs of the smoke workdir (copied as seed 0):
+    nothing is retrained; the CSV rows are the runs' summaries and the table their mean / spread."""
+    shutil.copytree(smoke_workdir, tmp_path / "seed0")
+    config = pipeline_configs.get_config("smoke")
+    result = compare.run_comparison(config, tmp_path, ["ppo", "grpo"], [0], echo=lambda _: None)
+    for name in ("ppo", "grpo"):
+        summary = json.loads((tmp_path / "seed0" / ("" if name == "ppo" else name) / "summary.json").read_text())
+        run = next(r for r in result.runs if r["algorithm"] == name)
+        assert run["policy_gold"] == summary["policy_gold"] and run["kl_to_sft"] == summary["kl_to_sft"]
+        row = next(r for r in result.rows if r["algorithm"] == name)
+        assert row["seeds"] == 1 and row["policy_gold mean"] == summary["policy_gold"]
+        assert row["policy_gold spread"] == 0.0
+    assert (tmp_path / "comparison.md").read_text().count("| ppo |") == 1
+    for png in ("gold_vs_samples.png", "gold_vs_kl.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"--algorithms: unknown \['ppo2'\]"):
+        compare.check_algorithms(["ppo2"])
+
+
+def test_comparison_aggregates_mean_and_half_range():
+    runs = [{"algorithm": "a", **{c: v for c in compare.COLUMNS}} for v in (1.0, 3.0, 2.0)]
+    row = compare.aggregate_runs(runs, ["a"])[0]
+    assert row["seeds"] == 3 and row["policy_gold mean"] == 2.0 and row["policy_gold spread"] == 1.0

@@ -52,18 +52,21 @@ def tiny_config(**overrides):
 
 
 def run_iterations(config, mesh, n, observe=None):
-    """`n` PPO iterations through the public pieces of the trainer -> (metrics rows, state, jitted step).
+    """`n` RL iterations through the public pieces of the trainer -> (metrics rows, state, jitted step).
 
     Synthetic prompts (and counting-sequence ptx batches when ptx.coef > 0), as `train` uses them.
     `observe(before, after, row)` sees host copies of the state around each iteration.
     """
     models = ppo.build_models(config)
     optimizers = ppo.make_optimizers(config, models)
-    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0)
+    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0,
+                                          penalty=ppo.penalty_coef(config) is not None)
     state = ppo.initial_state(config, models, optimizers, state_sh)
     step_fn = ppo.jit_iteration(models, ppo.settings_from_config(config), optimizers, state_sh, mesh,
                                 with_ptx=bool(config.ptx.coef), options=setup.compiler_options(config))
-    batches = ppo.iteration_batches(*ppo.make_data(config, "unused-without-data-files"))
+    group_size = ppo.group_size(config)
+    batches = ppo.iteration_batches(*ppo.make_data(config, "unused-without-data-files", group_size=group_size),
+                                    group_size=group_size)
     rows = []
     for _ in range(n):
         batch = ppo.place_batch(next(batches), mesh)

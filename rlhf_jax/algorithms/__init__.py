@@ -4,7 +4,9 @@
     state, metrics = update(models, settings, optimizers, state, experience, ptx)
     state, metrics, outputs = iteration(models, settings, optimizers, state, batch)   # both, one program
 
-- `types.py`: `RLSettings` (the algorithm: advantage estimator, critic or none, where the KL goes,
+- `catalog.py`: the algorithms by name (ppo, ppo_penalty, grpo, dr_grpo, dapo, gspo, rloo,
+  reinforce_pp, reinforce_pp_baseline, remax), each a choice of the pieces below.
+- `types.py`: `RLSettings` (advantage estimator, critic or none, policy loss, where the KL goes,
   and their hyperparameters), `Models`, `RLState`, `Experience`, state shardings and creation.
 - `rollout.py`: generate -> score -> log-probs / reference log-probs / values -> rewards with
   the KL leash -> advantages.
@@ -13,10 +15,11 @@
 Each piece is jittable on its own (profiling) and inside `iteration` (training): one code path.
 """
 from rlhf_jax.algorithms.rollout import rollout
-from rlhf_jax.algorithms.types import (ADVANTAGES, CRITICS, Experience, Models, Optimizers, RLSettings, RLState,
-                                       abstract_state, create_state, state_shardings)
+from rlhf_jax.algorithms.catalog import ALGORITHMS, Algorithm
+from rlhf_jax.algorithms.types import (Experience, Models, Optimizers, RLSettings, RLState, abstract_state,
+                                       create_state, state_shardings)
 from rlhf_jax.algorithms.update import iteration, iteration_keys, minibatch_indices, next_kl_coef, update
 
-__all__ = ["ADVANTAGES", "CRITICS", "Experience", "Models", "Optimizers", "RLSettings", "RLState", "abstract_state",
+__all__ = ["ALGORITHMS", "Algorithm", "Experience", "Models", "Optimizers", "RLSettings", "RLState", "abstract_state",
            "create_state", "iteration", "iteration_keys", "minibatch_indices", "next_kl_coef", "rollout",
            "state_shardings", "update"]

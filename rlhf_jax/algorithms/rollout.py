@@ -9,6 +9,7 @@ All pure and traceable: one part of the jitted iteration, or jitted alone for pr
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import jax
@@ -46,25 +47,65 @@ def score_responses(models: Models, settings: RLSettings, state: RLState, seq_id
     return scores, metrics
 
 
-def estimate_advantages(settings: RLSettings, scores, logprobs, ref_logprobs, token_values, mask, kl_coef):
-    """(advantages [B, N], values, returns, value_mask) for `settings.advantage`, with the KL in
-    the reward; advantages are not yet whitened."""
+def outcome_scores(settings: RLSettings, scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-response score `[B]` of the outcome estimators: clipped score − β·Σ_t k1 when the KL
+    goes into the reward, else the clipped score."""
+    if settings.score_clip is not None:
+        scores = jnp.clip(scores, -settings.score_clip, settings.score_clip)
+    if settings.kl_in == "reward":
+        scores = scores - kl_coef * jnp.sum(rl.kl_k1(logprobs, ref_logprobs, mask), axis=-1)
+    return scores
+
+
+def estimate_advantages(settings: RLSettings, scores, logprobs, ref_logprobs, token_values, mask, kl_coef,
+                        baseline=None):
+    """(advantages [B, N], values, returns, value_mask) for `settings.advantage`, before whitening.
+
+    `token_values` are the critic's (None without one); `baseline [B]` the greedy responses'
+    scores (ReMax). Without a critic, values are 0 and returns are the advantages."""
+    kl_reward_coef = kl_coef if settings.kl_in == "reward" else 0.0
     if settings.advantage == "sequence":
         seq_value = rl.sequence_values(token_values, mask)
-        seq_reward = rl.sequence_kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef,
+        seq_reward = rl.sequence_kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_reward_coef,
                                                       settings.score_clip)
         seq_adv, seq_ret = rl.sequence_advantages(seq_reward, seq_value)
         values, returns = seq_value[:, None], seq_ret[:, None]
         return jnp.where(mask > 0, seq_adv[:, None], 0.0), values, returns, jnp.ones_like(values, jnp.int32)
-    token_rewards = rl.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, settings.score_clip)
-    advantages, returns = rl.gae(token_rewards, token_values, mask, settings.gamma, settings.lam)
-    return advantages, token_values, returns, mask
+    if settings.advantage == "gae":
+        token_rewards = rl.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_reward_coef,
+                                                settings.score_clip)
+        advantages, returns = rl.gae(token_rewards, token_values, mask, settings.gamma, settings.lam)
+        return advantages, token_values, returns, mask
+    if settings.advantage in ("grpo", "dr_grpo", "rloo"):
+        outcome = outcome_scores(settings, scores, logprobs, ref_logprobs, mask, kl_reward_coef)
+        per_row = rl.group_advantages(outcome, settings.group_size, settings.advantage)
+        advantages = jnp.where(mask > 0, per_row[:, None], 0.0)
+    else:  # REINFORCE++ (optionally with the group mean subtracted) and ReMax: returns of shaped rewards
+        if settings.advantage == "reinforce_pp_baseline":  # r − mean of the prompt's group
+            scores = rl.group_advantages(scores, settings.group_size, "dr_grpo")
+        token_rewards = rl.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_reward_coef,
+                                                settings.score_clip)
+        advantages = rl.discounted_returns(token_rewards, mask, settings.gamma)
+        if settings.advantage == "remax":
+            advantages = jnp.where(mask > 0, advantages - baseline[:, None], 0.0)
+    return advantages, jnp.zeros_like(advantages), advantages, mask
+
+
+def group_keep(settings: RLSettings, scores: jax.Array) -> jax.Array:
+    """DAPO dynamic sampling `[B]` bool: rows of groups whose scores are not all equal (the rest
+    would get zero advantage; their tokens are left out of the policy loss, the batch keeps its shape)."""
+    if not settings.filter_groups:
+        return jnp.ones(scores.shape, bool)
+    grouped = scores.reshape(-1, settings.group_size)
+    varied = jnp.max(grouped, axis=1) > jnp.min(grouped, axis=1)
+    return jnp.repeat(varied, settings.group_size)
 
 
 def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mapping[str, jax.Array],
             rng: jax.Array) -> tuple[Experience, dict]:
-    """One batch of experience from `prompts` (`prompt_ids`, `prompt_mask` `[B, P]`, left-padded)
-    with the policy in `state`; returns (experience, scalar metrics)."""
+    """One batch of experience from `prompts` (`prompt_ids`, `prompt_mask` `[B, P]`, left-padded;
+    for group algorithms each prompt's `group_size` copies are consecutive rows) with the policy
+    in `state`; returns (experience, scalar metrics)."""
     prompt_ids = prompts["prompt_ids"].astype(jnp.int32)
     prompt_mask = prompts["prompt_mask"].astype(jnp.int32)
     prompt_len = prompt_ids.shape[1]
@@ -75,6 +116,13 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
 
     # ---- score ------------------------------------------------------------------------------------
     scores, metrics = score_responses(models, settings, state, seq_ids, seq_mask, tokens, mask)
+    baseline = None
+    if settings.advantage == "remax":  # the greedy response to each prompt, scored the same way
+        greedy = generation.sample(models.actor, state.actor, prompt_ids, prompt_mask, rng,
+                                   dataclasses.replace(settings.sampling, temperature=0.0))
+        greedy_seq = (jnp.concatenate([prompt_ids, greedy.tokens], 1), jnp.concatenate([prompt_mask, greedy.mask], 1))
+        baseline, _ = score_responses(models, settings, state, *greedy_seq, greedy.tokens, greedy.mask)
+        metrics["reward/greedy"] = jnp.mean(baseline)
 
     # ---- old policy, reference, values --------------------------------------------------------------
     temperature = settings.temperature
@@ -82,18 +130,21 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
     logprobs = jnp.where(mask > 0, losses.token_logprobs(logits, tokens), 0.0)
     ref_logits, _ = policy_forward(models.ref, state.ref, seq_ids, seq_mask, prompt_len, temperature)
     ref_logprobs = jnp.where(mask > 0, losses.token_logprobs(ref_logits, tokens), 0.0)
+    token_values = None
     if settings.critic == "shared":
-        token_values = shared_values
-    else:
-        token_values = critic_values(models.critic, state.critic, seq_ids, seq_mask, prompt_len)
-    token_values = jnp.where(mask > 0, token_values, 0.0)
+        token_values = jnp.where(mask > 0, shared_values, 0.0)
+    elif settings.critic == "separate":
+        token_values = jnp.where(mask > 0, critic_values(models.critic, state.critic, seq_ids, seq_mask, prompt_len),
+                                 0.0)
 
     # ---- rewards with the KL leash, advantages ------------------------------------------------------
     advantages, values, returns, value_mask = estimate_advantages(settings, scores, logprobs, ref_logprobs,
-                                                                  token_values, mask, state.kl_coef)
+                                                                  token_values, mask, state.kl_coef, baseline)
     raw_advantages = advantages
     if settings.whiten_advantages:
         advantages = rl.whiten(advantages, mask)
+    keep = group_keep(settings, scores)
+    loss_mask = mask * keep[:, None].astype(mask.dtype)
 
     seq_kl = jnp.sum(rl.kl_k1(logprobs, ref_logprobs, mask), axis=-1)
     lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
@@ -107,13 +158,20 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
         "response/length": jnp.mean(lengths),
         "advantages/mean": rl.masked_mean(raw_advantages, mask),
         "returns/mean": rl.masked_mean(returns, value_mask),
-        "value/mean": rl.masked_mean(values, value_mask),
-        "value/explained_variance": rl.explained_variance(values, returns, value_mask),
     })
+    if settings.critic != "none":
+        metrics.update({"value/mean": rl.masked_mean(values, value_mask),
+                        "value/explained_variance": rl.explained_variance(values, returns, value_mask)})
+    if settings.group_size > 1:
+        grouped = scores.reshape(-1, settings.group_size)
+        metrics["group/zero_std_fraction"] = jnp.mean((jnp.max(grouped, 1) == jnp.min(grouped, 1)).astype(jnp.float32))
+        metrics["group/effective_fraction"] = jnp.mean(keep.astype(jnp.float32))
+    if state.penalty_coef is not None:
+        metrics["penalty_coef"] = state.penalty_coef
     if settings.sampling.eos_id is not None:
         ended = jnp.any((tokens == settings.sampling.eos_id) & (mask > 0), axis=-1)
         metrics["response/eos_fraction"] = jnp.mean(ended.astype(jnp.float32))
-    experience = Experience(seq_ids=seq_ids, seq_mask=seq_mask, tokens=tokens, mask=mask, scores=scores, kl=seq_kl,
-                            logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages, values=values,
-                            returns=returns, value_mask=value_mask)
+    experience = Experience(seq_ids=seq_ids, seq_mask=seq_mask, tokens=tokens, mask=mask, loss_mask=loss_mask,
+                            scores=scores, kl=seq_kl, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                            advantages=advantages, values=values, returns=returns, value_mask=value_mask)
     return experience, metrics

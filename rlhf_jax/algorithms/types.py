@@ -16,46 +16,61 @@ import optax
 
 from rlhf_jax import checkpoint as checkpoint_lib
 from rlhf_jax import generation, loading, optim, sharding
+from rlhf_jax.algorithms import catalog
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax.models import Transformer
-
-ADVANTAGES = ("gae", "sequence")
-CRITICS = ("separate", "shared")
-
 
 @dataclasses.dataclass(frozen=True)
 class RLSettings:
     """The algorithm and its hyperparameters; the jitted iteration closes over them (static:
-    changing one recompiles).
+    changing one recompiles). `catalog.ALGORITHMS` names the usual combinations.
 
-    The algorithm is three explicit choices:
+    The algorithm is four explicit choices:
     - `advantage`: "gae" — per-token rewards (−β·KL per token, the score at the last token) and
       GAE(γ, λ) over per-token values (Schulman et al. 2016; InstructGPT / DeepSpeed-Chat);
-      "sequence" — one reward per response (score − β·KL summed) minus one value per response,
-      V(seq) = masked mean of the critic's token values (early ColossalChat).
-    - `critic`: "separate" network with its own optimizer, or "shared" value head on the actor
-      trunk (loss = policy loss + vf_coef · value loss).
-    - where the KL goes: into the reward (`rl.kl_penalized_rewards`), with β fixed or adaptive
-      (Ziegler et al. 2019).
-    The policy loss is PPO's clipped surrogate (Schulman et al. 2017, eq. 7) on the
-    temperature-scaled policy; PPO-ptx adds ptx_coef · LM loss (Ouyang et al. 2022, eq. 2).
+      "sequence" — one reward per response minus one value per response (early ColossalChat);
+      "grpo" / "dr_grpo" / "rloo" — outcome advantages from `group_size` responses per prompt
+      (`rl.group_advantages`) on every response token; "reinforce_pp" — returns of the per-token
+      KL-shaped rewards without a critic, whitened over the batch (Hu 2025), "reinforce_pp_baseline"
+      the same after subtracting the group mean score; "remax" — returns minus the score of the
+      greedy response to the same prompt (Li et al. 2023; a second, greedy rollout in the program).
+    - `critic`: a "separate" network with its own optimizer, a "shared" value head on the actor
+      trunk (loss = policy loss + vf_coef · value loss), or "none".
+    - `policy_loss`: "clip" (PPO, with optional clip-higher `clip_eps_high` and `dual_clip`),
+      "penalty" (PPO-penalty: ratio · A − β_pen · KL(π_old‖π_θ), β_pen adapted after each
+      iteration, Schulman et al. 2017 §4), "gspo" (sequence-level ratio, Zheng et al. 2025);
+      aggregated over tokens by `loss_agg_mode` (verl's names).
+    - `kl_in`: where the KL to the reference goes: "reward" (−β·(log π − log π_ref) per token,
+      `rl.kl_penalized_rewards`), "loss" (+β · aggregated `kl_estimator` term, GRPO) or "none";
+      β fixed or adaptive (Ziegler et al. 2019).
+    PPO-ptx adds ptx_coef · LM loss (Ouyang et al. 2022, eq. 2).
     """
 
     sampling: generation.SamplingConfig
     advantage: str = "gae"
     critic: str = "separate"
+    policy_loss: str = "clip"
+    kl_in: str = "reward"
+    loss_agg_mode: str = "token-mean"
+    group_size: int = 1
     epochs: int = 1
     num_minibatches: int = 1
     clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None
+    dual_clip: Optional[float] = None
     value_clip_eps: float = 0.2
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
     vf_coef: float = 0.5
     entropy_coef: float = 0.0
+    kl_estimator: str = "k3"
     kl_adaptive: bool = False
     kl_target: float = 6.0
     kl_horizon: float = 10000.0
+    penalty_target: float = 0.01
+    filter_groups: bool = False
+    overlong_buffer: int = 0
     score_clip: Optional[float] = None
     rm_weight: float = 0.0
     reward_norm: tuple = (0.0, 1.0)  # RM score = (raw − mean) / std, stored with the RM
@@ -64,10 +79,16 @@ class RLSettings:
     ema_decay: float = 0.0
 
     def __post_init__(self):
-        if self.advantage not in ADVANTAGES:
-            raise ValueError(f"RLSettings.advantage={self.advantage!r} (allowed: {ADVANTAGES})")
-        if self.critic not in CRITICS:
-            raise ValueError(f"RLSettings.critic={self.critic!r} (allowed: {CRITICS})")
+        for name, allowed in (("advantage", catalog.ADVANTAGES), ("critic", catalog.CRITICS),
+                              ("policy_loss", catalog.POLICY_LOSSES), ("kl_in", catalog.KL_PLACEMENTS),
+                              ("loss_agg_mode", catalog.LOSS_AGG_MODES), ("kl_estimator", ("k1", "k3"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RLSettings.{name}={getattr(self, name)!r} (allowed: {allowed})")
+        if (self.critic == "none") != (self.advantage not in ("gae", "sequence")):
+            raise ValueError(f"RLSettings: advantage={self.advantage!r} with critic={self.critic!r}: GAE and the "
+                             "sequence critic need a critic, the other estimators none")
+        if self.advantage in catalog.GROUP_ADVANTAGES and self.group_size < 2:
+            raise ValueError(f"RLSettings: advantage={self.advantage!r} needs group_size >= 2, got {self.group_size}")
 
     @property
     def temperature(self) -> float:
@@ -103,7 +124,8 @@ class RLState:
     """Everything an exact resume needs. `critic*` are None with a shared value head, `reward`
     without a reward model, `ema` without EMA. `rng` is a raw uint32[2] key; iteration s uses
     fold_in(rng, s). `nonfinite_steps`/`nonfinite_streak` count iterations in which some update
-    was skipped for a non-finite loss or gradient (total / consecutive)."""
+    was skipped for a non-finite loss or gradient (total / consecutive). `kl_coef` is β of the KL
+    to the reference (in the reward or the loss)."""
 
     step: jax.Array
     actor: Any
@@ -117,6 +139,7 @@ class RLState:
     rng: jax.Array
     nonfinite_steps: jax.Array
     nonfinite_streak: jax.Array
+    penalty_coef: Any = None  # PPO-penalty's β_pen (scalar fp32); None for the other losses
 
 
 @flax.struct.dataclass
@@ -130,6 +153,7 @@ class Experience:
     seq_mask: jax.Array  # [B, P+N]
     tokens: jax.Array  # [B, N] response
     mask: jax.Array  # [B, N] 1 up to and including EOS
+    loss_mask: jax.Array  # [B, N] tokens the policy loss sees: `mask`, less filtered groups (DAPO)
     scores: jax.Array  # [B] total score of each response (rules + RM), before KL shaping
     kl: jax.Array  # [B] sequence KL to the reference, sum_t (log pi - log pi_ref) (k1)
     logprobs: jax.Array  # [B, N] old policy
@@ -140,7 +164,7 @@ class Experience:
     value_mask: jax.Array
 
 
-def state_shardings(models: Models, optimizers: Optimizers, mesh, ema: bool) -> RLState:
+def state_shardings(models: Models, optimizers: Optimizers, mesh, ema: bool, penalty: bool = False) -> RLState:
     """RLState of NamedShardings: params by their logical axes, optimizer moments alike, scalars replicated."""
     rep = sharding.replicated(mesh)
     actor_sh = sharding.param_shardings(models.actor, mesh)
@@ -153,22 +177,26 @@ def state_shardings(models: Models, optimizers: Optimizers, mesh, ema: bool) -> 
             optimizers.critic, loading.param_shapes(models.critic), critic_sh, mesh),
         ref=sharding.param_shardings(models.ref, mesh),
         reward=None if models.reward is None else sharding.param_shardings(models.reward, mesh),
-        ema=actor_sh if ema else None, kl_coef=rep, rng=rep, nonfinite_steps=rep, nonfinite_streak=rep)
+        ema=actor_sh if ema else None, kl_coef=rep, rng=rep, nonfinite_steps=rep, nonfinite_streak=rep,
+        penalty_coef=rep if penalty else None)
 
 
-def create_state(actor, critic, ref, reward, optimizers: Optimizers, kl_coef: float, rng, ema: bool) -> RLState:
+def create_state(actor, critic, ref, reward, optimizers: Optimizers, kl_coef: float, rng, ema: bool,
+                 penalty_coef: Optional[float] = None) -> RLState:
     """Fresh state (traceable: jit it with out_shardings so optimizer moments are born sharded)."""
     zero = jnp.zeros((), jnp.int32)
     return RLState(step=zero, actor=actor, actor_opt=optimizers.actor.init(actor), critic=critic,
                    critic_opt=None if critic is None else optimizers.critic.init(critic), ref=ref, reward=reward,
                    ema=jax.tree.map(jnp.copy, actor) if ema else None, kl_coef=jnp.asarray(kl_coef, jnp.float32),
-                   rng=rng, nonfinite_steps=zero, nonfinite_streak=zero)
+                   rng=rng, nonfinite_steps=zero, nonfinite_streak=zero,
+                   penalty_coef=None if penalty_coef is None else jnp.asarray(penalty_coef, jnp.float32))
 
 
-def abstract_state(models: Models, optimizers: Optimizers, state_sh: RLState, kl_coef: float, ema: bool) -> RLState:
+def abstract_state(models: Models, optimizers: Optimizers, state_sh: RLState, kl_coef: float, ema: bool,
+                   penalty_coef: Optional[float] = None) -> RLState:
     """Shapes of the state with its shardings (nothing materialised): the checkpoint restore target."""
     shapes = lambda model: None if model is None else loading.param_shapes(model)  # noqa: E731
     shaped = jax.eval_shape(
-        lambda a, c, r, w: create_state(a, c, r, w, optimizers, kl_coef, jax.random.PRNGKey(0), ema),
+        lambda a, c, r, w: create_state(a, c, r, w, optimizers, kl_coef, jax.random.PRNGKey(0), ema, penalty_coef),
         shapes(models.actor), shapes(models.critic), shapes(models.ref), shapes(models.reward))
     return checkpoint_lib.abstract_tree(shaped, state_sh)

@@ -1,11 +1,12 @@
 """Update: epochs x minibatches of actor (and critic) steps under `lax.scan`; the iteration.
 
-    iteration(state, batch) = rollout -> update -> KL coefficient (fixed or adaptive) -> step + 1
+    iteration(state, batch) = rollout -> update -> KL coefficients (fixed or adaptive) -> step + 1
 
-The actor loss is PPO's clipped surrogate (`losses.ppo_policy_loss`) minus entropy_coef · entropy,
-plus vf_coef · clipped value loss with a shared value head, plus ptx_coef · LM loss (PPO-ptx).
-A separate critic takes its own clipped value-loss step on the same minibatch. Every optimizer
-step goes through `optim.guarded_update` (skipped when not finite).
+The actor loss is the chosen policy loss (`policy_objective`: clipped surrogate, PPO-penalty or
+GSPO's sequence ratio), plus β · the KL-to-reference term when the KL goes into the loss, minus
+entropy_coef · entropy, plus vf_coef · clipped value loss with a shared value head, plus
+ptx_coef · LM loss (PPO-ptx). A separate critic takes its own clipped value-loss step on the same
+minibatch. Every optimizer step goes through `optim.guarded_update` (skipped when not finite).
 """
 from __future__ import annotations
 
@@ -39,14 +40,34 @@ def value_loss(settings: RLSettings, token_values: jax.Array, mb: Experience):
     return losses.ppo_value_loss(predicted, mb.values, mb.returns, mb.value_mask, settings.value_clip_eps)
 
 
-def actor_loss(models: Models, settings: RLSettings, params, mb: Experience, ptx):
+def policy_objective(settings: RLSettings, logprobs, mb: Experience, penalty_coef):
+    """(loss, metrics) of the chosen policy loss on the minibatch's `loss_mask` tokens."""
+    mask = mb.loss_mask
+    if settings.policy_loss == "penalty":
+        loss, aux = losses.ppo_penalty_loss(logprobs, mb.logprobs, mb.advantages, mask, penalty_coef)
+    elif settings.policy_loss == "gspo":
+        loss, aux = losses.gspo_policy_loss(logprobs, mb.logprobs, mb.advantages, mask, settings.clip_eps,
+                                            clip_eps_high=settings.clip_eps_high)
+    else:
+        loss, aux = losses.ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mask, settings.clip_eps,
+                                           clip_eps_high=settings.clip_eps_high, dual_clip=settings.dual_clip,
+                                           loss_agg_mode=settings.loss_agg_mode)
+    return loss, {"policy/loss": loss, **{f"policy/{k}": v for k, v in aux.items()}}
+
+
+def actor_loss(models: Models, settings: RLSettings, params, mb: Experience, ptx, kl_coef, penalty_coef):
     """(loss, metrics) of the actor (and a shared value head) on one minibatch."""
     prompt_len = mb.seq_ids.shape[1] - mb.tokens.shape[1]
     logits, shared_values = policy_forward(models.actor, params, mb.seq_ids, mb.seq_mask, prompt_len,
                                            settings.temperature)
     logprobs = losses.token_logprobs(logits, mb.tokens)
-    loss, aux = losses.ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, settings.clip_eps)
-    metrics = {"policy/loss": loss, "policy/clipfrac": aux["clipfrac"], "policy/approx_kl": aux["approx_kl"]}
+    loss, metrics = policy_objective(settings, logprobs, mb, penalty_coef)
+    if settings.kl_in == "loss":  # β · aggregated per-token estimate of KL(π_θ ‖ π_ref) (GRPO)
+        estimator = rl.kl_k3 if settings.kl_estimator == "k3" else rl.kl_k1
+        kl_loss = losses.aggregate(estimator(logprobs, mb.ref_logprobs, mb.loss_mask), mb.loss_mask,
+                                   settings.loss_agg_mode)
+        loss = loss + kl_coef * kl_loss
+        metrics["kl_loss"] = kl_loss
     if settings.entropy_coef:
         loss = loss - settings.entropy_coef * losses.entropy_from_logits(logits, mb.mask)
     if settings.critic == "shared":
@@ -98,10 +119,11 @@ def update(models: Models, settings: RLSettings, optimizers: Optimizers, state: 
         mb = constrain(jax.tree.map(lambda x: jnp.take(x, mb_rows, axis=0), batch))
         mb_ptx = None if ptx is None else constrain(jax.tree.map(lambda x: jnp.take(x, mb_ptx_rows, axis=0), ptx))
         (loss, metrics), grads = jax.value_and_grad(
-            lambda p: actor_loss(models, settings, p, mb, mb_ptx), has_aux=True)(actor)
+            lambda p: actor_loss(models, settings, p, mb, mb_ptx, state.kl_coef, state.penalty_coef),
+            has_aux=True)(actor)
         actor, actor_state, finite = optim.guarded_update(optimizers.actor, actor, actor_state, grads, loss)
         metrics = {**metrics, "loss": loss, "policy/grad_norm": optax.tree.norm(grads)}
-        if settings.critic != "shared":
+        if settings.critic == "separate":
             (c_loss, c_metrics), c_grads = jax.value_and_grad(
                 lambda p: critic_loss(models, settings, p, mb), has_aux=True)(critic)
             critic, critic_state, c_finite = optim.guarded_update(optimizers.critic, critic, critic_state, c_grads,
@@ -120,9 +142,12 @@ def update(models: Models, settings: RLSettings, optimizers: Optimizers, state: 
         decay = settings.ema_decay
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, actor)
     bad = (~all_finite).astype(jnp.int32)
+    penalty_coef = state.penalty_coef
+    if penalty_coef is not None:  # PPO-penalty: d = KL(π_old ‖ π_θ) measured over this iteration's update
+        penalty_coef = rl.ppo_penalty_coef(penalty_coef, metrics["policy/kl"], settings.penalty_target)
     state = state.replace(
         step=state.step + 1, actor=actor, actor_opt=actor_state, critic=critic, critic_opt=critic_state, ema=ema,
-        kl_coef=next_kl_coef(settings, state.kl_coef, jnp.mean(batch.kl), batch_size),
+        kl_coef=next_kl_coef(settings, state.kl_coef, jnp.mean(batch.kl), batch_size), penalty_coef=penalty_coef,
         nonfinite_steps=state.nonfinite_steps + bad, nonfinite_streak=(state.nonfinite_streak + 1) * bad)
     metrics.update({"nonfinite_steps": state.nonfinite_steps, "nonfinite_streak": state.nonfinite_streak,
                     "lr": optimizers.lr_schedule((state.step - 1) * n_steps)})

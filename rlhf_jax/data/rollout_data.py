@@ -11,22 +11,26 @@ from typing import Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import sharding
 from rlhf_jax.data.dataset import load_split
 from rlhf_jax.data.synthetic import SyntheticPrompts, SyntheticText
 
 
-def make_data(config, workdir: str, tokenizer=None):
-    """(prompt iterator, ptx iterator or None): files through rlhf_jax.data, else synthetic streams."""
+def make_data(config, workdir: str, tokenizer=None, group_size: int = 1):
+    """(prompt iterator, ptx iterator or None): files through rlhf_jax.data, else synthetic streams.
+    The prompt iterator yields rollout.batch_size / group_size prompts (`repeat_prompts` makes
+    the group copies)."""
+    num_prompts = config.rollout.batch_size // group_size
     pid, nproc = jax.process_index(), jax.process_count()
     cache_dir = config.data.cache_dir or str(pathlib.Path(workdir) / "data")
     if config.data.prompts:
         split = load_split("prompts", config.data.prompts, tokenizer, max_len=config.rollout.prompt_len,
                                     batch_format="prompts", template=config.data.template, data_dir=cache_dir)
-        prompts = split.iterator(config.rollout.batch_size, config.seed)
+        prompts = split.iterator(num_prompts, config.seed)
     else:
-        prompts = SyntheticPrompts(config.rollout.batch_size, config.rollout.prompt_len, config.data.min_prompt_len,
+        prompts = SyntheticPrompts(num_prompts, config.rollout.prompt_len, config.data.min_prompt_len,
                                    config.model.vocab_size, (config.rollout.pad_id, config.rollout.eos_id),
                                    config.seed, pid, nproc)
     ptx = None
@@ -43,10 +47,14 @@ def make_data(config, workdir: str, tokenizer=None):
 PROMPT_KEYS, PTX_KEYS = ("prompt_ids", "prompt_mask"), ("input_ids", "attention_mask", "loss_mask")
 
 
-def iteration_batches(prompts: Iterator, ptx: Optional[Iterator]) -> Iterator[dict]:
-    """Host batches of the loop: {"prompts": prompt batch (with `index`), "ptx": LM batch or None}."""
+def iteration_batches(prompts: Iterator, ptx: Optional[Iterator], group_size: int = 1) -> Iterator[dict]:
+    """Host batches of the loop: {"prompts": prompt batch (with `index`), "ptx": LM batch or None};
+    each prompt row repeated `group_size` times in place (a group's rows are consecutive)."""
     while True:
-        yield {"prompts": next(prompts), "ptx": None if ptx is None else next(ptx)}
+        batch = next(prompts)
+        if group_size > 1:
+            batch = {key: np.repeat(value, group_size, axis=0) for key, value in batch.items()}
+        yield {"prompts": batch, "ptx": None if ptx is None else next(ptx)}
 
 
 def place_batch(host: Mapping, mesh) -> dict:

@@ -68,6 +68,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     """
     start = time.perf_counter()
     cfg = config.eval
+    algorithm = config.get("algorithm", "ppo")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = loading.load_tokenizer(layout.tokenizer)
@@ -129,7 +130,11 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
         "num_samples": int(cfg.num_samples),
         "temperature": temperature,
         "seed": int(config.seed),
+        "algorithm": algorithm,
+        "policy_gold": float(ppo_gold.mean()),
     }
+    if algorithm != "ppo":  # ppo_gold is the PPO policy's; other algorithms report policy_gold only
+        del summary["ppo_gold"]
     samples = [{"prompt": prompts.examples[i].prompt, "sft": sft_texts[i][0], "sft_gold": float(sft_gold[i, 0]),
                 "ppo": ppo_texts[i][0], "ppo_gold": float(ppo_gold[i, 0])}
                for i in range(min(cfg.num_report_samples, len(prompts)))]
@@ -147,7 +152,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
              f"normalised RM score {summary['sft_rm_score']:.2f} (SFT) -> {summary['ppo_rm_score']:.2f} (PPO)."]
     report.write_report(out_dir / "report.md", summary, samples, plots, notes)
     echo(f"[eval] win rate {summary['win_rate_vs_sft']:.2f}, gold {summary['sft_gold']:.3f} -> "
-         f"{summary['ppo_gold']:.3f}, KL {summary['kl_to_sft']:.2f}")
+         f"{summary['policy_gold']:.3f}, KL {summary['kl_to_sft']:.2f}")
     return summary
 
 

@@ -131,6 +131,7 @@ def stage_configs(config, layout: Layout) -> dict:
 
     ppo = config.ppo.copy_and_resolve_references()
     ppo.seed = config.seed
+    ppo.algorithm.name = config.get("algorithm", "ppo")
     ppo.actor.init.update(source="checkpoint", path=str(layout.stage("sft")))
     ppo.reward.init.update(source="checkpoint", path=str(layout.stage("rm")))
     ppo.data.update(prompts=layout.task_file("ppo_prompts.jsonl"), tokenizer=tokenizer, cache_dir=cache,

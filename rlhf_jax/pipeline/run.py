@@ -84,8 +84,13 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
     """Run every unfinished stage in order under `workdir`; returns the summary (see `evaluate`)."""
     start = time.perf_counter()
     layout = Layout(pathlib.Path(workdir).absolute())
-    layout.root.mkdir(parents=True, exist_ok=True)
-    (layout.root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    algorithm = config.get("algorithm", "ppo")
+    rl_dir, eval_dir, out_dir = policy_dirs(layout, algorithm)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if algorithm == "ppo" or not (layout.root / "config.json").exists():
+        (layout.root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    if out_dir != layout.root:
+        (out_dir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     cfgs = stage_configs(config, layout)
     seeded = lambda section: {"seed": config.seed, **section.to_dict()}  # noqa: E731
     records = {"task": run_stage("task", layout.task, lambda: export_stage(config, layout), echo,
@@ -100,13 +105,19 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
                                      "rollout": config.ppo.rollout.to_dict()})
     records["rm"] = run_stage("rm", layout.stage("rm"), lambda: _trained(
         "rm", rm.train(cfgs["rm"], str(layout.stage("rm")))), echo, cfgs["rm"].to_dict())
-    records["ppo"] = run_stage("ppo", layout.stage("ppo"),
-                               lambda: ppo_stage(config, layout, cfgs["ppo"], layout.stage("ppo")), echo,
+    records["ppo"] = run_stage(algorithm, rl_dir, lambda: ppo_stage(config, layout, cfgs["ppo"], rl_dir), echo,
                                cfgs["ppo"].to_dict())
     prior = sum(r["seconds"] for r in records.values())
-    run_stage("eval", layout.stage("eval"), lambda: evaluate(
-        config, layout, layout.stage("ppo"), layout.root,
-        labeler_agreement=records["rankings"]["info"]["labeler_agreement"], prior_seconds=prior, echo=echo), echo,
-        seeded(config.eval))
-    echo(f"pipeline: {time.perf_counter() - start:.0f}s in this run; report in {layout.root / 'report.md'}")
-    return json.loads((layout.root / "summary.json").read_text())
+    run_stage("eval", eval_dir, lambda: evaluate(
+        config, layout, rl_dir, out_dir, labeler_agreement=records["rankings"]["info"]["labeler_agreement"],
+        prior_seconds=prior, echo=echo), echo, seeded(config.eval))
+    echo(f"pipeline: {time.perf_counter() - start:.0f}s in this run; report in {out_dir / 'report.md'}")
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def policy_dirs(layout: Layout, algorithm: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """(RL run dir, eval stage dir, summary/report dir) of `algorithm`: DIR/ppo, DIR/eval and DIR
+    for PPO (the recipe's own layout), DIR/<algorithm>/{rl, eval} and DIR/<algorithm> otherwise."""
+    if algorithm == "ppo":
+        return layout.stage("ppo"), layout.stage("eval"), layout.root
+    return layout.root / algorithm / "rl", layout.root / algorithm / "eval", layout.root / algorithm

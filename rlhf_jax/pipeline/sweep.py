@@ -18,7 +18,7 @@ from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs, stage_inf
 from rlhf_jax.pipeline.run import ppo_stage
 
 REUSED_STAGES = ("task", "pretrain", "sft", "rankings", "rm")
-SWEEP_COLUMNS = ("kl_coef", "kl_to_sft", "ppo_gold", "ppo_rm_score", "win_rate_vs_sft", "sft_gold", "sft_rm_score",
+SWEEP_COLUMNS = ("kl_coef", "kl_to_sft", "policy_gold", "ppo_rm_score", "win_rate_vs_sft", "sft_gold", "sft_rm_score",
                  "best_of_4_gold", "ppo_length", "wall_seconds")
 
 

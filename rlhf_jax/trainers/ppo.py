@@ -45,13 +45,21 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     def fail(message):
         raise ValueError(message)
 
+    algorithm = algorithm_of(config)
+    if algorithm.grouped and config.algorithm.group_size < 2:
+        fail(f"config.algorithm.group_size={config.algorithm.group_size}: {config.algorithm.name} compares "
+             "responses to the same prompt, need >= 2")
+    if config.algorithm.dual_clip and config.algorithm.dual_clip <= 1:
+        fail(f"config.algorithm.dual_clip={config.algorithm.dual_clip}: need > 1 (or 0 = off)")
     if config.critic.type not in CRITIC_TYPES:
         fail(f"config.critic.type={config.critic.type!r} (allowed: {', '.join(map(repr, CRITIC_TYPES))})")
     for role, allowed in INIT_SOURCES.items():
-        loading.check_init(config[role].init, f"config.{role}.init", allowed)
+        if role != "critic" or algorithm.critic != "none":
+            loading.check_init(config[role].init, f"config.{role}.init", allowed)
     setup.validate_paths(config.data, ("prompts", "tokenizer", "ptx"))
     has_rm = config.reward.init.source != "none"
-    if config.critic.init.source == "reward" and config.critic.type != "shared" and not has_rm:
+    if algorithm.critic != "none" and config.critic.init.source == "reward" and config.critic.type != "shared" \
+            and not has_rm:
         fail("config.critic.init.source='reward' needs a reward model (config.reward.init) "
              "(or set config.critic.init.source='actor')")
     if config.rewards.rm_weight and not has_rm:
@@ -77,6 +85,9 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
              f"{config.kl.horizon})")
     setup.validate_batch("rollout.batch_size", config.rollout.batch_size, mesh_shape,
                          config.ppo.num_minibatches, "ppo.num_minibatches")
+    if config.rollout.batch_size % (group_size(config) * jax.process_count()):
+        fail(f"config.rollout.batch_size={config.rollout.batch_size} must be a multiple of config.algorithm.group_size"
+             f"={group_size(config)} x {jax.process_count()} processes (each prompt's responses are sampled together)")
     if config.ptx.coef:
         setup.validate_batch("ptx.batch_size", config.ptx.batch_size, mesh_shape,
                              config.ppo.num_minibatches, "ppo.num_minibatches")
@@ -106,21 +117,47 @@ def validate_models(config, models: Models) -> None:
                              f"actor's ({cfg.vocab_size}); every role must share the tokenizer")
 
 
+def algorithm_of(config) -> algorithms.Algorithm:
+    """The catalog entry named by config.algorithm.name (ValueError naming the key otherwise)."""
+    name = config.algorithm.name
+    if name not in algorithms.ALGORITHMS:
+        raise ValueError(f"config.algorithm.name={name!r} (allowed: {', '.join(map(repr, algorithms.ALGORITHMS))})")
+    return algorithms.ALGORITHMS[name]
+
+
+def group_size(config) -> int:
+    """Responses per prompt: config.algorithm.group_size for group algorithms, else 1."""
+    return config.algorithm.group_size if algorithm_of(config).grouped else 1
+
+
+def uses_critic(config) -> bool:
+    return algorithm_of(config).critic != "none"
+
+
 def settings_from_config(config, reward_norm: Mapping[str, float] | None = None) -> RLSettings:
-    """Static iteration settings from the ConfigDict (rules validated, -1 eos -> None)."""
-    rollout, ppo, kl = config.rollout, config.ppo, config.kl
+    """Static iteration settings from the ConfigDict: the catalog entry of config.algorithm.name,
+    the critic type (algorithms with a critic), hyperparameters; rules validated, -1 eos -> None."""
+    rollout, ppo, kl, alg_cfg = config.rollout, config.ppo, config.kl, config.algorithm
+    algorithm = algorithm_of(config)
     rules = rewards_lib.active_rules(config.rewards.rules)
-    critic, advantage = CRITIC_TYPES[config.critic.type]
+    if algorithm.overlong and alg_cfg.overlong_buffer > 0:  # DAPO: soft overlong punishment, weight 1
+        rules = {**rules, "overlong": {"weight": 1.0, "buffer": alg_cfg.overlong_buffer}}
+    critic, advantage = CRITIC_TYPES[config.critic.type] if algorithm.critic != "none" else ("none", algorithm.advantage)
+    whiten = ppo.whiten_advantages if advantage in ("gae", "sequence") else advantage.startswith("reinforce_pp")
     norm = reward_norm or loading.IDENTITY_NORM
     return RLSettings(
         sampling=generation.SamplingConfig(
             max_new_tokens=rollout.max_new_tokens, temperature=float(rollout.temperature), top_k=rollout.top_k,
             top_p=float(rollout.top_p), eos_id=None if rollout.eos_id < 0 else rollout.eos_id,
             pad_id=rollout.pad_id),
-        advantage=advantage, critic=critic, epochs=ppo.epochs, num_minibatches=ppo.num_minibatches,
-        clip_eps=ppo.clip_eps, value_clip_eps=ppo.value_clip_eps, gamma=ppo.gamma, lam=ppo.lam,
-        whiten_advantages=ppo.whiten_advantages, vf_coef=ppo.vf_coef, entropy_coef=ppo.entropy_coef,
-        kl_adaptive=kl.adaptive, kl_target=kl.target, kl_horizon=kl.horizon,
+        advantage=advantage, critic=critic, policy_loss=algorithm.policy_loss, kl_in=algorithm.kl_in,
+        loss_agg_mode=algorithm.loss_agg_mode, group_size=group_size(config), epochs=ppo.epochs,
+        num_minibatches=ppo.num_minibatches, clip_eps=ppo.clip_eps,
+        clip_eps_high=float(alg_cfg.clip_eps_high) if algorithm.clip_higher else None,
+        dual_clip=float(alg_cfg.dual_clip) if alg_cfg.dual_clip else None, value_clip_eps=ppo.value_clip_eps,
+        gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=whiten, vf_coef=ppo.vf_coef, entropy_coef=ppo.entropy_coef,
+        kl_estimator=alg_cfg.kl_estimator, kl_adaptive=kl.adaptive, kl_target=kl.target, kl_horizon=kl.horizon,
+        penalty_target=alg_cfg.penalty_target, filter_groups=algorithm.filter_groups,
         score_clip=config.rewards.score_clip or None, rm_weight=config.rewards.rm_weight,
         reward_norm=(float(norm["mean"]), float(norm["std"])),
         rules=tuple((name, tuple(sorted(entry.items()))) for name, entry in sorted(rules.items())),
@@ -151,13 +188,13 @@ def build_models(config) -> Models:
                                  f"{tuple(heads)}, not a reward model (train one with experiments/train_rm.py)")
         reward = arch(config.reward.init, heads=("value",), key="config.reward.init")
     critic = None
-    if config.critic.type != "shared":
+    if uses_critic(config) and config.critic.type != "shared":
         source = config.critic.init.source
         if source in ("actor", "reward"):
             critic = Transformer((reward if source == "reward" else actor_lm).config, heads=("value",))
         else:
             critic = arch(config.critic.init, heads=("value",), key="config.critic.init")
-    heads = ("lm", "value") if config.critic.type == "shared" else ("lm",)
+    heads = ("lm", "value") if uses_critic(config) and config.critic.type == "shared" else ("lm",)
     return Models(actor=Transformer(actor_lm.config, heads=heads), ref=ref, critic=critic, reward=reward)
 
 
@@ -193,7 +230,7 @@ def initial_state(config, models: Models, optimizers: Optimizers, state_sh: RLSt
     def scalar_model(lm_params):  # unembedding dropped, fresh value head (Stiennon et al. init)
         return lm_params_to_scalar(lm_params, head_rng, models.actor.config.d_model)
 
-    if config.critic.type == "shared":  # LM head kept, value head added on the same trunk
+    if "value" in models.actor.heads:  # shared critic: LM head kept, value head added on the same trunk
         actor = jit(lambda p: {**copy(p), "value_head": scalar_model(p)["value_head"]},
                     out_shardings=state_sh.actor)(start)
     else:
@@ -209,9 +246,14 @@ def initial_state(config, models: Models, optimizers: Optimizers, state_sh: RLSt
             critic = loading.initial_params(config.critic.init, models.critic, state_sh.critic, head_rng, options,
                                             "config.critic.init")
     make = functools.partial(algorithms.create_state, optimizers=optimizers, kl_coef=config.kl.coef,
-                             ema=config.ema_decay > 0)
+                             ema=config.ema_decay > 0, penalty_coef=penalty_coef(config))
     return jit(lambda a, c, r, w, k: make(a, c, r, w, rng=k), out_shardings=state_sh)(
         actor, critic, ref, reward, state_rng)
+
+
+def penalty_coef(config) -> Optional[float]:
+    """PPO-penalty's initial β_pen (None for the other policy losses: no such state)."""
+    return config.algorithm.penalty_coef if algorithm_of(config).policy_loss == "penalty" else None
 
 
 def state_items(state: RLState) -> dict:
@@ -345,17 +387,19 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     has_rm = config.reward.init.source != "none"
     settings = settings_from_config(config, loading.reward_norm(config.reward.init.path) if has_rm else None)
     optimizers = make_optimizers(config, models)
-    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0)
+    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=config.ema_decay > 0,
+                                          penalty=penalty_coef(config) is not None)
     options = setup.compiler_options(config)
 
     tokenizer = load_tokenizer(config, models) if (config.data.prompts or config.data.ptx) else None
-    prompts_it, ptx_it = make_data(config, workdir, tokenizer)
+    prompts_it, ptx_it = make_data(config, workdir, tokenizer, group_size(config))
     prompts_it, ptx_it = prompt_source or prompts_it, ptx_source or ptx_it
 
     # ---- resume or initialise ---------------------------------------------------------------------
     checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints",
                                                max_to_keep=config.checkpoint.max_to_keep)
-    target = algorithms.abstract_state(models, optimizers, state_sh, config.kl.coef, config.ema_decay > 0)
+    target = algorithms.abstract_state(models, optimizers, state_sh, config.kl.coef, config.ema_decay > 0,
+                                       penalty_coef(config))
     restored = checkpointer.restore(state_items(target))
     if restored is None:
         state, resume_step = initial_state(config, models, optimizers, state_sh), None
@@ -397,7 +441,8 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
 
     writer = metrics_lib.MetricWriter(workdir, resume_step=resume_step)
     try:
-        result = loop.train_loop(config, state=state, step_fn=step_fn, batches=iteration_batches(prompts_it, ptx_it),
+        batches = iteration_batches(prompts_it, ptx_it, group_size(config))
+        result = loop.train_loop(config, state=state, step_fn=step_fn, batches=batches,
                                  place=lambda host: place_batch(host, mesh), checkpointer=checkpointer,
                                  writer=writer, meta_fn=meta_fn, items_fn=state_items, on_step=on_step, desc="ppo",
                                  what="PPO iterations")

@@ -1,0 +1,128 @@
+"""A controlled comparison of RL algorithms on the built-in task, judged by the hidden gold oracle.
+
+For each seed one pipeline workdir (DIR/seed<N>): the task, pretraining, SFT, rankings and RM run
+once and every algorithm starts from that SFT model and that RM, samples the same number of
+responses (rollout.batch_size x ppo.num_steps) and is evaluated on the same held-out prompts.
+Writes DIR/comparison.md, DIR/comparison.csv (mean and spread over seeds per algorithm) and two
+plots: gold score against sampled responses (from each run's `gold/mean` curve) and gold score
+against KL to SFT (one point per run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rlhf_jax import metrics, report
+from rlhf_jax.algorithms import ALGORITHMS
+from rlhf_jax.pipeline.layout import Layout, stage_info
+from rlhf_jax.pipeline.run import policy_dirs, run_pipeline
+
+COLUMNS = ("policy_gold", "win_rate_vs_sft", "kl_to_sft", "ppo_rm_score", "ppo_length", "rl_seconds")
+TABLE_COLUMNS = ("algorithm", "seeds", *[f"{c} {stat}" for c in COLUMNS for stat in ("mean", "spread")])
+
+
+@dataclasses.dataclass
+class Comparison:
+    directory: pathlib.Path
+    runs: list  # one dict per (algorithm, seed): the summary plus rl_seconds
+    rows: list  # one dict per algorithm: mean and spread of COLUMNS over seeds
+    table: str
+
+
+def check_algorithms(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown or not names:
+        raise ValueError(f"--algorithms: unknown {unknown} (allowed: {', '.join(ALGORITHMS)})" if unknown
+                         else "--algorithms is empty")
+
+
+def aggregate_runs(runs: Sequence[dict], names: Sequence[str]) -> list[dict]:
+    """Per algorithm: number of seeds, mean and spread (half the max − min range) of COLUMNS."""
+    rows = []
+    for name in names:
+        mine = [r for r in runs if r["algorithm"] == name]
+        row = {"algorithm": name, "seeds": len(mine)}
+        for column in COLUMNS:
+            values = np.array([r[column] for r in mine], np.float64)
+            row[f"{column} mean"] = float(values.mean())
+            row[f"{column} spread"] = float((values.max() - values.min()) / 2)
+        rows.append(row)
+    return rows
+
+
+def gold_curve(rl_dir: pathlib.Path, responses_per_step: int) -> tuple[list[int], list[float]]:
+    """(responses sampled so far, gold/mean of that iteration's responses) of one RL run."""
+    steps, gold = report.series(metrics.read_metrics(rl_dir), "gold/mean")
+    return [s * responses_per_step for s in steps], gold
+
+
+def plot_comparison(runs: Sequence[dict], curves: dict, out_dir: pathlib.Path) -> dict[str, str]:
+    """gold vs sampled responses (smoothed, one line per run) and gold vs KL to SFT (points)."""
+    plt = report._pyplot()
+    names = list(dict.fromkeys(r["algorithm"] for r in runs))
+    colours = {name: f"C{i}" for i, name in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, seed), (x, y) in curves.items():
+        if x:
+            ax.plot(x, report.moving_average(y, 10), color=colours[name], alpha=0.8,
+                    label=name if seed == min(s for n, s in curves if n == name) else None)
+    ax.set_xlabel("sampled responses")
+    ax.set_ylabel("gold score of the rollout (moving average)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "gold_vs_samples.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        mine = [r for r in runs if r["algorithm"] == name]
+        ax.scatter([r["kl_to_sft"] for r in mine], [r["policy_gold"] for r in mine], color=colours[name], label=name)
+    sft = np.mean([r["sft_gold"] for r in runs])
+    ax.axhline(sft, color="gray", linestyle=":", label="SFT")
+    ax.set_xlabel("KL to SFT (nats per response, held-out prompts)")
+    ax.set_ylabel("gold score (held-out prompts)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "gold_vs_kl.png", dpi=110)
+    plt.close(fig)
+    return {"Gold score of each iteration's responses against responses sampled": "gold_vs_samples.png",
+            "Held-out gold score against KL to SFT, one point per run": "gold_vs_kl.png"}
+
+
+def run_comparison(config, workdir: str | pathlib.Path, names: Sequence[str], seeds: Sequence[int],
+                   echo: Callable[[str], None] = print) -> Comparison:
+    """Every algorithm on every seed (finished runs are reused), then the table and the plots."""
+    check_algorithms(names)
+    directory = pathlib.Path(workdir).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    runs, curves = [], {}
+    responses_per_step = config.ppo.rollout.batch_size
+    for seed in seeds:
+        for name in names:
+            run_config = config.copy_and_resolve_references()
+            run_config.seed, run_config.algorithm = int(seed), name
+            layout = Layout(directory / f"seed{seed}")
+            echo(f"== {name}, seed {seed} ==")
+            summary = run_pipeline(run_config, layout.root, echo)
+            rl_dir, _, _ = policy_dirs(layout, name)
+            rl_seconds = stage_info(rl_dir)["seconds"]
+            runs.append({**summary, "algorithm": name, "seed": int(seed), "rl_seconds": rl_seconds})
+            curves[(name, int(seed))] = gold_curve(rl_dir, responses_per_step)
+    rows = aggregate_runs(runs, names)
+    table = report.markdown_table(rows, TABLE_COLUMNS)
+    plots = plot_comparison(runs, curves, directory)
+    report.write_csv(directory / "comparison.csv", runs, ("algorithm", "seed", "sft_gold", *COLUMNS))
+    samples = config.ppo.rollout.batch_size * config.ppo.num_steps
+    text = [f"# RL algorithms on the built-in task ({directory})\n",
+            f"Seeds {list(seeds)}; per seed one SFT model and one reward model shared by every algorithm; "
+            f"each algorithm samples {samples} responses ({config.ppo.num_steps} iterations x "
+            f"{config.ppo.rollout.batch_size}). Held-out gold score, win rate against SFT (ties 1/2), KL to "
+            "SFT, normalised RM score and response length (words) of the trained policy; rl_seconds is the RL "
+            "stage's wall time. Mean and spread (half the max - min range) over seeds.\n",
+            table, "",
+            *[f"## {title}\n\n![{title}]({file})\n" for title, file in plots.items()]]
+    (directory / "comparison.md").write_text("\n".join(text))
+    return Comparison(directory=directory, runs=runs, rows=rows, table=table)
