@@ -36,6 +36,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.quiet_script_logging()
     result = ppo.train(_CONFIG.value, _WORKDIR.value)
     if result.preempted:
         sys.exit(0)

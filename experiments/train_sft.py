@@ -35,7 +35,8 @@ def main(argv):
     if not result.last_row:
         print(f"Nothing to do: {_WORKDIR.value} is already at step {result.step} (raise --config.num_steps to continue).")
         return
-    print(f"SFT finished at step {result.step}: " + ", ".join(
+    stage = "Pretraining" if _CONFIG.value.data.kind == "text" else "SFT"
+    print(f"{stage} finished at step {result.step}: " + ", ".join(
         f"{k}={result.last_row[k]:.4g}" for k in ("loss", "eval/loss", "eval/accuracy") if k in result.last_row))
 
 

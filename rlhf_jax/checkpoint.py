@@ -37,6 +37,10 @@ class Restored:
     meta: dict
 
 
+def _drop_read_only_warning(record) -> bool:
+    return "Given directory is read only" not in record.getMessage()
+
+
 def abstract_tree(shapes: Any, shardings: Any) -> Any:
     """Restore target: `ShapeDtypeStruct`s (from arrays or `jax.eval_shape`) with `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
@@ -56,7 +60,16 @@ class Checkpointer:
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(self.directory, options=self._options)
+        if not self._options.read_only:
+            return ocp.CheckpointManager(self.directory, options=self._options)
+        # Orbax warns "Given directory is read only" on every read-only open: that is how stages
+        # hand off and how research code loads a run, so the warning is dropped here (only here).
+        absl_logger = logging.get_absl_logger()
+        absl_logger.addFilter(_drop_read_only_warning)
+        try:
+            return ocp.CheckpointManager(self.directory, options=self._options)
+        finally:
+            absl_logger.removeFilter(_drop_read_only_warning)
 
     def all_steps(self) -> list[int]:
         """Committed steps, oldest first."""

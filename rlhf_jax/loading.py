@@ -212,7 +212,8 @@ def load_reward_model(path: str | pathlib.Path, *, mesh=None, rules=sharding.DEF
 # Tokenizers
 # ----------------------------------------------------------------------------------------------
 def load_tokenizer(path: str):
-    """A local Hugging Face tokenizer directory (no network, no remote code).
+    """A local Hugging Face tokenizer directory, or a run dir holding one in `tokenizer/` (no
+    network, no remote code).
 
     Only JSON / text vocabulary files are read; a tokenizer_config.json that asks for custom Python
     code (`auto_map`) is refused up front with a one-line error instead of being imported.
@@ -220,8 +221,12 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     directory = pathlib.Path(path)
-    if not (directory / "tokenizer_config.json").exists() and not (directory / "tokenizer.json").exists():
-        raise ValueError(f"tokenizer path {path!r} has no tokenizer.json / tokenizer_config.json")
+    has_files = lambda d: (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists()  # noqa: E731
+    if not has_files(directory) and has_files(directory / "tokenizer"):  # a run dir: its copy of the tokenizer
+        directory = directory / "tokenizer"
+    if not has_files(directory):
+        raise ValueError(f"tokenizer path {str(path)!r} has no tokenizer.json / tokenizer_config.json (nor a "
+                         "tokenizer/ sub-directory with them, as a run dir has)")
     config_file = directory / "tokenizer_config.json"
     if config_file.exists():
         try:
@@ -231,7 +236,7 @@ def load_tokenizer(path: str):
         if "auto_map" in tokenizer_config:
             raise ValueError(f"{config_file}: 'auto_map' asks for custom tokenizer code; remote/custom code is "
                              "never run (use a tokenizer.json-based tokenizer)")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
 
 
 def tokenizer_path(tokenizer: str, init, task_files: Mapping[str, str] | None = None,

@@ -340,9 +340,14 @@ def test_workdir_and_init_path_checks(tmp_path):
                                                           r"string to float"),
     ("train_ppo.py", "--config.rollout.batch_size=1.5", r"flag --config.rollout.batch_size=1.5: invalid literal"),
     ("train_ppo.py", "--config.fast_compile=maybe", r"flag --config.fast_compile=maybe: .*Non-boolean argument"),
-    *[(script, f"--config.{section}.lerning_rate=0.1", r"unknown config key 'lerning_rate' Did you mean "
-                                                         r"\"learning_rate\" instead of \"lerning_rate\"\? \(in --config")
+    *[(script, f"--config.{section}.lerning_rate=0.1", rf"unknown config key 'lerning_rate' in --config.{section}."
+                                                         rf"lerning_rate \(config.{section} has no field 'lerning_rate'; "
+                                                         r"did you mean 'learning_rate'\?\)")
       for script, section in (("train_sft.py", "optim"), ("train_rm.py", "optim"), ("train_ppo.py", "actor.optim"))],
+    # a misspelt top-level key and a misspelt section (ml_collections raises these while absl parses flags)
+    ("train_ppo.py", "--config.actor_chekpoint=x", r"unknown config key 'actor_chekpoint' in --config.actor_chekpoint "
+                                                   r"\(config has no field 'actor_chekpoint'"),
+    ("train_sft.py", "--config.optm.learning_rate=0.1", r"unknown config key 'optm' .*did you mean 'optim'\?"),
 ])
 def test_scripts_reject_wrong_types_and_unknown_keys_at_flag_parsing(tmp_path, script, flag, message):
     """Locked ml_collections config flags (cli.define_config_flag): a value of the wrong type or
@@ -375,6 +380,10 @@ def test_tokenizer_with_custom_code_is_refused_without_running_it(tmp_path):
     assert "\n" not in str(error.value) and not marker.exists()
     tasks.save_tokenizer(tmp_path / "clean")  # the same tokenizer without the custom-code entry loads
     assert loading.load_tokenizer(str(tmp_path / "clean")).encode("hello", add_special_tokens=False)
+    tasks.save_tokenizer(tmp_path / "run" / "tokenizer")  # a run dir: its tokenizer/ copy is the one loaded
+    assert loading.load_tokenizer(tmp_path / "run").get_vocab() == loading.load_tokenizer(tmp_path / "clean").get_vocab()
+    with pytest.raises(ValueError, match=r"has no tokenizer.json / tokenizer_config.json \(nor a tokenizer/"):
+        loading.load_tokenizer(tmp_path / "empty")
 
 
 LOADING_CODE = [*sorted((REPO / "rlhf_jax").rglob("*.py")), *sorted((REPO / "experiments").glob("train_*.py")),

@@ -185,7 +185,8 @@ def train(config, workdir: str) -> loop.LoopResult:
         result = loop.train_loop(config, state=built.state, step_fn=train_step, batches=batches,
                                  place=lambda batch: sharding.shard_batch(batch, mesh),
                                  checkpointer=built.checkpointer, writer=writer, meta_fn=meta_fn,
-                                 items_fn=state_lib.state_items, eval_fn=eval_fn, desc="sft")
+                                 items_fn=state_lib.state_items, eval_fn=eval_fn,
+                                 desc="pretrain" if config.data.kind == "text" else "sft")
     finally:
         writer.close()
         built.checkpointer.close()
