@@ -70,8 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         prompt_len=8,  # prompt length P (left-padded / truncated from the left)
         max_new_tokens=8,  # response length N
         temperature=1.0,  # sampling temperature; the policy trained is the temperature-scaled one
-        top_k=0,  # 0 = off (PPO should sample from the full policy)
-        top_p=1.0,  # 1 = off
+        top_k=0,  # must stay 0: RL trains the unfiltered policy (a filter is refused)
+        top_p=1.0,  # must stay 1 (as top_k)
         eos_id=1,  # end-of-sequence token (-1 = none)
         pad_id=0,  # padding token
     ))

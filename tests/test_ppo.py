@@ -240,6 +240,17 @@ def test_hand_off_from_sft_and_rm_checkpoints(tmp_path):
                              "ptx.coef": 0.5})
     mesh = one_device_mesh()
     ppo.validate_config(config, (1, 1, 1))
+    # each checkpoint's kind is checked against its role, naming the key the user set
+    wrong = config.copy_and_resolve_references()
+    wrong.reward.init.path = str(tmp_path / "sft")
+    with pytest.raises(ValueError, match=r"config.reward.init.path='.*/sft' holds a model with heads \('lm',\), "
+                                         r"not a reward model"):
+        ppo.build_models(wrong)
+    wrong = config.copy_and_resolve_references()
+    wrong.actor.init.path = str(tmp_path / "rm")
+    with pytest.raises(ValueError, match=r"config.actor.init.path='.*/rm' holds a model with heads \('value',\), "
+                                         r"not a language model"):
+        ppo.build_models(wrong)
     models = ppo.build_models(config)
     assert models.actor.config == arch and models.critic.config == arch and models.critic.heads == ("value",)
     tokenizer = ppo.load_tokenizer(config, models)

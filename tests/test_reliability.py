@@ -309,6 +309,11 @@ def no_jit(monkeypatch):
     ({"critic.type": "bogus"}, r"config.critic.type='bogus' \(allowed: 'token', 'shared', 'sequence'\)"),
     ({"reward.init.source": "scratch"}, r"config.reward.init.source='scratch' \(allowed: 'none', 'checkpoint', 'hf'\)"),
     ({"kl.blowup_threshold": 0.0}, r"config.kl.blowup_threshold=0.0: need > 0"),
+    ({"rollout.top_k": 5}, r"config.rollout.top_k=5, top_p=1.0: RL samples from and trains the unfiltered"),
+    ({"rollout.top_p": 0.9}, r"config.rollout.top_k=0, top_p=0.9: RL samples from and trains the unfiltered"),
+    ({"num_steps": 0}, r"config.num_steps=0 must be a positive integer"),
+    ({"rollout.max_new_tokens": 0}, r"config.rollout.max_new_tokens=0 must be a positive integer"),
+    ({"rollout.batch_size": -16}, r"config.rollout.batch_size=-16 must be a positive integer"),
     ({"data.min_prompt_len": 9}, r"config.data.min_prompt_len=9: need 1..rollout.prompt_len"),
 ])
 def test_ppo_config_errors_are_one_line_and_come_before_compilation(tmp_path, no_jit, overrides, message):

@@ -45,6 +45,12 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     def fail(message):
         raise ValueError(message)
 
+    setup.validate_positive(config, ("num_steps", "rollout.batch_size", "rollout.prompt_len", "rollout.max_new_tokens",
+                                     "log_every", "checkpoint.save_every", "max_nonfinite_streak"))
+    if config.rollout.top_k or config.rollout.top_p < 1.0:  # the KL and the ratio would describe another policy
+        fail(f"config.rollout.top_k={config.rollout.top_k}, top_p={config.rollout.top_p}: RL samples from and trains "
+             "the unfiltered (temperature-scaled) policy; a top-k / top-p filter makes the log-probs, the KL penalty "
+             "and the importance ratio describe a policy it did not sample from. Set top_k=0 and top_p=1")
     algorithm = algorithm_of(config)
     if algorithm.grouped and config.algorithm.group_size < 2:
         fail(f"config.algorithm.group_size={config.algorithm.group_size}: {config.algorithm.name} compares "
@@ -177,15 +183,18 @@ def build_models(config) -> Models:
     dropout is off in PPO."""
     model_cfg = {**config.model.to_dict(), "dropout_rate": 0.0}
     arch = functools.partial(loading.architecture, model_cfg=model_cfg)
+    for role, init, head, what in (("actor", config.actor.init, "lm", "a language model (an SFT run)"),
+                                   ("reference", reference_init(config), "lm", "a language model (an SFT run)"),
+                                   ("reward", config.reward.init, "value", "a reward model (experiments/train_rm.py)")):
+        if init.source == "checkpoint":
+            key = f"config.{'actor' if init is config.actor.init else role}.init.path"
+            heads = loading.stage_meta(init.path, key)["model"]["heads"]
+            if head not in heads:
+                raise ValueError(f"{key}={init.path!r} holds a model with heads {tuple(heads)}, not {what}")
     actor_lm = arch(config.actor.init, heads=("lm",), key="config.actor.init")
     ref = arch(reference_init(config), heads=("lm",), key="config.reference.init")
     reward = None
     if config.reward.init.source != "none":
-        if config.reward.init.source == "checkpoint":
-            heads = loading.stage_meta(config.reward.init.path, "config.reward.init.path")["model"]["heads"]
-            if "value" not in heads:
-                raise ValueError(f"config.reward.init.path={config.reward.init.path!r} holds a model with heads "
-                                 f"{tuple(heads)}, not a reward model (train one with experiments/train_rm.py)")
         reward = arch(config.reward.init, heads=("value",), key="config.reward.init")
     critic = None
     if uses_critic(config) and config.critic.type != "shared":
