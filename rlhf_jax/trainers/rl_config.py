@@ -1,0 +1,165 @@
+"""The RL stage's config, read once: checks that name the key (before anything is built or
+compiled), the algorithm from the catalog, and the static `RLSettings` of the iteration.
+
+The config (configs/ppo.py) has one section per model role, each with an `init` like SFT/RM's:
+`actor`, `reference` (default: the actor's start), `critic` (type token | shared | sequence;
+trunk from the actor, the reward model or its own init), `reward` (none | checkpoint | hf), and
+`algorithm` (name from `rlhf_jax.algorithms.ALGORITHMS` and its hyperparameters).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import jax
+
+from rlhf_jax import algorithms, generation, loading
+from rlhf_jax import rewards as rewards_lib
+from rlhf_jax.algorithms import Models, RLSettings
+from rlhf_jax.trainers import setup
+
+CRITIC_TYPES = {"token": ("separate", "gae"), "shared": ("shared", "gae"), "sequence": ("separate", "sequence")}
+INIT_SOURCES = {"actor": ("scratch", "checkpoint", "hf"), "reference": ("actor", "checkpoint", "hf"),
+                "critic": ("actor", "reward", "checkpoint", "hf"), "reward": ("none", "checkpoint", "hf")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks (before anything is built or compiled)
+# ----------------------------------------------------------------------------------------------
+def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
+    """One-line errors naming the config key, before anything is built or compiled."""
+    def fail(message):
+        raise ValueError(message)
+
+    setup.validate_positive(config, ("num_steps", "rollout.batch_size", "rollout.prompt_len", "rollout.max_new_tokens",
+                                     "log_every", "checkpoint.save_every", "max_nonfinite_streak"))
+    if config.rollout.top_k or config.rollout.top_p < 1.0:  # the KL and the ratio would describe another policy
+        fail(f"config.rollout.top_k={config.rollout.top_k}, top_p={config.rollout.top_p}: RL samples from and trains "
+             "the unfiltered (temperature-scaled) policy; a top-k / top-p filter makes the log-probs, the KL penalty "
+             "and the importance ratio describe a policy it did not sample from. Set top_k=0 and top_p=1")
+    algorithm = algorithm_of(config)
+    if algorithm.grouped and config.algorithm.group_size < 2:
+        fail(f"config.algorithm.group_size={config.algorithm.group_size}: {config.algorithm.name} compares "
+             "responses to the same prompt, need >= 2")
+    if config.algorithm.dual_clip and config.algorithm.dual_clip <= 1:
+        fail(f"config.algorithm.dual_clip={config.algorithm.dual_clip}: need > 1 (or 0 = off)")
+    if config.critic.type not in CRITIC_TYPES:
+        fail(f"config.critic.type={config.critic.type!r} (allowed: {', '.join(map(repr, CRITIC_TYPES))})")
+    for role, allowed in INIT_SOURCES.items():
+        if role != "critic" or algorithm.critic != "none":
+            loading.check_init(config[role].init, f"config.{role}.init", allowed)
+    setup.validate_paths(config.data, ("prompts", "tokenizer", "ptx"))
+    has_rm = config.reward.init.source != "none"
+    if algorithm.critic != "none" and config.critic.init.source == "reward" and config.critic.type != "shared" \
+            and not has_rm:
+        fail("config.critic.init.source='reward' needs a reward model (config.reward.init) "
+             "(or set config.critic.init.source='actor')")
+    if config.rewards.rm_weight and not has_rm:
+        fail(f"config.rewards.rm_weight={config.rewards.rm_weight} but config.reward.init.source='none': set the RM "
+             "(config.reward.init) or --config.rewards.rm_weight=0 (rule rewards only)")
+    if not config.rewards.rm_weight and not rewards_lib.active_rules(config.rewards.rules):
+        fail("config.rewards: no reward at all (rm_weight=0 and every rule weight is 0)")
+    if not config.data.prompts and config.actor.init.source != "scratch":
+        fail("config.data.prompts is empty: synthetic prompts are only for a from-scratch actor "
+             "(config.actor.init.source='scratch')")
+    if config.rollout.temperature <= 0:
+        fail(f"config.rollout.temperature={config.rollout.temperature}: PPO samples from the policy, need > 0")
+    for key in ("epochs", "num_minibatches"):
+        if config.ppo[key] < 1:
+            fail(f"config.ppo.{key}={config.ppo[key]}: need >= 1")
+    if not 0.0 <= config.ema_decay < 1.0:
+        fail(f"config.ema_decay={config.ema_decay}: need 0 <= ema_decay < 1 (0 = off)")
+    if not config.kl.blowup_threshold > 0:
+        fail(f"config.kl.blowup_threshold={config.kl.blowup_threshold}: need > 0 (sequence KL in nats that is "
+             "reported as a blow-up)")
+    if config.kl.coef < 0 or config.kl.target <= 0 or config.kl.horizon <= 0:
+        fail(f"config.kl: need coef >= 0, target > 0, horizon > 0 (got {config.kl.coef}, {config.kl.target}, "
+             f"{config.kl.horizon})")
+    setup.validate_batch("rollout.batch_size", config.rollout.batch_size, mesh_shape,
+                         config.ppo.num_minibatches, "ppo.num_minibatches")
+    if config.rollout.batch_size % (group_size(config) * jax.process_count()):
+        fail(f"config.rollout.batch_size={config.rollout.batch_size} must be a multiple of config.algorithm.group_size"
+             f"={group_size(config)} x {jax.process_count()} processes (each prompt's responses are sampled together)")
+    if config.ptx.coef:
+        setup.validate_batch("ptx.batch_size", config.ptx.batch_size, mesh_shape,
+                             config.ppo.num_minibatches, "ppo.num_minibatches")
+    if config.actor.init.source == "scratch":
+        for key in ("eos_id", "pad_id"):
+            if config.rollout[key] >= config.model.vocab_size:
+                fail(f"config.rollout.{key}={config.rollout[key]} is outside the vocabulary ({config.model.vocab_size})")
+        if config.data.min_prompt_len < 1 or config.data.min_prompt_len > config.rollout.prompt_len:
+            fail(f"config.data.min_prompt_len={config.data.min_prompt_len}: need 1..rollout.prompt_len")
+
+
+def validate_models(config, models: Models) -> None:
+    """Checks that need the architectures (known once the earlier stages' metadata is read)."""
+    cfg = models.actor.config
+    if cfg.positions == "learned":
+        setup.validate_sequence_length(config.rollout.prompt_len, config.rollout.max_new_tokens, cfg.max_len,
+                                       "config.rollout", "the actor's learned position table")
+    for key in ("eos_id", "pad_id"):
+        if config.rollout[key] >= cfg.vocab_size:
+            raise ValueError(f"config.rollout.{key}={config.rollout[key]} is outside the actor's vocabulary "
+                             f"({cfg.vocab_size})")
+    for role in ("ref", "critic", "reward"):
+        other = getattr(models, role)
+        if other is not None and other.config.vocab_size != cfg.vocab_size:
+            key = {"ref": "reference"}.get(role, role)
+            raise ValueError(f"config.{key}.init: its vocabulary ({other.config.vocab_size}) differs from the "
+                             f"actor's ({cfg.vocab_size}); every role must share the tokenizer")
+
+
+def algorithm_of(config) -> algorithms.Algorithm:
+    """The catalog entry named by config.algorithm.name (ValueError naming the key otherwise)."""
+    name = config.algorithm.name
+    if name not in algorithms.ALGORITHMS:
+        raise ValueError(f"config.algorithm.name={name!r} (allowed: {', '.join(map(repr, algorithms.ALGORITHMS))})")
+    return algorithms.ALGORITHMS[name]
+
+
+def group_size(config) -> int:
+    """Responses per prompt: config.algorithm.group_size for group algorithms, else 1."""
+    return config.algorithm.group_size if algorithm_of(config).grouped else 1
+
+
+def uses_critic(config) -> bool:
+    return algorithm_of(config).critic != "none"
+
+
+def settings_from_config(config, reward_norm: Mapping[str, float] | None = None) -> RLSettings:
+    """Static iteration settings from the ConfigDict: the catalog entry of config.algorithm.name,
+    the critic type (algorithms with a critic), hyperparameters; rules validated, -1 eos -> None."""
+    rollout, ppo, kl, alg_cfg = config.rollout, config.ppo, config.kl, config.algorithm
+    algorithm = algorithm_of(config)
+    rules = rewards_lib.active_rules(config.rewards.rules)
+    if algorithm.overlong and alg_cfg.overlong_buffer > 0:  # DAPO: soft overlong punishment, weight 1
+        rules = {**rules, "overlong": {"weight": 1.0, "buffer": alg_cfg.overlong_buffer}}
+    critic, advantage = CRITIC_TYPES[config.critic.type] if algorithm.critic != "none" else ("none", algorithm.advantage)
+    whiten = ppo.whiten_advantages if advantage in ("gae", "sequence") else advantage.startswith("reinforce_pp")
+    norm = reward_norm or loading.IDENTITY_NORM
+    return RLSettings(
+        sampling=generation.SamplingConfig(
+            max_new_tokens=rollout.max_new_tokens, temperature=float(rollout.temperature), top_k=rollout.top_k,
+            top_p=float(rollout.top_p), eos_id=None if rollout.eos_id < 0 else rollout.eos_id,
+            pad_id=rollout.pad_id),
+        advantage=advantage, critic=critic, policy_loss=algorithm.policy_loss, kl_in=algorithm.kl_in,
+        loss_agg_mode=algorithm.loss_agg_mode, group_size=group_size(config), epochs=ppo.epochs,
+        num_minibatches=ppo.num_minibatches, clip_eps=ppo.clip_eps,
+        clip_eps_high=float(alg_cfg.clip_eps_high) if algorithm.clip_higher else None,
+        dual_clip=float(alg_cfg.dual_clip) if alg_cfg.dual_clip else None, value_clip_eps=ppo.value_clip_eps,
+        gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=whiten, vf_coef=ppo.vf_coef, entropy_coef=ppo.entropy_coef,
+        kl_estimator=alg_cfg.kl_estimator, kl_adaptive=kl.adaptive, kl_target=kl.target, kl_horizon=kl.horizon,
+        penalty_target=alg_cfg.penalty_target, filter_groups=algorithm.filter_groups,
+        score_clip=config.rewards.score_clip or None, rm_weight=config.rewards.rm_weight,
+        reward_norm=(float(norm["mean"]), float(norm["std"])),
+        rules=tuple((name, tuple(sorted(entry.items()))) for name, entry in sorted(rules.items())),
+        ptx_coef=config.ptx.coef, ema_decay=config.ema_decay)
+
+
+def reference_init(config):
+    """The reference's init section: the actor's unless config.reference.init names its own."""
+    return config.actor.init if config.reference.init.source == "actor" else config.reference.init
+
+
+def penalty_coef(config) -> Optional[float]:
+    """PPO-penalty's initial β_pen (None for the other policy losses: no such state)."""
+    return config.algorithm.penalty_coef if algorithm_of(config).policy_loss == "penalty" else None
