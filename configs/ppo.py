@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         #                reinforce_pp_baseline); rollout.batch_size counts responses; others use 1
         clip_eps_high=0.28,  # upper clip 1 + clip_eps_high of clip-higher algorithms (dapo)
         dual_clip=0.0,  # dual-clip bound c > 1 on negative advantages (Ye et al. 2020); 0 = off
+        kl_in="",  # where the KL to the reference goes: "" = the algorithm's (catalog) | reward | loss | none
         kl_estimator="k3",  # per-token KL estimator when the KL is a loss term (grpo, dr_grpo): k1 | k3
         penalty_coef=1.0,  # ppo_penalty: initial β_pen of the KL(π_old ‖ π_θ) term
         penalty_target=0.01,  # ppo_penalty: d_targ (nats per token) of the doubling / halving rule

@@ -122,6 +122,22 @@ def test_config_errors_name_the_key():
         ppo.validate_config(tiny_config(**{"algorithm.name": "grpo", "algorithm.group_size": 3}), (1, 1, 1))
     with pytest.raises(ValueError, match=r"config.algorithm.dual_clip=0.5: need > 1"):
         ppo.validate_config(tiny_config(**{"algorithm.dual_clip": 0.5}), (1, 1, 1))
+    with pytest.raises(ValueError, match=r"config.algorithm.kl_in='both' \(allowed: '' = the algorithm's"):
+        ppo.validate_config(tiny_config(**{"algorithm.kl_in": "both"}), (1, 1, 1))
+
+
+def test_settings_follow_the_catalog_and_the_overrides():
+    grpo = ppo.settings_from_config(tiny_config(**{"algorithm.name": "grpo"}))
+    assert (grpo.advantage, grpo.critic, grpo.kl_in, grpo.loss_agg_mode, grpo.group_size, grpo.whiten_advantages) == (
+        "grpo", "none", "loss", "seq-mean-token-mean", 4, False)
+    assert ppo.settings_from_config(tiny_config(**{"algorithm.name": "grpo", "algorithm.kl_in": "reward"})).kl_in == \
+        "reward"
+    dapo = ppo.settings_from_config(tiny_config(**{"algorithm.name": "dapo"}))
+    assert dapo.clip_eps_high == 0.28 and dapo.filter_groups and dict(dapo.rules)["overlong"] == (("buffer", 4),
+                                                                                                 ("weight", 1.0))
+    shared = ppo.settings_from_config(tiny_config(**{"critic.type": "sequence"}))
+    assert (shared.advantage, shared.critic, shared.whiten_advantages) == ("sequence", "separate", True)
+    assert ppo.settings_from_config(tiny_config(**{"algorithm.name": "reinforce_pp"})).whiten_advantages
 
 
 def test_group_batches_repeat_each_prompt_in_place():

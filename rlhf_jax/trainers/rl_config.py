@@ -40,6 +40,9 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     if algorithm.grouped and config.algorithm.group_size < 2:
         fail(f"config.algorithm.group_size={config.algorithm.group_size}: {config.algorithm.name} compares "
              "responses to the same prompt, need >= 2")
+    if config.algorithm.kl_in not in ("", "reward", "loss", "none"):
+        fail(f"config.algorithm.kl_in={config.algorithm.kl_in!r} (allowed: '' = the algorithm's, 'reward', 'loss', "
+             "'none')")
     if config.algorithm.dual_clip and config.algorithm.dual_clip <= 1:
         fail(f"config.algorithm.dual_clip={config.algorithm.dual_clip}: need > 1 (or 0 = off)")
     if config.critic.type not in CRITIC_TYPES:
@@ -141,7 +144,7 @@ def settings_from_config(config, reward_norm: Mapping[str, float] | None = None)
             max_new_tokens=rollout.max_new_tokens, temperature=float(rollout.temperature), top_k=rollout.top_k,
             top_p=float(rollout.top_p), eos_id=None if rollout.eos_id < 0 else rollout.eos_id,
             pad_id=rollout.pad_id),
-        advantage=advantage, critic=critic, policy_loss=algorithm.policy_loss, kl_in=algorithm.kl_in,
+        advantage=advantage, critic=critic, policy_loss=algorithm.policy_loss, kl_in=alg_cfg.kl_in or algorithm.kl_in,
         loss_agg_mode=algorithm.loss_agg_mode, group_size=group_size(config), epochs=ppo.epochs,
         num_minibatches=ppo.num_minibatches, clip_eps=ppo.clip_eps,
         clip_eps_high=float(alg_cfg.clip_eps_high) if algorithm.clip_higher else None,
