@@ -59,6 +59,15 @@ def gold_curve(rl_dir: pathlib.Path, responses_per_step: int) -> tuple[list[int]
     return [s * responses_per_step for s in steps], gold
 
 
+def _save(plt, fig, ax, xlabel: str, ylabel: str, path: pathlib.Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_comparison(runs: Sequence[dict], curves: dict, out_dir: pathlib.Path) -> dict[str, str]:
     """gold vs sampled responses (smoothed, one line per run) and gold vs KL to SFT (points)."""
     plt = report._pyplot()
@@ -69,12 +78,8 @@ def plot_comparison(runs: Sequence[dict], curves: dict, out_dir: pathlib.Path) -
         if x:
             ax.plot(x, report.moving_average(y, 10), color=colours[name], alpha=0.8,
                     label=name if seed == min(s for n, s in curves if n == name) else None)
-    ax.set_xlabel("sampled responses")
-    ax.set_ylabel("gold score of the rollout (moving average)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "gold_vs_samples.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, "sampled responses", "gold score of the rollout (moving average)",
+          out_dir / "gold_vs_samples.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
@@ -82,12 +87,8 @@ def plot_comparison(runs: Sequence[dict], curves: dict, out_dir: pathlib.Path) -
         ax.scatter([r["kl_to_sft"] for r in mine], [r["policy_gold"] for r in mine], color=colours[name], label=name)
     sft = np.mean([r["sft_gold"] for r in runs])
     ax.axhline(sft, color="gray", linestyle=":", label="SFT")
-    ax.set_xlabel("KL to SFT (nats per response, held-out prompts)")
-    ax.set_ylabel("gold score (held-out prompts)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "gold_vs_kl.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, "KL to SFT (nats per response, held-out prompts)", "gold score (held-out prompts)",
+          out_dir / "gold_vs_kl.png")
     return {"Gold score of each iteration's responses against responses sampled": "gold_vs_samples.png",
             "Held-out gold score against KL to SFT, one point per run": "gold_vs_kl.png"}
 
