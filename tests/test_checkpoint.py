@@ -1,5 +1,12 @@
-"""Orbax checkpoints: round trip onto another mesh, keep-last-N, corrupt-step fallback, hand-off."""
+"""Orbax checkpoints: round trip onto another mesh, keep-last-N, corrupt-step fallback, hand-off,
+a readable checkpoint of another shape (config error, nothing moved), failed saves (one line, last good step kept)."""
+import errno
 import logging
+import os
+import re
+import resource
+import signal
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +142,107 @@ def test_metric_writer_resume_drops_rows_after_the_checkpoint(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     with pytest.raises(ValueError, match="scalar"):
         resumed.write(4, {"loss": np.zeros(2)})
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint that reads fine but is another state is a configuration error, not corruption
+# ----------------------------------------------------------------------------------------------
+def _two_steps(directory):
+    saver = checkpoint.Checkpointer(directory)
+    for step in (1, 2):
+        saver.save(step, {"params": {"w": jnp.full((4, 2), float(step)), "b": jnp.zeros(2)},
+                          "train": {"step": jnp.int32(step)}}, {"stage": "sft"})
+    saver.close()
+
+
+def _listing(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+W, B, STEP = (jax.ShapeDtypeStruct(s, d) for s, d in (((4, 2), jnp.float32), ((2,), jnp.float32), ((), jnp.int32)))
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"params": {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32), "b": B}, "train": {"step": STEP}},
+     r"item 'params' key w: shape \(4, 2\) in the checkpoint, \(4, 3\) in this config"),
+    ({"params": {"w": W, "b": B, "c": B}, "train": {"step": STEP}},
+     r"item 'params': the config builds keys the checkpoint lacks: c$"),
+    ({"params": {"w": W}, "train": {"step": STEP}}, r"item 'params': the checkpoint has keys the config does not build: b$"),
+    ({"params": {"w": W, "b": B}, "critic": {"w": W}}, r"it has no item 'critic' \(it holds \['params', 'train'\]\)"),
+])
+def test_a_readable_checkpoint_of_another_shape_is_a_config_error_and_nothing_moves(tmp_path, target, message):
+    _two_steps(tmp_path)
+    before = _listing(tmp_path)
+    with pytest.raises(checkpoint.CheckpointMismatch) as error:
+        checkpoint.Checkpointer(tmp_path).restore(target)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(f"checkpoint {tmp_path}/2 does not match the state this config builds")
+    assert re.search(message, text.split(": ", 1)[1].split(". Nothing was changed")[0]), text
+    assert _listing(tmp_path) == before  # no corrupt.* rename, nothing deleted
+    restored = checkpoint.Checkpointer(tmp_path).restore({"params": {"w": W, "b": B}, "train": {"step": STEP}})
+    assert restored.step == 2  # the matching config still resumes the newest step
+
+
+# ----------------------------------------------------------------------------------------------
+# A save that fails on an OS error: one line, last good step intact, half-written step removed
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(params=["file size limit (RLIMIT_FSIZE)", "full tmpfs"])
+def failing_disk(request, tmp_path):
+    """A directory where writing ~1 MB fails with a real OS error inside TensorStore's writer:
+    a lowered RLIMIT_FSIZE (EFBIG, any user) or a 256 KiB tmpfs (ENOSPC, needs root + mount)."""
+    if request.param.startswith("file size"):
+        previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+
+        def limit(on: bool):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, previous[1]) if on else previous)
+        yield tmp_path / "ckpt", limit, errno.EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, handler)
+        return
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount / "ckpt", lambda on: None, errno.ENOSPC
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_failed_save_is_one_error_naming_path_and_os_error_and_keeps_the_last_good_step(failing_disk, caplog):
+    directory, limit, code = failing_disk
+    saver = checkpoint.Checkpointer(directory, max_to_keep=2)
+    for step in (1, 2):
+        saver.save(step, {"params": {"w": jnp.full((8,), float(step))}}, {"step": step})
+    saver.wait()
+    big = {"params": {"w": jnp.asarray(np.random.default_rng(0).random(400_000, np.float32))}}
+    limit(True)
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(checkpoint.StorageError) as error:
+            saver.save(3, big, {"step": 3})
+            saver.wait()  # async: the failure surfaces here
+    finally:
+        limit(False)
+    text = str(error.value)
+    assert error.value.errno == code and "\n" not in text, text
+    assert re.match(rf"could not save step 3 in {directory}: \[Errno {code}\] {os.strerror(code)}: {directory}/3"
+                    r"\.orbax-checkpoint-tmp.* The half-written step was removed; steps saved before it are intact "
+                    r"\(steps \[1, 2\]\)", text), text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no Orbax thread tracebacks
+    saver.close()  # the trainers' `finally`: does not raise the same failure again
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]  # max_to_keep deleted nothing
+    restored = checkpoint.Checkpointer(directory).restore({"params": {"w": jax.ShapeDtypeStruct((8,), jnp.float32)}})
+    assert restored.step == 2 and restored.meta == {"step": 2}
+    np.testing.assert_array_equal(restored.items["params"]["w"], np.full(8, 2.0))
+
+
+def test_uncommitted_save_directories_are_removed_when_a_writer_opens(tmp_path):
+    saver = checkpoint.Checkpointer(tmp_path)
+    saver.save(1, {"params": {"w": jnp.ones(3)}}, {})
+    saver.close()
+    for name in ("2.orbax-checkpoint-tmp", "3.orbax-checkpoint-tmp-1700000000"):
+        (tmp_path / name / "params").mkdir(parents=True)
+    checkpoint.Checkpointer(tmp_path, read_only=True).close()  # readers (stage hand-off) touch nothing
+    assert len(list(tmp_path.glob("*.orbax-checkpoint-tmp*"))) == 2
+    assert checkpoint.Checkpointer(tmp_path).all_steps() == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
