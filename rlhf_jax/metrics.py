@@ -4,7 +4,10 @@ Names are the same in every trainer (DESIGN.md): `loss`, `lr`, `reward/mean`, `k
 `entropy`, `policy/clipfrac`, `policy/approx_kl`, `value/loss`, `value/explained_variance`,
 `response/length`, `gold/mean`, `nonfinite_steps`, `eval/...`, `time/...` (seconds).
 Only process 0 writes. A resumed run drops rows logged after the checkpoint it resumed from
-(they are logged again), so metrics.jsonl of an interrupted + resumed run equals an uninterrupted one.
+(they are logged again), so metrics.jsonl of an interrupted + resumed run equals an uninterrupted one;
+a fresh run (no checkpoint) counts as resumed from step 0. Nothing else is ever removed: the rows
+up to the checkpoint stay, the file is rewritten atomically, and which run may use a directory is
+decided before any writer opens (trainers.setup.claim_workdir).
 """
 from __future__ import annotations
 
@@ -49,10 +52,8 @@ class MetricWriter:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()  # a fresh run owns its metrics file
+        if self.path.exists():  # rows after the restored checkpoint (step 0: none) are logged again
+            self._truncate_after(resume_step or 0)
         from tensorboardX import SummaryWriter
 
         # purge_step makes TensorBoard hide events after the resume step from the interrupted run.
@@ -60,15 +61,23 @@ class MetricWriter:
         self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge)
 
     def _truncate_after(self, step: int) -> None:
-        kept = [row for row in read_metrics(self.path) if row["step"] <= step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        rows = read_metrics(self.path)
+        kept = [row for row in rows if row["step"] <= step]
+        if len(kept) == len(rows):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # a crash mid-rewrite keeps the old file
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Log one row (values may be device scalars); returns the row as Python numbers."""
         row = {"step": int(step), **{name: to_scalar(value) for name, value in metrics.items()}}
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row, allow_nan=True) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row, allow_nan=True) + "\n")
+            except OSError as error:  # e.g. disk full: name the file (a failed write() does not)
+                raise OSError(error.errno, error.strerror, str(self.path)) from None
             for name, value in row.items():
                 if name != "step" and math.isfinite(value):
                     self._tb.add_scalar(name, value, step)

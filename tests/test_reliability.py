@@ -1,6 +1,7 @@
 """Reliability (issue 7) across the trainers: preemption guard, NaN streaks in the shared loop,
 corrupted / interrupted checkpoints (unit level and through a real PPO resume), config errors
-before compilation (in-process and through the scripts' flag parsing), safe loading.
+before compilation (in-process and through the scripts' flag parsing), safe loading. Issue 14
+(data is never lost): workdir ownership, config.json history, the scripts' preemption status.
 
 The trainers' own files test their real runs: SIGTERM to the SFT script (1 device, resumed on 8),
 in-process SIGTERM + exact resume for SFT / RM / PPO, an 8-device RM checkpoint continued by the
@@ -407,3 +408,194 @@ def test_no_pickle_no_remote_code_no_eval_in_the_loading_code():
     tokenizer_calls = [line for path in LOADING_CODE if path.exists() for line in path.read_text().splitlines()
                        if "AutoTokenizer.from_pretrained(" in line]
     assert tokenizer_calls and all("trust_remote_code=True" not in line for line in tokenizer_calls)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data is never lost (issue 14): a workdir belongs to one stage; config.json describes the
+# checkpoints beside it; one exit status for "stopped by a signal after saving"
+# ----------------------------------------------------------------------------------------------
+def _snapshot(directory):
+    """Every file under `directory` with its bytes (what a refused run must leave as it was)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _legacy_run(directory, stage, config):
+    """A run dir as trainers wrote it before run.json: checkpoint 2 (meta "stage"), config.json, metrics."""
+    saver = checkpoint.Checkpointer(directory / "checkpoints")
+    saver.save(2, {"params": {"w": jnp.ones(3)}}, {"stage": stage})
+    saver.close()
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    (directory / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+
+
+def _pipeline_dir(directory):
+    from rlhf_jax.pipeline import layout
+
+    for stage in ("task", "pretrain"):
+        layout.mark_done(directory / stage, {"stage": stage, "seconds": 1.0, "info": {}, "settings": None})
+    (directory / "config.json").write_text("{}")
+
+
+def _new_rm_run(directory):
+    directory.mkdir(parents=True)
+    (directory / "run.json").write_text(json.dumps({"stage": "rm", "run_id": "0" * 32}))
+    (directory / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+
+
+OWNED = {  # directory -> (its stage, how the refusal names it)
+    "ppo run (no run.json)": (lambda d: _legacy_run(d, "ppo", {"rollout": {}}), "ppo",
+                              "an RL run (experiments/train_ppo.py) (from checkpoint 2 metadata)"),
+    "sft run (no run.json)": (lambda d: _legacy_run(d, "sft", {"data": {"kind": "demonstrations"}}), "sft",
+                              "an SFT run (experiments/train_sft.py) (from checkpoint 2 metadata)"),
+    "pretraining run (no run.json)": (lambda d: _legacy_run(d, "sft", {"data": {"kind": "text"}}), "pretrain",
+                                      "a pretraining run (experiments/train_sft.py, data.kind='text') (from checkpoint"),
+    "pipeline (no run.json)": (_pipeline_dir, "pipeline",
+                               "a pipeline (experiments/run_pipeline.py) (from finished pipeline stages "
+                               "['pretrain', 'task'])"),
+    "rm run (run.json)": (_new_rm_run, "rm", "a reward-model run (experiments/train_rm.py) (from run.json)"),
+}
+
+
+def _trainer(stage):
+    from configs import pipeline as pipeline_configs
+    from configs import rm as rm_configs
+    from configs import sft as sft_configs
+    from rlhf_jax import pipeline
+    from rlhf_jax.trainers import rm, sft
+
+    return {"pretrain": lambda d: sft.train(sft_configs.get_config("tiny_pretrain"), str(d)),
+            "sft": lambda d: sft.train(sft_configs.get_config("tiny"), str(d)),
+            "rm": lambda d: rm.train(rm_configs.get_config("tiny"), str(d)),
+            "ppo": lambda d: ppo.train(ppo_config(), str(d)),
+            "pipeline": lambda d: pipeline.run_pipeline(pipeline_configs.get_config("tiny"), d, echo=lambda s: None),
+            }[stage]
+
+
+@pytest.mark.parametrize("owned, stage", [(o, s) for o in OWNED for s in ("pretrain", "sft", "rm", "ppo", "pipeline")
+                                          if OWNED[o][1] != s])
+def test_a_workdir_of_another_stage_is_refused_in_one_line_before_anything_is_written(tmp_path, no_jit, owned, stage):
+    make, _, what = OWNED[owned]
+    workdir = tmp_path / "run"
+    make(workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(setup.WorkdirError) as error:
+        _trainer(stage)(workdir)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(f"--workdir {workdir} holds {what}"), text
+    assert text.endswith("nothing was changed: give this run its own --workdir")
+    assert _snapshot(workdir) == before  # metrics, config.json, checkpoints: byte for byte; no run.json added
+
+
+def test_claiming_a_workdir_records_the_run_and_adopts_a_matching_older_one(tmp_path):
+    record = setup.claim_workdir(tmp_path / "new", "rm")
+    assert set(record) == {"stage", "run_id", "created", "version"} and record["stage"] == "rm"
+    assert json.loads((tmp_path / "new" / "run.json").read_text()) == record
+    assert setup.claim_workdir(tmp_path / "new", "rm") == record  # the same run, again
+    old = tmp_path / "old_sft"
+    _legacy_run(old, "sft", {"data": {"kind": "demonstrations"}})
+    before = _snapshot(old)
+    adopted = setup.claim_workdir(old, "sft")
+    assert adopted["stage"] == "sft" and adopted["inferred_from"] == "checkpoint 2 metadata"
+    assert _snapshot(old) == {**before, "run.json": (old / "run.json").read_bytes()}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: _legacy_run(d, "sft", None), r"holds checkpoints of a pretraining or SFT run \(checkpoint 2\) but no "
+                                            r"config.json to tell which; nothing was changed"),
+    (lambda d: [d.mkdir(), (d / "metrics.jsonl").write_text('{"step": 1}\n')],
+     r"holds metrics.jsonl of a run whose stage cannot be told .*; nothing was changed"),
+    (lambda d: [d.mkdir(), (d / "run.json").write_text("{trunc")], r"run.json is unreadable or names no known stage"),
+])
+def test_a_workdir_whose_owner_cannot_be_told_is_refused_and_left_alone(tmp_path, make, message):
+    workdir = tmp_path / "run"
+    make(workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(setup.WorkdirError, match=message):
+        setup.claim_workdir(workdir, "sft")
+    assert _snapshot(workdir) == before
+
+
+def test_the_script_refuses_another_stages_workdir_in_one_line(tmp_path):
+    workdir = tmp_path / "ppo_run"
+    _legacy_run(workdir, "ppo", {"rollout": {}})
+    before = _snapshot(workdir)
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "train_sft.py"), f"--workdir={workdir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == setup.EXIT_ERROR == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"FATAL WorkdirError: --workdir {workdir} holds an RL run (experiments/train_ppo.py) (from checkpoint 2 "
+        "metadata), not an SFT run (experiments/train_sft.py); nothing was changed: give this run its own --workdir")
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(workdir) == before
+
+
+def test_config_json_is_written_when_training_starts_and_an_earlier_one_is_kept(toy_reference, tmp_path, caplog):
+    toy_run(tmp_path, toy_config(), ToyBatches())
+    first = (tmp_path / "config.json").read_text()
+    assert json.loads(first) == toy_config().to_dict()
+    # a rerun with nothing left to train (a finished stage run again, here with other settings) writes nothing
+    toy_run(tmp_path, toy_config(log_every=2), ToyBatches(), resume=True)
+    assert (tmp_path / "config.json").read_text() == first and not list(tmp_path.glob("config.*.json"))
+    # continuing with changed settings: config.json is the new config, the earlier one is kept
+    with caplog.at_level(logging.WARNING):
+        toy_run(tmp_path, toy_config(num_steps=10), ToyBatches(), resume=True)
+    assert json.loads((tmp_path / "config.json").read_text())["num_steps"] == 10
+    assert (tmp_path / "config.1.json").read_text() == first
+    assert any(f"{tmp_path}: settings changed since the earlier checkpoints (num_steps); continuing from step 8 "
+               "with the new config, the earlier one kept as config.1.json" == r.getMessage() for r in caplog.records)
+    toy_run(tmp_path, toy_config(num_steps=11, log_every=2), ToyBatches(), resume=True)
+    assert json.loads((tmp_path / "config.2.json").read_text())["num_steps"] == 10  # every earlier one is kept
+    assert (tmp_path / "config.1.json").read_text() == first
+
+
+def test_a_run_that_fails_before_training_leaves_config_json_and_metrics_alone(tmp_path):
+    """The stage's own dir, rerun with a data file that no longer loads: it stops before training
+    and config.json / metrics.jsonl still describe the checkpoints of the earlier run."""
+    from configs import sft as sft_configs
+    from rlhf_jax.trainers import sft
+
+    workdir = tmp_path / "sft"
+    _legacy_run(workdir, "sft", {"data": {"kind": "demonstrations"}, "num_steps": 2})
+    tasks.save_tokenizer(tmp_path / "tokenizer")
+    (tmp_path / "demos.jsonl").write_text('{"prompt": "truncated\n')
+    config = sft_configs.get_config("tiny")
+    config.data.update(train=str(tmp_path / "demos.jsonl"), tokenizer=str(tmp_path / "tokenizer"))
+    before = {name: (workdir / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+    with pytest.raises(Exception, match=r"demos.jsonl, line 1: malformed JSON"):
+        sft.train(config, str(workdir))
+    assert {name: (workdir / name).read_bytes() for name in before} == before
+    assert checkpoint.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2]
+
+
+SCRIPT_STOPS = {  # script -> (module whose entry point is replaced, its name, what the fake does)
+    "train_sft.py": ("rlhf_jax.trainers.sft", "train", "return PREEMPTED"),
+    "train_rm.py": ("rlhf_jax.trainers.rm", "train", "return PREEMPTED"),
+    "train_ppo.py": ("rlhf_jax.trainers.ppo", "train", "return PREEMPTED"),
+    "run_pipeline.py": ("rlhf_jax.pipeline", "run_pipeline", "raise STOP"),
+    "sweep.py": ("rlhf_jax.pipeline", "run_sweep", "raise STOP"),
+    "compare_algorithms.py": ("rlhf_jax.pipeline.compare", "run_comparison", "raise STOP"),
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPT_STOPS))
+def test_every_script_exits_with_the_one_preemption_status(tmp_path, script):
+    """Each script, its trainer / pipeline replaced by one that reports "stopped by a signal after
+    saving" (the loop's `preempted` result, or the pipeline's StageInterrupted), exits with
+    setup.EXIT_PREEMPTED = 75 (EX_TEMPFAIL), the status schedulers are told to requeue on."""
+    module, name, action = SCRIPT_STOPS[script]
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    if script == "sweep.py":  # it wants a pipeline dir
+        (workdir / "run.json").write_text(json.dumps({"stage": "pipeline"}))
+    code = "\n".join([
+        "import runpy, sys", f"import {module} as target", "from rlhf_jax.trainers.loop import LoopResult",
+        "from rlhf_jax.pipeline.run import StageInterrupted",
+        "PREEMPTED = LoopResult(state=None, step=3, preempted=True, last_row={})",
+        "STOP = StageInterrupted('ppo stopped at step 3 on a signal')",
+        f"def fake(*args, **kwargs):\n    {action}", f"target.{name} = fake",
+        f"sys.argv = [{script!r}, '--workdir={workdir}']",
+        f"runpy.run_path({str(REPO / 'experiments' / script)!r}, run_name='__main__')"])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == setup.EXIT_PREEMPTED == 75, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

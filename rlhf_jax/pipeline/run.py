@@ -11,10 +11,10 @@ import numpy as np
 
 from rlhf_jax import evaluation, loading, tasks
 from rlhf_jax.pipeline.evaluate import evaluate
-from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs
+from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs, stage_info
 from rlhf_jax.pipeline.rankings import collect_ranking_data
 from rlhf_jax.pipeline.sampling import read_prompt_ids
-from rlhf_jax.trainers import rm, sft
+from rlhf_jax.trainers import rm, setup, sft
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +42,8 @@ def make_gold_scorer(prompts_path: str, gold: Mapping[str, Any], tokenizer) -> C
 
 
 class StageInterrupted(RuntimeError):
-    """A trainer stopped early on a signal (its checkpoint is saved; re-run to resume)."""
+    """A trainer stopped early on a signal (its checkpoint is saved; re-run to resume). The scripts
+    exit with `setup.EXIT_PREEMPTED` on it."""
 
 
 def _trained(name: str, result) -> dict:
@@ -81,16 +82,23 @@ def ppo_stage(config, layout: Layout, ppo_config, workdir: str | pathlib.Path) -
 
 
 def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None] = print) -> dict:
-    """Run every unfinished stage in order under `workdir`; returns the summary (see `evaluate`)."""
+    """Run every unfinished stage in order under `workdir`; returns the summary (see `evaluate`).
+
+    `workdir` must be a pipeline directory (or new): a stage's run dir stops here, before anything
+    is written (`setup.claim_workdir`). DIR/config.json (and DIR/<algorithm>/config.json) are
+    written only when a stage is going to run; a different earlier one is kept as config.<n>.json."""
     start = time.perf_counter()
     layout = Layout(pathlib.Path(workdir).absolute())
+    setup.claim_workdir(layout.root, "pipeline")
     algorithm = config.get("algorithm", "ppo")
     rl_dir, eval_dir, out_dir = policy_dirs(layout, algorithm)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if algorithm == "ppo" or not (layout.root / "config.json").exists():
-        (layout.root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    if out_dir != layout.root:
-        (out_dir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    shared = [layout.stage(name) for name in ("task", "pretrain", "sft", "rankings", "rm")]
+    policy_pending = any(stage_info(d) is None for d in (rl_dir, eval_dir))
+    if algorithm == "ppo" and (policy_pending or any(stage_info(d) is None for d in shared)) \
+            or not (layout.root / "config.json").exists():
+        setup.record_config(config, layout.root)
+    if out_dir != layout.root and policy_pending:
+        setup.record_config(config, out_dir)
     cfgs = stage_configs(config, layout)
     seeded = lambda section: {"seed": config.seed, **section.to_dict()}  # noqa: E731
     records = {"task": run_stage("task", layout.task, lambda: export_stage(config, layout), echo,

@@ -21,6 +21,7 @@ from absl import logging
 
 from rlhf_jax import checkpoint as checkpoint_lib
 from rlhf_jax import metrics as metrics_lib
+from rlhf_jax.trainers import setup
 
 
 class PreemptionGuard:
@@ -107,6 +108,9 @@ def train_loop(config, *, state: Any, step_fn: Callable, batches: Iterator, plac
     saved every config.checkpoint.save_every steps, at the end and when a signal stops the run.
     Timing metrics: `time/step` (wall seconds per step since the last row), `time/data` (host
     seconds fetching and placing batches per step), `time/eval`.
+    The resolved config is written to config.json in the writer's directory just before the first
+    step (`setup.record_config`: nothing is written when there is nothing to train; a different
+    earlier config.json is kept as config.<n>.json).
     """
     num_steps = config.num_steps if num_steps is None else num_steps
     step = int(jax.device_get(state.step))
@@ -114,6 +118,8 @@ def train_loop(config, *, state: Any, step_fn: Callable, batches: Iterator, plac
     bar = metrics_lib.progress_bar(num_steps, initial=step, desc=desc)
     tick, data_time, steps_since_log = time.perf_counter(), 0.0, 0
     preempted = False
+    if step < num_steps:
+        setup.record_config(config, writer.path.parent, step)
 
     with PreemptionGuard() as guard:
         while step < num_steps:

@@ -244,7 +244,7 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     `prompt_source` / `ptx_source` replace the configured data (iterators yielding this
     process's numpy batches, with `get_state()` / `set_state()` for exact resume).
     """
-    mesh = setup.setup_run(config, workdir, validate=lambda shape: validate_config(config, shape))
+    mesh = setup.setup_run(config, workdir, validate=lambda shape: validate_config(config, shape), stage="ppo")
     models = build_models(config)
     validate_models(config, models)
     has_rm = config.reward.init.source != "none"

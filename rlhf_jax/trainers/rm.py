@@ -161,7 +161,7 @@ def train(config, workdir: str) -> loop.LoopResult:
     """Run (or resume) reward-model training in `workdir`; returns the loop result.
 
     The final metrics row also carries `reward_norm/mean` and `reward_norm/std`."""
-    mesh = setup.setup_run(config, workdir, validate=functools.partial(validate_config, config))
+    mesh = setup.setup_run(config, workdir, validate=functools.partial(validate_config, config), stage="rm")
     options = setup.compiler_options(config)
     files = resolve_data(config, workdir)
     tokenizer = loading.load_tokenizer(files.tokenizer)

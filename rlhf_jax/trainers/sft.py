@@ -153,7 +153,8 @@ def write_samples(config, model, state, prompt_split, tokenizer, workdir: str) -
 def train(config, workdir: str) -> loop.LoopResult:
     """Run (or resume) SFT in `workdir`; returns the loop result (final state, step, last metrics row,
     whether a signal stopped it)."""
-    mesh = setup.setup_run(config, workdir, validate=functools.partial(validate_config, config))
+    mesh = setup.setup_run(config, workdir, validate=functools.partial(validate_config, config),
+                           stage="pretrain" if config.data.kind == "text" else "sft")
     options = setup.compiler_options(config)
     files = resolve_data(config, workdir)
     tokenizer = loading.load_tokenizer(files.tokenizer)
