@@ -21,7 +21,8 @@ sys.path.insert(0, REPO)  # repo root: configs/
 from absl import app, flags  # noqa: E402
 
 from rlhf_jax import cli  # noqa: E402
-from rlhf_jax.pipeline import compare  # noqa: E402
+from rlhf_jax.pipeline import StageInterrupted, compare  # noqa: E402
+from rlhf_jax.trainers import setup  # noqa: E402
 
 _CONFIG = cli.define_config_flag(os.path.join(REPO, "configs", "pipeline.py") + ":tiny",
                                  "Pipeline config file[:preset] shared by every run.")
@@ -44,7 +45,13 @@ def main(argv):
         compare.check_algorithms(_ALGORITHMS.value)
     except ValueError as err:
         raise app.UsageError(str(err)) from err
-    result = compare.run_comparison(_CONFIG.value, _WORKDIR.value, _ALGORITHMS.value, seeds)
+    try:
+        with setup.one_line_errors():
+            setup.claim_workdir(_WORKDIR.value, "comparison")
+            result = compare.run_comparison(_CONFIG.value, _WORKDIR.value, _ALGORITHMS.value, seeds)
+    except StageInterrupted as stop:
+        print(stop)
+        sys.exit(setup.EXIT_PREEMPTED)
     print(result.table)
     print(f"Table: {result.directory / 'comparison.md'} (+ comparison.csv, gold_vs_samples.png, gold_vs_kl.png)")
 

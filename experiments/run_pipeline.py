@@ -19,6 +19,7 @@ sys.path.insert(0, REPO)  # repo root: configs/
 from absl import app, flags  # noqa: E402
 
 from rlhf_jax import cli, pipeline  # noqa: E402
+from rlhf_jax.trainers.setup import EXIT_PREEMPTED, one_line_errors  # noqa: E402
 
 _CONFIG = cli.define_config_flag(os.path.join(REPO, "configs", "pipeline.py") + ":tiny",
                                     "Pipeline config file[:preset].")
@@ -31,10 +32,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_script_logging()
     try:
-        summary = pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value)
+        with one_line_errors():
+            summary = pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value)
     except pipeline.StageInterrupted as stop:
         print(stop)
-        sys.exit(1)
+        sys.exit(EXIT_PREEMPTED)
     print(json.dumps(summary, indent=2))
     print(f"Report: {_WORKDIR.value}/report.md")
 

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app, flags  # noqa: E402
 
 from rlhf_jax import cli, pipeline  # noqa: E402
+from rlhf_jax.trainers import setup  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline workdir (experiments/run_pipeline.py).", required=True)
 _KL_COEFS = flags.DEFINE_list("kl_coefs", ["0.01", "0.05", "0.2"], "KL coefficients, comma-separated.")
@@ -37,7 +38,15 @@ def main(argv):
         kl_coefs = [float(v) for v in _KL_COEFS.value]
     except ValueError as err:
         raise app.UsageError(f"--kl_coefs must be numbers, got {_KL_COEFS.value}: {err}") from err
-    result = pipeline.run_sweep(_WORKDIR.value, kl_coefs, _SET.value, name=_NAME.value)
+    try:
+        with setup.one_line_errors():
+            if setup.workdir_owner(_WORKDIR.value).stage != "pipeline":
+                raise setup.WorkdirError(f"--workdir {_WORKDIR.value} is not a pipeline directory "
+                                         "(experiments/run_pipeline.py); nothing was changed")
+            result = pipeline.run_sweep(_WORKDIR.value, kl_coefs, _SET.value, name=_NAME.value)
+    except pipeline.StageInterrupted as stop:
+        print(stop)
+        sys.exit(setup.EXIT_PREEMPTED)
     print(result.table)
     print(f"Table: {result.directory / 'sweep.md'} (+ sweep.csv); plot: {result.directory / 'overoptimization.png'}")
 

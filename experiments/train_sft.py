@@ -20,6 +20,7 @@ from absl import app, flags  # noqa: E402
 
 from rlhf_jax import cli  # noqa: E402
 from rlhf_jax.trainers import sft  # noqa: E402
+from rlhf_jax.trainers.setup import EXIT_PREEMPTED, one_line_errors  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/sft.py:tiny", "SFT config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
@@ -29,9 +30,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.quiet_script_logging()
-    result = sft.train(_CONFIG.value, _WORKDIR.value)
+    with one_line_errors():
+        result = sft.train(_CONFIG.value, _WORKDIR.value)
     if result.preempted:
-        return
+        sys.exit(EXIT_PREEMPTED)
     if not result.last_row:
         print(f"Nothing to do: {_WORKDIR.value} is already at step {result.step} (raise --config.num_steps to continue).")
         return

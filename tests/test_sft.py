@@ -135,8 +135,8 @@ def _flags(files):
 
 
 def test_sigterm_to_the_script_on_one_device_then_resume_on_eight(task_files, reference_run, tmp_path, script_env):
-    """The script on 1 device gets a real SIGTERM mid-run, saves and exits 0 with a clear message;
-    the run resumes on 8 devices (1-device checkpoint onto a data=8 mesh) and ends where the
+    """The script on 1 device gets a real SIGTERM mid-run, saves and exits 75 (EX_TEMPFAIL: rerun to
+    resume) with a clear message; the run resumes on 8 devices (1-device checkpoint onto a data=8 mesh) and ends where the
     uninterrupted 8-device run ends."""
     proc = _script(tmp_path, script_env(1), *_flags(task_files))
     deadline = time.time() + 240
@@ -146,7 +146,7 @@ def test_sigterm_to_the_script_on_one_device_then_resume_on_eight(task_files, re
             break
         time.sleep(0.01)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 75, output[-3000:]  # setup.EXIT_PREEMPTED
     stopped_at = checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step()
     assert f"Preempted (SIGTERM) at step {stopped_at}: checkpoint" in output, output[-3000:]
     assert "rerun the same command to resume" in output
