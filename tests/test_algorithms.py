@@ -1,6 +1,6 @@
 """The RL algorithm family on the one iteration: each advantage estimator against a NumPy reference
 on a ragged batch, DAPO's group filter, the group batching, config errors, and every algorithm of
-the catalog learning the emit-token-3 rule reward (grpo also on 8 devices and resumed exactly).
+the catalog learning the emit-token-3 rule reward, sharded over 8 devices and resumed exactly.
 
 Compilation dominates on CPU: the tiny config with `fast_compile` and the session's persistent
 compilation cache (tests/conftest.py), few iterations.
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import algorithms, generation, sharding
+from rlhf_jax import algorithms, generation
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.algorithms.rollout import estimate_advantages, group_keep
 from rlhf_jax.trainers import ppo
@@ -152,14 +152,19 @@ def test_group_batches_repeat_each_prompt_in_place():
 
 
 # ----------------------------------------------------------------------------------------------
-# Every algorithm learns; one group algorithm is sharded and resumed exactly
+# Every algorithm learns, is sharded like PPO and resumes exactly
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(algorithms.ALGORITHMS))
-def test_every_algorithm_learns_the_emit_token_reward(name):
+@pytest.fixture(scope="module", params=list(algorithms.ALGORITHMS))
+def learned(request):
+    """16 iterations of the tiny config with `request.param` on one device: (name, rows, state, step)."""
+    return (request.param, *run_iterations(tiny_config(**{"algorithm.name": request.param}), one_device_mesh(), 16))
+
+
+def test_every_algorithm_learns_the_emit_token_reward(learned):
     """Reward = number of token-3s in an 8-token response; a random policy emits ~0.13. Each
-    algorithm raises the batch mean by 0.5 tokens within 16 iterations (ReMax, whose greedy baseline is close to
-    its samples at first, moves least), with finite losses and its own diagnostics."""
-    rows, state, step_fn = run_iterations(tiny_config(**{"algorithm.name": name}), one_device_mesh(), 16)
+    algorithm raises the batch mean by 0.5 tokens within 16 iterations (ReMax, whose greedy
+    baseline is close to its samples at first, by 0.15), with finite losses and its own diagnostics."""
+    name, rows, state, step_fn = learned
     curve = np.array([r["reward/mean"] for r in rows])
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows), name
     assert curve[-4:].mean() > curve[:4].mean() + (0.15 if name == "remax" else 0.5), curve
@@ -179,33 +184,33 @@ def test_every_algorithm_learns_the_emit_token_reward(name):
         assert "reward/greedy" in rows[-1]
 
 
-@pytest.fixture(scope="module")
-def grpo_single_run():
-    return run_iterations(tiny_config(**{"algorithm.name": "grpo"}), one_device_mesh(), 2)
-
-
-def test_grpo_one_vs_eight_devices(grpo_single_run):
-    """Groups of consecutive rows straddle devices on data=2, fsdp=2, tensor=2: same metrics. The
-    sequence KL after one update is a ~1e-3 sum of eight log-prob differences of ~4 nats each, so
-    it is compared to 1e-4 absolute (float32 reductions in another order), the rest to 1e-4 relative."""
-    rows, _, _ = run_iterations(tiny_config(**{"algorithm.name": "grpo"}),
-                                sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), 2)
-    keys = tuple(k for k in DETERMINISTIC_KEYS if k in rows[0]) + ("kl_loss", "group/zero_std_fraction")
-    for one, many in zip(grpo_single_run[0], rows):
-        for key in keys:
-            atol = 1e-4 if key in ("kl", "kl_loss", "policy/approx_kl") else 1e-6
-            np.testing.assert_allclose(many[key], one[key], rtol=1e-4, atol=atol, err_msg=key)
-
-
-@pytest.mark.parametrize("name", ["grpo", "ppo_penalty"])
-def test_resume_is_exact(name, tmp_path):
-    """2 iterations, stop, 2 more from the checkpoint == 4 straight (state incl. β_pen, metrics)."""
-    config = lambda steps: tiny_config(num_steps=steps, **{"algorithm.name": name})  # noqa: E731
+def test_sharded_run_matches_one_device_and_resumes_exactly(learned, tmp_path):
+    """The trainer on data=2, fsdp=2, tensor=2 (groups of consecutive rows straddle devices): 2
+    iterations, stop, 1 more from the checkpoint == 3 straight, bit for bit (whole state incl.
+    β_pen, metrics); and its first two iterations (sampling, scoring, one update, sampling again)
+    equal the one-device run's to float32 tolerance. The sequence KL after one update is a ~1e-2
+    sum of eight log-prob differences of ~4 nats each, and Adam's first step is lr·sign(g) per
+    parameter, so parameters whose gradient is rounding-level move by ±lr depending on the
+    reduction order: KL terms are compared to 5e-4 absolute; the group algorithms' losses are ~1e-2 means of O(1) terms whose
+    advantages sum to 0 per group (1e-5 absolute); the rest to 1e-4 relative. (Later iterations
+    are not compared across meshes: in this tiny setup every GRPO group of iteration 3 has equal
+    rewards, so the policy gradient is rounding-level and Adam turns it into lr-sized steps of
+    arbitrary sign; the trajectories then part for a reason that is not sharding.)"""
+    name, reference, _, _ = learned
+    config = lambda steps: tiny_config(num_steps=steps, **{  # noqa: E731
+        "algorithm.name": name, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     ppo.train(config(2), str(tmp_path / "split"))
-    resumed = ppo.train(config(4), str(tmp_path / "split"))
-    straight = ppo.train(config(4), str(tmp_path / "straight"))
+    resumed = ppo.train(config(3), str(tmp_path / "split"))
+    straight = ppo.train(config(3), str(tmp_path / "straight"))
+    assert len(straight.state.actor["layers"]["attn"]["q"]["kernel"].sharding.device_set) == 8
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state), jax.device_get(straight.state))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
-    assert strip(metrics_lib.read_metrics(tmp_path / "split")) == strip(metrics_lib.read_metrics(tmp_path / "straight"))
+    rows = strip(metrics_lib.read_metrics(tmp_path / "straight"))
+    assert strip(metrics_lib.read_metrics(tmp_path / "split")) == rows
+    keys = [k for k in (*DETERMINISTIC_KEYS, "kl_loss", "group/zero_std_fraction", "penalty_coef") if k in rows[0]]
+    for one, many in zip(reference[:2], rows[:2]):
+        for key in keys:
+            atol = {"kl": 5e-4, "kl_loss": 5e-4, "policy/approx_kl": 5e-4, "loss": 1e-5, "policy/loss": 1e-5}.get(key, 1e-6)
+            np.testing.assert_allclose(many[key], one[key], rtol=1e-4, atol=atol, err_msg=key)
     if name == "ppo_penalty":
         assert resumed.state.penalty_coef is not None
