@@ -1,6 +1,8 @@
-"""PPO / PPO-ptx (InstructGPT stage 3) configs: `get_config("tiny" | "gpt2" | "qwen2")`.
+"""RL stage (InstructGPT stage 3) configs: `get_config("PRESET[,ALGORITHM]")`, PRESET one of
+"tiny" | "gpt2" | "qwen2", ALGORITHM one of rlhf_jax.algorithms.ALGORITHMS (default ppo).
 
     python experiments/train_ppo.py --config configs/ppo.py:tiny --workdir /tmp/ppo --config.seed 1
+    python experiments/train_ppo.py --config configs/ppo.py:tiny,grpo --workdir /tmp/grpo
 
 - tiny  : CPU, seconds per iteration. With no checkpoints configured it initialises a small
           actor itself and trains on a rule-based reward (emit token 3) over synthetic prompts.
@@ -12,15 +14,18 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from rlhf_jax.algorithms.catalog import ALGORITHMS
 
 PPO_OPTIM = dict(warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0)  # constant lr, no decay; steps count
 #   optimizer updates (= ppo.epochs x ppo.num_minibatches per iteration)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "tiny"
+    preset, _, algorithm = (arg or "tiny").partition(",")
     if preset not in ("tiny", "gpt2", "qwen2"):
         raise ValueError(f"configs/ppo.py: unknown preset {preset!r} (allowed: 'tiny', 'gpt2', 'qwen2')")
+    if algorithm and algorithm not in ALGORITHMS:
+        raise ValueError(f"configs/ppo.py: unknown algorithm {algorithm!r} (allowed: {', '.join(ALGORITHMS)})")
     c = ml_collections.ConfigDict()
     c.preset = preset  # which preset built this config (informational)
     c.seed = 0  # seeds model init (when standalone), sampling and minibatch shuffling
@@ -52,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- the algorithm (rlhf_jax/algorithms/catalog.py: which pieces each one uses) -------------
     c.algorithm = ml_collections.ConfigDict(dict(
-        name="ppo",  # ppo | ppo_penalty | grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp |
+        name=algorithm or "ppo",  # ppo | ppo_penalty | grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp |
         #              reinforce_pp_baseline | remax
         group_size=4,  # responses per prompt of the group algorithms (grpo, dr_grpo, dapo, gspo, rloo,
         #                reinforce_pp_baseline); rollout.batch_size counts responses; others use 1

@@ -42,7 +42,7 @@ def main(argv):
         result = ppo.train(_CONFIG.value, _WORKDIR.value)
     if result.preempted:
         sys.exit(EXIT_PREEMPTED)
-    print(f"PPO finished at step {result.step}: " + ", ".join(
+    print(f"{_CONFIG.value.algorithm.name.upper()} finished at step {result.step}: " + ", ".join(
         f"{k}={result.last_row[k]:.4g}" for k in ("reward/mean", "kl", "kl_coef") if k in result.last_row))
 
 

@@ -126,6 +126,15 @@ def test_config_errors_name_the_key():
         ppo.validate_config(tiny_config(**{"algorithm.kl_in": "both"}), (1, 1, 1))
 
 
+def test_config_preset_names_the_algorithm():
+    from configs import ppo as ppo_configs
+
+    assert ppo_configs.get_config("tiny,dapo").algorithm.name == "dapo"
+    assert ppo_configs.get_config("tiny").algorithm.name == "ppo"
+    with pytest.raises(ValueError, match=r"configs/ppo.py: unknown algorithm 'grpoo' \(allowed: ppo, ppo_penalty"):
+        ppo_configs.get_config("tiny,grpoo")
+
+
 def test_settings_follow_the_catalog_and_the_overrides():
     grpo = ppo.settings_from_config(tiny_config(**{"algorithm.name": "grpo"}))
     assert (grpo.advantage, grpo.critic, grpo.kl_in, grpo.loss_agg_mode, grpo.group_size, grpo.whiten_advantages) == (
