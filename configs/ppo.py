@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- rollout ------------------------------------------------------------------------------
     c.rollout = ml_collections.ConfigDict(dict(
-        batch_size=16,  # prompts (= responses) per PPO iteration, global over all devices
+        batch_size=16,  # responses per iteration, global over all devices (prompts = this / group size)
         prompt_len=8,  # prompt length P (left-padded / truncated from the left)
         max_new_tokens=8,  # response length N
         temperature=1.0,  # sampling temperature; the policy trained is the temperature-scaled one

@@ -38,7 +38,8 @@ def main(argv):
         print(stop)
         sys.exit(EXIT_PREEMPTED)
     print(json.dumps(summary, indent=2))
-    print(f"Report: {_WORKDIR.value}/report.md")
+    algorithm = _CONFIG.value.algorithm
+    print(f"Report: {os.path.join(_WORKDIR.value, '' if algorithm == 'ppo' else algorithm, 'report.md')}")
 
 
 if __name__ == "__main__":

@@ -209,11 +209,12 @@ def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequen
             writer.writerow({c: row.get(c, "") for c in columns})
 
 
-def samples_markdown(samples: Sequence[Mapping[str, Any]]) -> str:
-    """Before/after table: prompt, SFT response (gold), PPO response (gold)."""
+def samples_markdown(samples: Sequence[Mapping[str, Any]], policy: str = "PPO") -> str:
+    """Before/after table: prompt, SFT response (gold), the RL `policy`'s response (gold)."""
+    column = f"{policy} response"
     rows = [{"prompt": s["prompt"], "SFT response": f"{s['sft'] or '(empty)'} ({s['sft_gold']:.2f})",
-             "PPO response": f"{s['ppo'] or '(empty)'} ({s['ppo_gold']:.2f})"} for s in samples]
-    return markdown_table(rows, ("prompt", "SFT response", "PPO response"))
+             column: f"{s['ppo'] or '(empty)'} ({s['ppo_gold']:.2f})"} for s in samples]
+    return markdown_table(rows, ("prompt", "SFT response", column))
 
 
 def write_report(path: PathLike, summary: Mapping[str, Any], samples: Sequence[Mapping[str, Any]],
@@ -236,7 +237,7 @@ def write_report(path: PathLike, summary: Mapping[str, Any], samples: Sequence[M
         *[f"- {note}\n" for note in notes],
         f"## Samples before / after {algorithm}\n",
         "Gold score in parentheses.\n",
-        samples_markdown(samples),
+        samples_markdown(samples, algorithm),
         "## Plots\n",
         *[f"### {title}\n\n![{title}]({file})\n" for title, file in plots.items()],
     ]

@@ -296,6 +296,21 @@ def test_another_algorithm_reuses_the_stages_and_writes_its_own_directory(smoke_
     rows = [json.loads(line) for line in (smoke_workdir / "grpo" / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert all("group/zero_std_fraction" in row and "value/loss" not in row for row in rows)
     assert json.loads((smoke_workdir / "grpo" / "rl" / "config.json").read_text())["algorithm"]["name"] == "grpo"
+    assert f"Report: {smoke_workdir / 'grpo' / 'report.md'}" in result.stdout
+    assert "| GRPO response |" in (smoke_workdir / "grpo" / "report.md").read_text()
+
+    # DIR/grpo is that algorithm's run, not a pipeline: pointed at it, the pipeline stops in one line
+    listing = sorted(p.name for p in (smoke_workdir / "grpo").iterdir())
+    wrong = _run_pipeline(smoke_workdir / "grpo", script_env(1))
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines()[-1].startswith(f"FATAL WorkdirError: --workdir {smoke_workdir / 'grpo'} "
+                                                            "holds one RL algorithm's run inside a pipeline")
+    assert sorted(p.name for p in (smoke_workdir / "grpo").iterdir()) == listing
+    # an unknown algorithm is refused before any stage runs, naming the key
+    bad = _run_pipeline(smoke_workdir, script_env(1), "--config.algorithm=grpoo")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("FATAL config error: config.algorithm='grpoo' (allowed: 'ppo'")
+    assert not (smoke_workdir / "grpoo").exists()
 
 
 def test_comparison_table_from_finished_runs(smoke_workdir, tmp_path):

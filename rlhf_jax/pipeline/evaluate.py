@@ -148,8 +148,10 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     summary["wall_seconds"] = float(prior_seconds + time.perf_counter() - start)
     report.write_summary(out_dir / "summary.json", summary)
     notes = [f"{len(prompts)} held-out prompts x {cfg.num_samples} samples at temperature {temperature}; "
-             f"mean response length {summary['sft_length']:.1f} words (SFT) -> {summary['ppo_length']:.1f} (PPO); "
-             f"normalised RM score {summary['sft_rm_score']:.2f} (SFT) -> {summary['ppo_rm_score']:.2f} (PPO)."]
+             f"mean response length {summary['sft_length']:.1f} words (SFT) -> {summary['ppo_length']:.1f} "
+             f"({algorithm.upper()}); normalised RM score {summary['sft_rm_score']:.2f} (SFT) -> "
+             f"{summary['ppo_rm_score']:.2f} ({algorithm.upper()}). (ppo_* keys describe the RL policy whatever "
+             "the algorithm.)"]
     report.write_report(out_dir / "report.md", summary, samples, plots, notes)
     echo(f"[eval] win rate {summary['win_rate_vs_sft']:.2f}, gold {summary['sft_gold']:.3f} -> "
          f"{summary['policy_gold']:.3f}, KL {summary['kl_to_sft']:.2f}")

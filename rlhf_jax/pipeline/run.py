@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from rlhf_jax import evaluation, loading, tasks
+from rlhf_jax.algorithms.catalog import ALGORITHMS
 from rlhf_jax.pipeline.evaluate import evaluate
 from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs, stage_info
 from rlhf_jax.pipeline.rankings import collect_ranking_data
@@ -78,7 +79,7 @@ def ppo_stage(config, layout: Layout, ppo_config, workdir: str | pathlib.Path) -
 
     tokenizer = loading.load_tokenizer(layout.tokenizer)
     scorer = make_gold_scorer(ppo_config.data.prompts, tasks.load_gold(layout.task_file("gold.jsonl")), tokenizer)
-    return _trained("ppo", ppo.train(ppo_config, str(workdir), gold_scorer=scorer))
+    return _trained(ppo_config.algorithm.name, ppo.train(ppo_config, str(workdir), gold_scorer=scorer))
 
 
 def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None] = print) -> dict:
@@ -89,9 +90,13 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
     written only when a stage is going to run; a different earlier one is kept as config.<n>.json."""
     start = time.perf_counter()
     layout = Layout(pathlib.Path(workdir).absolute())
-    setup.claim_workdir(layout.root, "pipeline")
     algorithm = config.get("algorithm", "ppo")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"config.algorithm={algorithm!r} (allowed: {', '.join(map(repr, ALGORITHMS))})")
+    setup.claim_workdir(layout.root, "pipeline")
     rl_dir, eval_dir, out_dir = policy_dirs(layout, algorithm)
+    if out_dir != layout.root:  # DIR/<algorithm> belongs to this pipeline's algorithm run, not a pipeline
+        setup.claim_workdir(out_dir, "policy")
     shared = [layout.stage(name) for name in ("task", "pretrain", "sft", "rankings", "rm")]
     policy_pending = any(stage_info(d) is None for d in (rl_dir, eval_dir))
     if algorithm == "ppo" and (policy_pending or any(stage_info(d) is None for d in shared)) \

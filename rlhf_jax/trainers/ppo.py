@@ -307,7 +307,8 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
         batches = iteration_batches(prompts_it, ptx_it, group_size(config))
         result = loop.train_loop(config, state=state, step_fn=step_fn, batches=batches,
                                  place=lambda host: place_batch(host, mesh), checkpointer=checkpointer,
-                                 writer=writer, meta_fn=meta_fn, items_fn=state_items, on_step=on_step, desc="ppo",
+                                 writer=writer, meta_fn=meta_fn, items_fn=state_items, on_step=on_step,
+                                 desc=config.algorithm.name,
                                  what="PPO iterations")
     finally:
         writer.close()

@@ -118,10 +118,11 @@ def setup_run(config, workdir: str, validate: Callable[[tuple[int, int, int]], N
 # Workdir ownership: DIR/run.json says which stage (and which run) a directory belongs to
 # ----------------------------------------------------------------------------------------------
 RUN_FILE = "run.json"
-OWNERS = ("pretrain", "sft", "rm", "ppo", "pipeline", "comparison")
+OWNERS = ("pretrain", "sft", "rm", "ppo", "pipeline", "policy", "comparison")
 WHAT = {"pretrain": "a pretraining run (experiments/train_sft.py, data.kind='text')",
         "sft": "an SFT run (experiments/train_sft.py)", "rm": "a reward-model run (experiments/train_rm.py)",
         "ppo": "an RL run (experiments/train_ppo.py)", "pipeline": "a pipeline (experiments/run_pipeline.py)",
+        "policy": "one RL algorithm's run inside a pipeline (DIR/<algorithm> of run_pipeline.py --config.algorithm)",
         "comparison": "an algorithm comparison (experiments/compare_algorithms.py)"}
 
 
@@ -279,8 +280,9 @@ EXIT_ERROR = 1  # configuration, workdir, data or I/O error: rerunning unchanged
 
 @contextlib.contextmanager
 def one_line_errors():
-    """In a script: a workdir, checkpoint-mismatch or I/O (disk full, permissions) error is printed
-    as one `FATAL ...` line on stderr and the script exits with EXIT_ERROR (no traceback)."""
+    """In a script: a workdir, checkpoint-mismatch, I/O (disk full, permissions) or config error
+    (a ValueError naming its `config.` key) is printed as one `FATAL ...` line on stderr and the
+    script exits with EXIT_ERROR (no traceback)."""
     from rlhf_jax import checkpoint
 
     try:
@@ -288,4 +290,9 @@ def one_line_errors():
     except (WorkdirError, checkpoint.CheckpointMismatch, OSError) as error:
         text = " ".join(str(error).split())
         sys.stderr.write(f"FATAL {type(error).__name__}: {text}\n")
+        sys.exit(EXIT_ERROR)
+    except ValueError as error:  # a config check names its key ("config. ..."); anything else keeps its traceback
+        if not str(error).startswith("config."):
+            raise
+        sys.stderr.write(f"FATAL config error: {' '.join(str(error).split())}\n")
         sys.exit(EXIT_ERROR)
