@@ -262,8 +262,13 @@ def sequence_values(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 def sequence_kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef,
                                   score_clip: float | None = None) -> jax.Array:
-    """R = clip(score) - kl_coef * sum_t (log pi - log pi_ref)_t -> `[B]` (= row sum of kl_penalized_rewards)."""
-    return jnp.sum(kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, score_clip), axis=-1)
+    """R = clip(score) - kl_coef * sum_t (log pi - log pi_ref)_t -> `[B]`: the row sum of
+    kl_penalized_rewards (a row without valid tokens gets no score, only its (zero) KL term).
+    The per-response reward of the sequence critic and of the outcome estimators (GRPO, RLOO)."""
+    if score_clip is not None:
+        scores = jnp.clip(scores, -score_clip, score_clip)
+    scores = jnp.where(jnp.any(jnp.asarray(mask).astype(bool), axis=-1), scores, 0.0)
+    return scores - kl_coef * jnp.sum(kl_k1(logprobs, ref_logprobs, mask), axis=-1)
 
 
 def sequence_advantages(sequence_rewards: jax.Array, sequence_value: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -47,16 +47,6 @@ def score_responses(models: Models, settings: RLSettings, state: RLState, seq_id
     return scores, metrics
 
 
-def outcome_scores(settings: RLSettings, scores, logprobs, ref_logprobs, mask, kl_coef):
-    """Per-response score `[B]` of the outcome estimators: clipped score − β·Σ_t k1 when the KL
-    goes into the reward, else the clipped score."""
-    if settings.score_clip is not None:
-        scores = jnp.clip(scores, -settings.score_clip, settings.score_clip)
-    if settings.kl_in == "reward":
-        scores = scores - kl_coef * jnp.sum(rl.kl_k1(logprobs, ref_logprobs, mask), axis=-1)
-    return scores
-
-
 def estimate_advantages(settings: RLSettings, scores, logprobs, ref_logprobs, token_values, mask, kl_coef,
                         baseline=None):
     """(advantages [B, N], values, returns, value_mask) for `settings.advantage`, before whitening.
@@ -77,7 +67,8 @@ def estimate_advantages(settings: RLSettings, scores, logprobs, ref_logprobs, to
         advantages, returns = rl.gae(token_rewards, token_values, mask, settings.gamma, settings.lam)
         return advantages, token_values, returns, mask
     if settings.advantage in ("grpo", "dr_grpo", "rloo"):
-        outcome = outcome_scores(settings, scores, logprobs, ref_logprobs, mask, kl_reward_coef)
+        outcome = rl.sequence_kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_reward_coef,
+                                                   settings.score_clip)
         per_row = rl.group_advantages(outcome, settings.group_size, settings.advantage)
         advantages = jnp.where(mask > 0, per_row[:, None], 0.0)
     else:  # REINFORCE++ (optionally with the group mean subtracted) and ReMax: returns of shaped rewards
@@ -91,14 +82,18 @@ def estimate_advantages(settings: RLSettings, scores, logprobs, ref_logprobs, to
     return advantages, jnp.zeros_like(advantages), advantages, mask
 
 
+def equal_groups(scores: jax.Array, group_size: int) -> jax.Array:
+    """`[B / group_size]` bool: the groups whose scores are all equal (zero advantage for them)."""
+    grouped = scores.reshape(-1, group_size)
+    return jnp.max(grouped, axis=1) == jnp.min(grouped, axis=1)
+
+
 def group_keep(settings: RLSettings, scores: jax.Array) -> jax.Array:
     """DAPO dynamic sampling `[B]` bool: rows of groups whose scores are not all equal (the rest
     would get zero advantage; their tokens are left out of the policy loss, the batch keeps its shape)."""
     if not settings.filter_groups:
         return jnp.ones(scores.shape, bool)
-    grouped = scores.reshape(-1, settings.group_size)
-    varied = jnp.max(grouped, axis=1) > jnp.min(grouped, axis=1)
-    return jnp.repeat(varied, settings.group_size)
+    return jnp.repeat(~equal_groups(scores, settings.group_size), settings.group_size)
 
 
 def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mapping[str, jax.Array],
@@ -163,8 +158,7 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
         metrics.update({"value/mean": rl.masked_mean(values, value_mask),
                         "value/explained_variance": rl.explained_variance(values, returns, value_mask)})
     if settings.group_size > 1:
-        grouped = scores.reshape(-1, settings.group_size)
-        metrics["group/zero_std_fraction"] = jnp.mean((jnp.max(grouped, 1) == jnp.min(grouped, 1)).astype(jnp.float32))
+        metrics["group/zero_std_fraction"] = jnp.mean(equal_groups(scores, settings.group_size).astype(jnp.float32))
         metrics["group/effective_fraction"] = jnp.mean(keep.astype(jnp.float32))
     if state.penalty_coef is not None:
         metrics["penalty_coef"] = state.penalty_coef
