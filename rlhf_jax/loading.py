@@ -205,7 +205,7 @@ def load_reward_model(path: str | pathlib.Path, *, mesh=None, rules=sharding.DEF
     if "value" not in meta["model"]["heads"]:
         raise ValueError(f"{path}: not a reward-model checkpoint (its model heads are {tuple(meta['model']['heads'])})")
     model, params = load_model(path, heads=("value",), mesh=mesh, rules=rules)
-    return model, params, reward_norm(str(path))
+    return model, params, dict(meta.get("reward_norm", IDENTITY_NORM))  # reward_norm(path), from the meta read
 
 
 # ----------------------------------------------------------------------------------------------
