@@ -9,16 +9,14 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+SAMPLE_DATA = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir():
-    """../shared/data next to the checkout; tests that need it skip cleanly when it is absent."""
-    path = SHARED / "data"
-    if not path.is_dir():
-        pytest.skip("../shared/data is not present")
-    return path
+def sample_data_dir():
+    """experiments/data: the small public samples vendored into the repo (HH-RLHF harmless-base test
+    split, MIT; see its LICENSE)."""
+    return SAMPLE_DATA
 
 
 @pytest.fixture(scope="session")

@@ -69,14 +69,11 @@ def write(path: pathlib.Path, lines: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The real HH-RLHF sample (../shared/data; skipped when absent)
+# The real HH-RLHF sample (experiments/data/hh-rlhf, vendored)
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def hh_path(shared_data_dir):
-    path = shared_data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} is not present")
-    return str(path)
+def hh_path(sample_data_dir):
+    return str(sample_data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz")
 
 
 def test_hh_sample_parses_fully(hh_path):

@@ -1,7 +1,7 @@
 """The real Anthropic HH-RLHF format flows through the real RM pipeline (issue 5).
 
-Reads ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz (never copied into the repo; the test
-skips cleanly when ../shared is absent) with a tiny byte-level BPE trained here on a slice of it.
+Reads experiments/data/hh-rlhf/harmless-base-test.jsonl.gz (the 2,312-pair harmless-base test split,
+vendored with its MIT licence) with a tiny byte-level BPE trained here on a slice of it.
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import gzip
 import json
 import math
 
-import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -33,10 +32,8 @@ def _hh_tokenizer(hh_file, directory):
     PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>").save_pretrained(directory)
 
 
-def test_rm_trains_on_the_hh_rlhf_sample(shared_data_dir, tmp_path):
-    hh_file = shared_data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-    if not hh_file.exists():
-        pytest.skip(f"{hh_file} is not present")
+def test_rm_trains_on_the_hh_rlhf_sample(sample_data_dir, tmp_path):
+    hh_file = sample_data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     _hh_tokenizer(hh_file, tmp_path / "tokenizer")
 
     config = rm_configs.get_config("tiny")
