@@ -78,7 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         temperature=1.0,  # sampling temperature; the policy trained is the temperature-scaled one
         top_k=0,  # must stay 0: RL trains the unfiltered policy (a filter is refused)
         top_p=1.0,  # must stay 1 (as top_k)
-        eos_id=1,  # end-of-sequence token (-1 = none)
+        # stop token id, or a list of them (e.g. Llama-3 chat: [128001, 128009]); -1 = none. Must equal the
+        # tokenizer's stop set (its eos_token plus generation_config.json's eos_token_id list)
+        eos_id=ml_collections.FieldReference(1, field_type=object),
         pad_id=0,  # padding token
     ))
     c.data = ml_collections.ConfigDict(dict(
@@ -97,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rules=dict(  # rule-based rewards (rlhf_jax/rewards.py); weight 0 = off
             target_token=dict(weight=1.0, token=3),  # +weight per emitted `token`
             length=dict(weight=0.0, target=4),  # −weight·|length − target|
-            missing_eos=dict(weight=0.0, eos_id=1),  # −weight when the response has no EOS
+            missing_eos=dict(weight=0.0),  # −weight when the response has no stop token (rollout.eos_id)
             overlong=dict(weight=0.0, buffer=4),  # DAPO soft overlong punishment over the last `buffer` tokens
         ),
     ))
@@ -147,7 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.prompts = "prompts.jsonl"  # your PPO prompts; the tokenizer comes with the SFT checkpoint
         c.rewards.rm_weight = 1.0
         c.rewards.rules.target_token.weight = 0.0
-        c.rewards.rules.missing_eos.update(weight=1.0, eos_id=50256)
+        c.rewards.rules.missing_eos.weight = 1.0
         c.rollout.update(batch_size=64, prompt_len=256, max_new_tokens=256, eos_id=50256, pad_id=50256)
         c.ppo.update(epochs=1, num_minibatches=4)
         c.kl.update(coef=0.1, adaptive=True)
@@ -166,7 +168,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.prompts = "prompts.jsonl"  # your PPO prompts; the tokenizer comes with the SFT checkpoint
         c.rewards.rm_weight = 1.0
         c.rewards.rules.target_token.weight = 0.0
-        c.rewards.rules.missing_eos.update(weight=1.0, eos_id=151643)
+        c.rewards.rules.missing_eos.weight = 1.0
         c.rollout.update(batch_size=64, prompt_len=512, max_new_tokens=512, eos_id=151643, pad_id=151643)
         c.ppo.update(epochs=1, num_minibatches=4)
         c.kl.update(coef=0.05, adaptive=True)

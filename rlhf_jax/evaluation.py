@@ -56,7 +56,7 @@ def map_batched(fn: Callable[..., dict], arrays: dict[str, np.ndarray], batch_si
 # ----------------------------------------------------------------------------------------------
 def sample_responses(model: Transformer, params, prompt_ids: np.ndarray, prompt_mask: np.ndarray, rng: jax.Array,
                      *, num_samples: int, batch_size: int, max_new_tokens: int, temperature: float,
-                     eos_id: int, pad_id: int) -> dict[str, np.ndarray]:
+                     eos_id: generation.StopIds, pad_id: int) -> dict[str, np.ndarray]:
     """`num_samples` responses per prompt -> {"tokens", "logprobs", "mask"} of shape [R, S, N].
 
     Prompt r's sample s is row r*S + s of one flat list of repeated prompts, sampled in chunks of
@@ -77,17 +77,20 @@ def sample_responses(model: Transformer, params, prompt_ids: np.ndarray, prompt_
     return {name: value.reshape(num_prompts, num_samples, *value.shape[1:]) for name, value in flat.items()}
 
 
-def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_id: int) -> list[str]:
-    """Text of each response row: its valid tokens before the first EOS, joined by the tokenizer.
+def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_id: generation.StopIds) -> list[str]:
+    """Text of each response row `tokens [B, N]` / `mask [B, N]`: its valid tokens before the
+    first stop token (`eos_id`: one id or a set, see `generation.stop_ids`), joined by the tokenizer.
 
-    Special tokens other than EOS are kept (a stray `<user>` is part of what the judge sees).
+    Special tokens other than the stop tokens are kept (a stray `<user>` is part of what the judge sees).
     """
+    stop = generation.stop_ids(eos_id)
     texts = []
     for row_tokens, row_mask in zip(np.asarray(tokens), np.asarray(mask)):
-        ids = [int(t) for t, m in zip(row_tokens, row_mask) if m]
-        if eos_id in ids:
-            ids = ids[: ids.index(eos_id)]
-        texts.append(tokenizer.decode(ids, skip_special_tokens=False).strip())
+        ids = np.asarray([int(t) for t, m in zip(row_tokens, row_mask) if m], np.int64)
+        stops = np.flatnonzero(generation.is_stop(ids, stop))
+        if len(stops):
+            ids = ids[: stops[0]]
+        texts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=False).strip())
     return texts
 
 

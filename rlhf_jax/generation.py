@@ -15,8 +15,10 @@ Conventions
 - `logprobs` are log-probs of the sampled tokens under the temperature-scaled, UNFILTERED softmax
   (the distribution PPO trains); top-k / top-p only shape the distribution we draw from.
   `temperature=0` is greedy decoding, its logprobs are under the untempered softmax.
-- `mask` is 1 up to and including the first `eos_id`, 0 after; tokens after it are `pad_id`,
-  logprobs after it are 0. The loop stops as soon as every row has emitted `eos_id`.
+- `eos_id` is the stop set: one id or several (Llama-3 chat models end a turn with `<|eot_id|>` or
+  `<|end_of_text|>`); `stop_ids` normalises it. `mask` is 1 up to and including the first stop
+  token, 0 after; tokens after it are `pad_id`, logprobs after it are 0. The loop stops as soon as
+  every row has emitted a stop token.
 - Sampler: an exact two-level inverse-CDF draw. Pick a block of 128 vocabulary entries with
   probability proportional to its mass, then a token inside the block proportionally to its
   weight. P(token) = (block mass / total) * (weight / block mass) = weight / total, with two
@@ -25,7 +27,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Sequence, Union
 
 import flax.struct
 import jax
@@ -38,6 +40,30 @@ from rlhf_jax.models.transformer import Transformer, default_position_ids
 
 BLOCK = 128  # vocabulary block size of the two-level draw / argmax
 
+StopIds = Union[int, Sequence[int], None]
+
+
+def stop_ids(eos_id: StopIds) -> tuple[int, ...]:
+    """The stop set as a sorted tuple of unique ids: None or a negative int (the configs' "none")
+    -> (); an int -> (id,); a sequence of ints -> its ids. ValueError on anything else."""
+    if eos_id is None:
+        return ()
+    if isinstance(eos_id, (int, np.integer)) and not isinstance(eos_id, bool):
+        return () if eos_id < 0 else (int(eos_id),)
+    if isinstance(eos_id, (list, tuple)) and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                                 and i >= 0 for i in eos_id):
+        return tuple(sorted({int(i) for i in eos_id}))
+    raise ValueError(f"eos_id={eos_id!r}: need a token id, a list of token ids, or None / -1 for no stop token")
+
+
+def is_stop(tokens, stop: tuple[int, ...]):
+    """`tokens [...]` -> bool array of the same shape: the token is in the stop set `stop`
+    (a `stop_ids` tuple; all False when it is empty). numpy in, numpy out; jax in, jax out."""
+    xp = np if isinstance(tokens, np.ndarray) else jnp
+    if not stop:
+        return xp.zeros(tokens.shape, bool)
+    return xp.isin(tokens, xp.asarray(stop, dtype=tokens.dtype))
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -47,10 +73,11 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off; else keep the k most likely tokens (ties at the k-th value kept)
     top_p: float = 1.0  # 1 = off; else keep the smallest most-likely set with mass >= top_p
-    eos_id: Optional[int] = None  # None = never stop early
+    eos_id: StopIds = None  # the stop set (normalised to a `stop_ids` tuple); None / () = never stop early
     pad_id: int = 0
 
     def __post_init__(self):
+        object.__setattr__(self, "eos_id", stop_ids(self.eos_id))
         problems = []
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens!r} (need an int >= 1)")
@@ -210,7 +237,7 @@ def sample(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.A
 
     Prefill writes the prompt into slots [0, P) of the cache; each decode step feeds the previous
     token at slot P+i-1 and draws token i. The decode `lax.while_loop`s (one per cache size, see
-    `segment_ends`) end after N tokens or once every row has emitted `eos_id`; untouched positions
+    `segment_ends`) end after N tokens or once every row has emitted a stop token; untouched positions
     keep pad_id / 0 / mask 0.
     """
     batch, prompt_len = prompt_ids.shape
@@ -229,7 +256,7 @@ def sample(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.A
     tokens = jnp.full((batch, n_new), config.pad_id, jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((batch, n_new), jnp.float32).at[:, 0].set(logprob)
     response_mask = jnp.zeros((batch, n_new), jnp.int32).at[:, 0].set(1)
-    done = token == config.eos_id if config.eos_id is not None else jnp.zeros((batch,), bool)
+    done = is_stop(token, config.eos_id)
 
     def decode_step(state):
         step, prev_token, done, cache, attention_mask, tokens, logprobs, response_mask = state
@@ -244,8 +271,7 @@ def sample(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.A
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(alive, logprob, 0.0))
         response_mask = response_mask.at[:, step].set(alive.astype(jnp.int32))
-        if config.eos_id is not None:
-            done = done | (token == config.eos_id)
+        done = done | is_stop(token, config.eos_id)
         return step + 1, token, done, out.cache, attention_mask, tokens, logprobs, response_mask
 
     state = (jnp.int32(1), token, done, out.cache, attention_mask, tokens, logprobs, response_mask)
@@ -279,9 +305,10 @@ def _check_prompts(model: Transformer, prompt_ids, prompt_mask, config: Sampling
 
 
 def generate(model: Transformer, params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: StopIds = None,
              pad_id: int = 0) -> Generation:
-    """Sample `max_new_tokens` continuations of left-padded prompts `[B, P]` (jit-cached `sample`)."""
+    """Sample `max_new_tokens` continuations of left-padded prompts `[B, P]` (jit-cached `sample`);
+    `eos_id`: one stop id or a list of them (generation of a row ends at the first of any)."""
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                             top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)

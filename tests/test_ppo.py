@@ -90,13 +90,18 @@ def test_rule_rewards_by_hand():
     mask = jnp.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(rewards.target_token_count(tokens, mask, token=3), [2.0, 1.0])
     np.testing.assert_array_equal(rewards.length_deviation(tokens, mask, target=3), [-1.0, -2.0])  # |4-3|, |5-3|
-    np.testing.assert_array_equal(rewards.missing_eos(tokens, mask, eos_id=1), [0.0, -1.0])
+    np.testing.assert_array_equal(rewards.missing_eos(tokens, mask, stop_ids=(1,)), [0.0, -1.0])
+    np.testing.assert_array_equal(rewards.missing_eos(tokens, mask, stop_ids=(1, 2)), [0.0, 0.0])  # row 1 stops at 2
     rule = rewards.make_rule_reward({"target_token": {"weight": 2.0, "token": 3},
                                      "length": {"weight": 0.5, "target": 3},
-                                     "missing_eos": {"weight": 0.0, "eos_id": 1}})
+                                     "missing_eos": {"weight": 0.0}}, stop_ids=(1,))
     total, parts = rule(tokens, mask)
     np.testing.assert_allclose(total, [2 * 2 - 0.5 * 1, 2 * 1 - 0.5 * 2])  # missing_eos is off (weight 0)
     assert sorted(parts) == ["length", "target_token"]
+    rule = rewards.make_rule_reward({"missing_eos": {"weight": 3.0}}, stop_ids=(1,))  # the rollout's stop set
+    np.testing.assert_allclose(rule(tokens, mask)[0], [0.0, -3.0])
+    with pytest.raises(ValueError, match=r"missing_eos: .*the stop set is config.rollout.eos_id"):
+        rewards.active_rules({"missing_eos": {"weight": 1.0, "eos_id": 1}})
     # a masked-out 3 after EOS does not count
     np.testing.assert_array_equal(rewards.target_token_count(jnp.array([[1, 3]]), jnp.array([[1, 0]]), token=3), [0.0])
 

@@ -162,8 +162,8 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
         metrics["group/effective_fraction"] = jnp.mean(keep.astype(jnp.float32))
     if state.penalty_coef is not None:
         metrics["penalty_coef"] = state.penalty_coef
-    if settings.sampling.eos_id is not None:
-        ended = jnp.any((tokens == settings.sampling.eos_id) & (mask > 0), axis=-1)
+    if settings.sampling.eos_id:
+        ended = jnp.any(generation.is_stop(tokens, settings.sampling.eos_id) & (mask > 0), axis=-1)
         metrics["response/eos_fraction"] = jnp.mean(ended.astype(jnp.float32))
     experience = Experience(seq_ids=seq_ids, seq_mask=seq_mask, tokens=tokens, mask=mask, loss_mask=loss_mask,
                             scores=scores, kl=seq_kl, logprobs=logprobs, ref_logprobs=ref_logprobs,

@@ -99,7 +99,7 @@ class RLSettings:
         return self.epochs * self.num_minibatches
 
     def rule_reward(self) -> Callable:
-        return rewards_lib.make_rule_reward({name: dict(entry) for name, entry in self.rules})
+        return rewards_lib.make_rule_reward({name: dict(entry) for name, entry in self.rules}, self.sampling.eos_id)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,6 @@ Templates (`template=`):
   "default". With a tokenizer template, segments are differences of rendered prefixes: the
   assistant header is render(turns[:i], add_generation_prompt=True) minus render(turns[:i]), the
   assistant target is render(turns[:i+1]) minus that (content + the template's end-of-turn).
-  EOS is appended to a response whose tokens do not contain it already.
 - "default":  "<|system|>\\n{c}\\n" "<|user|>\\n{c}\\n" "<|assistant|>\\n{c}<eos>" and the
   generation prompt "<|assistant|>\\n"; the assistant content and EOS are targets.
 - "hh": Anthropic HH style "\\n\\nHuman: {c}" "\\n\\nAssistant: {c}<eos>", generation prompt
@@ -19,10 +18,18 @@ Templates (`template=`):
 The text templates start with BOS when the tokenizer has one distinct from EOS (Llama); GPT-2 and
 Qwen2 have none. Only assistant turns are targets, so an SFT loss over a multi-turn dialogue
 covers every assistant turn and nothing else.
+
+The response ends where the policy stops: at its first stop token (`stop_ids`: the tokenizer's EOS
+plus the `eos_token_id` list of a `generation_config.json` beside it, e.g. ChatML's `<|im_end|>`,
+Llama-3's `<|eot_id|>` / `<|end_of_text|>`). `end_response` cuts what a chat template writes after it
+(ChatML's "\n") and appends EOS to a response without one, so SFT targets, the RM's scoring token
+(the last real token) and the RL rollout's last token are the same token.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Sequence, Union
 
 import numpy as np
@@ -62,6 +69,21 @@ def eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; responses need an EOS (set tokenizer.eos_token)")
     return int(tokenizer.eos_token_id)
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end a response, sorted: the tokenizer's EOS plus `eos_token_id` (an int or a list)
+    of a `generation_config.json` in the directory the tokenizer was loaded from (HF chat models list
+    their end-of-turn tokens there). ValueError naming the file if that field is malformed."""
+    ids = {eos_id(tokenizer)}
+    file = pathlib.Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "generation_config.json"
+    if file.is_file():
+        listed = json.loads(file.read_text()).get("eos_token_id")
+        listed = [listed] if isinstance(listed, int) else listed or []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in listed):
+            raise ValueError(f"{file}: field eos_token_id={listed!r} is not a token id or a list of them")
+        ids.update(listed)
+    return tuple(sorted(ids))
 
 
 def pad_id(tokenizer) -> int:
@@ -157,9 +179,12 @@ def tokenize_segments(tokenizer, rows: Sequence[Sequence[Segment]]) -> list[tupl
     return out
 
 
-def ensure_eos(ids: np.ndarray, targets: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
-    """Appends EOS (as a target) to a response that does not contain it (chat templates whose
-    end-of-turn token is not the tokenizer's EOS)."""
-    if eos in ids:
-        return ids, targets
+def end_response(ids: np.ndarray, targets: np.ndarray, stop: Sequence[int], eos: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A response `ids [n]` / `targets [n]` cut after its first stop token (template text after it,
+    such as ChatML's "\n", is not part of what the policy emits), or with EOS appended (as a
+    target) when it has none."""
+    hits = np.flatnonzero(np.isin(ids, np.asarray(stop, ids.dtype)))
+    if len(hits):
+        return ids[: hits[0] + 1], targets[: hits[0] + 1]
     return np.append(ids, np.int32(eos)), np.append(targets, True)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import sharding
+from rlhf_jax import generation, sharding
 from rlhf_jax.data.dataset import load_split
 from rlhf_jax.data.synthetic import SyntheticPrompts, SyntheticText
 
@@ -25,20 +25,21 @@ def make_data(config, workdir: str, tokenizer=None, group_size: int = 1):
     num_prompts = config.rollout.batch_size // group_size
     pid, nproc = jax.process_index(), jax.process_count()
     cache_dir = config.data.cache_dir or str(pathlib.Path(workdir) / "data")
+    stop = generation.stop_ids(config.rollout.eos_id)
     if config.data.prompts:
         split = load_split("prompts", config.data.prompts, tokenizer, max_len=config.rollout.prompt_len,
                                     batch_format="prompts", template=config.data.template, data_dir=cache_dir)
         prompts = split.iterator(num_prompts, config.seed)
     else:
         prompts = SyntheticPrompts(num_prompts, config.rollout.prompt_len, config.data.min_prompt_len,
-                                   config.model.vocab_size, (config.rollout.pad_id, config.rollout.eos_id),
+                                   config.model.vocab_size, (config.rollout.pad_id, *stop),
                                    config.seed, pid, nproc)
     ptx = None
     if config.ptx.coef and config.data.ptx:
         split = load_split("text", config.data.ptx, tokenizer, max_len=config.ptx.seq_len, data_dir=cache_dir)
         ptx = split.iterator(config.ptx.batch_size, config.seed + 1)
     elif config.ptx.coef:
-        low = max(config.rollout.pad_id, config.rollout.eos_id) + 1
+        low = max(config.rollout.pad_id, *stop) + 1
         ptx = SyntheticText(config.ptx.batch_size, config.ptx.seq_len, config.model.vocab_size, low, config.seed,
                             pid, nproc)
     return prompts, ptx

@@ -72,8 +72,8 @@ def tokenize_chat(records: list[dict], tokenizer, template: str, with_responses:
         return [(p, t, [], []) for p, t in prompts]
     response_rows = [chat.response_segments(tokenizer, r["messages"], resp, template)
                      for r in records for resp in r["responses"]]
-    eos = chat.eos_id(tokenizer)
-    responses = iter(chat.ensure_eos(ids, t, eos) for ids, t in chat.tokenize_segments(tokenizer, response_rows))
+    eos, stop = chat.eos_id(tokenizer), chat.stop_ids(tokenizer)
+    responses = iter(chat.end_response(ids, t, stop, eos) for ids, t in chat.tokenize_segments(tokenizer, response_rows))
     out = []
     for (p, t), r in zip(prompts, records):
         pairs = [next(responses) for _ in r["responses"]]

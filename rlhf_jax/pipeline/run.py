@@ -15,28 +15,26 @@ from rlhf_jax.pipeline.evaluate import evaluate
 from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs, stage_info
 from rlhf_jax.pipeline.rankings import collect_ranking_data
 from rlhf_jax.pipeline.sampling import read_prompt_ids
-from rlhf_jax.trainers import rm, setup, sft
+from rlhf_jax.data import chat
+from rlhf_jax.trainers import rl_config, rm, setup, sft
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage checks and hand-offs
 # ----------------------------------------------------------------------------------------------
 def check_special_tokens(config, tokenizer) -> None:
-    """The PPO rollout's EOS / pad ids must be the tokenizer's (errors name the config key)."""
-    for key, expected in (("eos_id", tokenizer.eos_token_id), ("pad_id", tokenizer.pad_token_id)):
-        if config.ppo.rollout[key] != expected:
-            raise ValueError(f"config.ppo.rollout.{key}={config.ppo.rollout[key]} but the task tokenizer's "
-                             f"{key} is {expected}")
+    """The RL rollout's stop set / pad id must be the tokenizer's (errors name config.ppo.rollout.*)."""
+    rl_config.check_special_tokens(config.ppo.rollout, tokenizer, "config.ppo.rollout")
 
 
 def make_gold_scorer(prompts_path: str, gold: Mapping[str, Any], tokenizer) -> Callable:
     """PPO's host-side `gold_scorer(index, tokens, mask) -> [B]`: row `index` of the prompts file
     -> its hidden gold example -> gold score of the decoded response (for the `gold/mean` curve)."""
     examples = [gold[i] for i in read_prompt_ids(prompts_path)]
-    eos = int(tokenizer.eos_token_id)
+    stop = chat.stop_ids(tokenizer)
 
     def gold_scorer(index, tokens, mask):
-        texts = evaluation.decode_responses(tokenizer, tokens, mask, eos)
+        texts = evaluation.decode_responses(tokenizer, tokens, mask, stop)
         return tasks.gold_scores([examples[int(i)] for i in index], texts)
 
     return gold_scorer

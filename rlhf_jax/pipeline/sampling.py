@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import evaluation
+from rlhf_jax.data import chat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,14 +72,14 @@ class Sampling:
     batch_size: int
     max_new_tokens: int
     temperature: float
-    eos_id: int
+    eos_id: tuple[int, ...]  # the stop set (chat.stop_ids)
     pad_id: int
 
 
 def sampling_settings(config, tokenizer, temperature: float, batch_size: int) -> Sampling:
-    """Sampling as PPO does it: the rollout's response length, the tokenizer's EOS and pad ids."""
+    """Sampling as PPO does it: the rollout's response length, the tokenizer's stop and pad ids."""
     return Sampling(batch_size=batch_size, max_new_tokens=config.ppo.rollout.max_new_tokens,
-                    temperature=float(temperature), eos_id=int(tokenizer.eos_token_id),
+                    temperature=float(temperature), eos_id=chat.stop_ids(tokenizer),
                     pad_id=int(tokenizer.pad_token_id))
 
 

@@ -30,7 +30,7 @@ from rlhf_jax.algorithms import Models, Optimizers, RLSettings, RLState
 from rlhf_jax.data import rollout_data
 from rlhf_jax.data.rollout_data import abstract_batch, iteration_batches, make_data, place_batch
 from rlhf_jax.models import Transformer, lm_params_to_scalar
-from rlhf_jax.trainers import loop, setup
+from rlhf_jax.trainers import loop, rl_config, setup
 from rlhf_jax.trainers.rl_config import (  # noqa: F401 (validate_config, settings_from_config: also ppo.*)
     group_size, penalty_coef, reference_init, settings_from_config, uses_critic, validate_config, validate_models)
 
@@ -134,14 +134,10 @@ def state_from_items(items: Mapping[str, Any]) -> RLState:
 def load_tokenizer(config, models: Models):
     """The run's tokenizer (config.data.tokenizer, else the one recorded with the actor's checkpoint,
     else its HF dir), checked against the model's vocabulary and the configured EOS / pad ids."""
-    from rlhf_jax.data import chat
-
     tokenizer = loading.load_tokenizer(loading.tokenizer_path(config.data.tokenizer, config.actor.init,
                                                               key="config.actor.init"))
     loading.check_vocab(models.actor, tokenizer, "config.actor.init")
-    for key, expected in (("eos_id", chat.eos_id(tokenizer)), ("pad_id", chat.pad_id(tokenizer))):
-        if config.rollout[key] != expected:
-            raise ValueError(f"config.rollout.{key}={config.rollout[key]} but the tokenizer's is {expected}")
+    rl_config.check_special_tokens(config.rollout, tokenizer, "config.rollout")
     return tokenizer
 
 

@@ -15,6 +15,7 @@ import jax
 from rlhf_jax import algorithms, generation, loading
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax.algorithms import Models, RLSettings
+from rlhf_jax.data import chat
 from rlhf_jax.trainers import setup
 
 CRITIC_TYPES = {"token": ("separate", "gae"), "shared": ("shared", "gae"), "sequence": ("separate", "sequence")}
@@ -66,6 +67,7 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
              "(config.actor.init.source='scratch')")
     if config.rollout.temperature <= 0:
         fail(f"config.rollout.temperature={config.rollout.temperature}: PPO samples from the policy, need > 0")
+    stop = rollout_stop_ids(config)
     for key in ("epochs", "num_minibatches"):
         if config.ppo[key] < 1:
             fail(f"config.ppo.{key}={config.ppo[key]}: need >= 1")
@@ -86,9 +88,7 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
         setup.validate_batch("ptx.batch_size", config.ptx.batch_size, mesh_shape,
                              config.ppo.num_minibatches, "ppo.num_minibatches")
     if config.actor.init.source == "scratch":
-        for key in ("eos_id", "pad_id"):
-            if config.rollout[key] >= config.model.vocab_size:
-                fail(f"config.rollout.{key}={config.rollout[key]} is outside the vocabulary ({config.model.vocab_size})")
+        check_special_ids(config, stop, config.model.vocab_size, "the vocabulary")
         if config.data.min_prompt_len < 1 or config.data.min_prompt_len > config.rollout.prompt_len:
             fail(f"config.data.min_prompt_len={config.data.min_prompt_len}: need 1..rollout.prompt_len")
 
@@ -99,16 +99,40 @@ def validate_models(config, models: Models) -> None:
     if cfg.positions == "learned":
         setup.validate_sequence_length(config.rollout.prompt_len, config.rollout.max_new_tokens, cfg.max_len,
                                        "config.rollout", "the actor's learned position table")
-    for key in ("eos_id", "pad_id"):
-        if config.rollout[key] >= cfg.vocab_size:
-            raise ValueError(f"config.rollout.{key}={config.rollout[key]} is outside the actor's vocabulary "
-                             f"({cfg.vocab_size})")
+    check_special_ids(config, rollout_stop_ids(config), cfg.vocab_size, "the actor's vocabulary")
     for role in ("ref", "critic", "reward"):
         other = getattr(models, role)
         if other is not None and other.config.vocab_size != cfg.vocab_size:
             key = {"ref": "reference"}.get(role, role)
             raise ValueError(f"config.{key}.init: its vocabulary ({other.config.vocab_size}) differs from the "
                              f"actor's ({cfg.vocab_size}); every role must share the tokenizer")
+
+
+def rollout_stop_ids(config) -> tuple[int, ...]:
+    """config.rollout.eos_id (an id, a list of ids, or -1 = none) as a `generation.stop_ids` tuple."""
+    try:
+        return generation.stop_ids(config.rollout.eos_id)
+    except ValueError as error:
+        raise ValueError(f"config.rollout.{error}") from None
+
+
+def check_special_ids(config, stop: tuple[int, ...], vocab_size: int, vocabulary: str) -> None:
+    """The stop and pad ids must be token ids of the model (ValueError naming the key)."""
+    for key, ids in (("eos_id", stop), ("pad_id", (config.rollout.pad_id,))):
+        if any(i >= vocab_size for i in ids):
+            raise ValueError(f"config.rollout.{key}={config.rollout[key]} is outside {vocabulary} ({vocab_size})")
+
+
+def check_special_tokens(rollout, tokenizer, key: str) -> None:
+    """The rollout's stop set and pad id must be the tokenizer's (`chat.stop_ids` / `chat.pad_id`):
+    ValueError naming `key`.eos_id / .pad_id and the values to set otherwise."""
+    stop = chat.stop_ids(tokenizer)
+    if generation.stop_ids(rollout.eos_id) != stop:
+        value = stop[0] if len(stop) == 1 else list(stop)
+        raise ValueError(f"{key}.eos_id={rollout.eos_id} but the tokenizer's stop ids are {list(stop)} "
+                         f"(set --{key}.eos_id={value})")
+    if rollout.pad_id != chat.pad_id(tokenizer):
+        raise ValueError(f"{key}.pad_id={rollout.pad_id} but the tokenizer's is {chat.pad_id(tokenizer)}")
 
 
 def algorithm_of(config) -> algorithms.Algorithm:
@@ -130,7 +154,7 @@ def uses_critic(config) -> bool:
 
 def settings_from_config(config, reward_norm: Mapping[str, float] | None = None) -> RLSettings:
     """Static iteration settings from the ConfigDict: the catalog entry of config.algorithm.name,
-    the critic type (algorithms with a critic), hyperparameters; rules validated, -1 eos -> None."""
+    the critic type (algorithms with a critic), hyperparameters; rules validated, eos_id -> the stop set."""
     rollout, ppo, kl, alg_cfg = config.rollout, config.ppo, config.kl, config.algorithm
     algorithm = algorithm_of(config)
     rules = rewards_lib.active_rules(config.rewards.rules)
@@ -142,7 +166,7 @@ def settings_from_config(config, reward_norm: Mapping[str, float] | None = None)
     return RLSettings(
         sampling=generation.SamplingConfig(
             max_new_tokens=rollout.max_new_tokens, temperature=float(rollout.temperature), top_k=rollout.top_k,
-            top_p=float(rollout.top_p), eos_id=None if rollout.eos_id < 0 else rollout.eos_id,
+            top_p=float(rollout.top_p), eos_id=rollout_stop_ids(config),
             pad_id=rollout.pad_id),
         advantage=advantage, critic=critic, policy_loss=algorithm.policy_loss, kl_in=alg_cfg.kl_in or algorithm.kl_in,
         loss_agg_mode=algorithm.loss_agg_mode, group_size=group_size(config), epochs=ppo.epochs,

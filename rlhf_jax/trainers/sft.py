@@ -125,15 +125,14 @@ def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param
 def write_samples(config, model, state, prompt_split, tokenizer, workdir: str) -> None:
     """Sample the first eval.num_samples held-out prompts; append them to WORKDIR/samples.jsonl."""
     from rlhf_jax import generation
+    from rlhf_jax.data import chat
 
     step = int(jax.device_get(state.step))
     batch = prompt_split.collate(np.arange(min(config.eval.num_samples, len(prompt_split))))
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     gen = generation.generate(model, state.params, batch["prompt_ids"], batch["prompt_mask"],
                               jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
                               max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature,
-                              eos_id=eos, pad_id=pad)
+                              eos_id=chat.stop_ids(tokenizer), pad_id=chat.pad_id(tokenizer))
     tokens, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
     if jax.process_index() != 0:
         return
