@@ -5,7 +5,6 @@ import os
 from typing import Sequence
 
 import numpy as np
-from absl import logging
 
 from rlhf_jax.data import batching, builders, chat, formats, tokenization
 from rlhf_jax.data.iterator import BatchIterator
@@ -20,18 +19,58 @@ class TokenizedSplit:
 
     `split[i]` is the i-th kept example (dict of numpy arrays, see tokenization.py);
     `split.record(i)` its parsed source record, read back from the array_record file;
-    `split.num_dropped` / `split.drop_counts` / `split.dropped_lines` account for rows dropped
-    for length (logged once at load). `split.collate(rows)` pads examples into a batch.
+    `split.num_dropped` / `split.drop_counts` / `split.dropped_lines` account for dropped rows;
+    `split.summary()` / `split.warnings()` describe the data (rows, drops, truncation, unknown
+    tokens). `split.collate(rows)` pads examples into a batch.
     """
 
     def __init__(self, *, kind, batch_format, paths, source, examples, drops, max_len, max_prompt_len, pad_id,
-                 num_responses, num_source_rows):
+                 num_responses, num_source_rows, template="", unk_token=None, unk_id=None):
         self.kind, self.batch_format, self.paths, self.source = kind, batch_format, paths, source
         self.examples, self.max_len, self.max_prompt_len, self.pad_id = examples, max_len, max_prompt_len, pad_id
         self.num_responses, self.num_source_rows = num_responses, num_source_rows
         self.drop_counts = dict(drops.counts)
         self.dropped_lines = {k: list(v) for k, v in drops.lines.items()}
         self.num_dropped = int(sum(drops.counts.values()))
+        self.template, self.unk_token = template, unk_token
+        self.truncated, self.longest = dict(drops.truncated), dict(drops.longest)
+        self.num_tokens, self.num_unk = token_counts(examples, unk_id)
+
+    def summary(self) -> dict:
+        """What was read and what was done to it: files, kind, template, rows read / kept, drops by
+        reason, rows with a truncated prompt / response (count and % of kept rows), longest prompt and
+        response before truncation (tokens), tokens and the share mapped to the unknown token."""
+        kept = len(self.examples)
+        pct = lambda n, total: round(100.0 * n / max(total, 1), 2)  # noqa: E731
+        return {"files": self.paths, "kind": self.kind, "batch_format": self.batch_format, "template": self.template,
+                "rows_read": self.num_source_rows, "rows_kept": kept, "dropped": self.drop_counts,
+                "dropped_pct": pct(self.num_dropped, self.num_source_rows),
+                "prompts_truncated": self.truncated.get("prompt", 0),
+                "prompts_truncated_pct": pct(self.truncated.get("prompt", 0), kept),
+                "responses_truncated": self.truncated.get("response", 0),
+                "responses_truncated_pct": pct(self.truncated.get("response", 0), kept),
+                "longest_prompt": self.longest.get("prompt", 0), "longest_response": self.longest.get("response", 0),
+                "max_len": self.max_len, "max_prompt_len": self.max_prompt_len, "tokens": self.num_tokens,
+                "unk_tokens": self.num_unk, "unk_pct": pct(self.num_unk, self.num_tokens)}
+
+    def warnings(self, length_keys: str = "max_len / max_prompt_len") -> list[str]:
+        """One line per problem, each with its fix: more than 5% of rows dropped or with a truncated
+        prompt / response, more than 1% of tokens mapped to the unknown token. `length_keys` names
+        the settings that set the budgets (e.g. "config.data.max_len / config.data.max_prompt_len")."""
+        s, where, out = self.summary(), ", ".join(self.paths), []
+        if s["dropped_pct"] > 5:
+            fixes = {"tied_responses": "a ranking row with identical responses carries no preference: write distinct "
+                                       "responses", "too_long": f"raise {length_keys} or allow truncation"}
+            out.append(f"{where}: {s['dropped_pct']}% of rows dropped {s['dropped']} ("
+                       + "; ".join(f"{k}: {fixes[k]}" for k in sorted(s["dropped"])) + ")")
+        for part, budget in (("prompt", s["max_prompt_len"]), ("response", s["max_len"])):
+            if s[f"{part}s_truncated_pct"] > 5:
+                out.append(f"{where}: {s[f'{part}s_truncated_pct']}% of rows have a truncated {part} (longest "
+                           f"{s[f'longest_{part}']} tokens, budget {budget}): raise {length_keys}")
+        if s["unk_pct"] > 1:
+            out.append(f"{where}: {s['unk_pct']}% of tokens map to the tokenizer's unknown token {self.unk_token!r}: "
+                       "the tokenizer does not cover this data; use the model's own tokenizer or train one on it")
+        return out
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -86,6 +125,16 @@ class TokenizedSplit:
                              lengths=lengths, bucket_window=bucket_window if boundaries else 0)
 
 
+def token_counts(examples: Sequence[dict], unk_id: int | None) -> tuple[int, int]:
+    """(tokens, tokens equal to `unk_id`) over every sequence of `examples`."""
+    seqs = [s for e in examples for key in ("input_ids", "prompt_ids") if key in e
+            for s in (e[key] if isinstance(e[key], list) else [e[key]])]
+    if not seqs:
+        return 0, 0
+    ids = np.concatenate(seqs)
+    return int(ids.size), int(np.sum(ids == unk_id)) if unk_id is not None else 0
+
+
 def prompt_budget(max_len: int, max_prompt_len: int | None, batch_format: str) -> int:
     """max_prompt_len, defaulted (max_len // 2; prompt batches: max_len) and range-checked."""
     if max_len < 2:
@@ -121,7 +170,7 @@ def load_split(kind: str, path: str | Sequence[str], tokenizer, *, max_len: int,
     paths = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
     source = builders.prepare_source(kind, paths, data_dir, text_separator)
     records = [builders.decode_record(r) for r in source.__getitems__(list(range(len(source))))]
-    drops = tokenization.DropCounter()
+    drops = tokenization.DataStats()
     args = (records, tokenizer, template)
     if kind == "text":
         examples = tokenization.packed_text_examples(records, tokenizer, max_len)
@@ -131,16 +180,15 @@ def load_split(kind: str, path: str | Sequence[str], tokenizer, *, max_len: int,
         examples = tokenization.ranking_examples(*args, max_len, max_prompt_len, truncate, drops)
     else:
         examples = tokenization.prompt_examples(*args, max_prompt_len, truncate, drops)
-    if drops.counts:
-        logging.warning("%s: dropped %d of %d rows %s", ", ".join(paths), sum(drops.counts.values()),
-                        len(records), dict(drops.counts))
     if not examples:
         raise formats.DataError(", ".join(paths), None, None,
                                 f"empty split: all {len(records)} rows were dropped {dict(drops.counts)}")
     num_responses = len(examples[0]["input_ids"]) if batch_format == "ranking" else 0
     return TokenizedSplit(kind=kind, batch_format=batch_format, paths=paths, source=source, examples=examples,
                           drops=drops, max_len=max_len, max_prompt_len=max_prompt_len, pad_id=chat.pad_id(tokenizer),
-                          num_responses=num_responses, num_source_rows=len(records))
+                          num_responses=num_responses, num_source_rows=len(records),
+                          template=chat.resolve_template(tokenizer, template) if kind != "text" else "none (text)",
+                          unk_token=tokenizer.unk_token, unk_id=tokenizer.unk_token_id)
 
 
 def hh_ranking_batches(path: str, tokenizer, *, max_len: int, batch_size: int, seed: int = 0,

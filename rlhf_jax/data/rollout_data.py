@@ -7,7 +7,7 @@ or None}, and `place_batch` puts its device part on the mesh.
 from __future__ import annotations
 
 import pathlib
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +18,11 @@ from rlhf_jax.data.dataset import load_split
 from rlhf_jax.data.synthetic import SyntheticPrompts, SyntheticText
 
 
-def make_data(config, workdir: str, tokenizer=None, group_size: int = 1):
+def make_data(config, workdir: str, tokenizer=None, group_size: int = 1, report: Optional[Callable] = None):
     """(prompt iterator, ptx iterator or None): files through rlhf_jax.data, else synthetic streams.
     The prompt iterator yields rollout.batch_size / group_size prompts (`repeat_prompts` makes
-    the group copies)."""
+    the group copies). `report(name, split, length_keys)` sees each split read from a file (the
+    trainer's data summary)."""
     num_prompts = config.rollout.batch_size // group_size
     pid, nproc = jax.process_index(), jax.process_count()
     cache_dir = config.data.cache_dir or str(pathlib.Path(workdir) / "data")
@@ -29,6 +30,8 @@ def make_data(config, workdir: str, tokenizer=None, group_size: int = 1):
     if config.data.prompts:
         split = load_split("prompts", config.data.prompts, tokenizer, max_len=config.rollout.prompt_len,
                                     batch_format="prompts", template=config.data.template, data_dir=cache_dir)
+        if report:
+            report("prompts", split, "config.rollout.prompt_len")
         prompts = split.iterator(num_prompts, config.seed)
     else:
         prompts = SyntheticPrompts(num_prompts, config.rollout.prompt_len, config.data.min_prompt_len,
@@ -37,6 +40,8 @@ def make_data(config, workdir: str, tokenizer=None, group_size: int = 1):
     ptx = None
     if config.ptx.coef and config.data.ptx:
         split = load_split("text", config.data.ptx, tokenizer, max_len=config.ptx.seq_len, data_dir=cache_dir)
+        if report:
+            report("ptx", split, "config.ptx.seq_len")
         ptx = split.iterator(config.ptx.batch_size, config.seed + 1)
     elif config.ptx.coef:
         low = max(config.rollout.pad_id, *stop) + 1

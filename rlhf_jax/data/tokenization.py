@@ -9,6 +9,8 @@ not fit is dropped instead. Every dropped row is counted under a reason:
 - "too_long": does not fit and truncate=False;
 - "tied_responses": a ranking row with two identical responses (after truncation), which carries
   no preference.
+`DataStats` counts those drops and the rows whose prompt or a response was cut (for the data
+summary every stage prints: `dataset.TokenizedSplit.summary`).
 Examples (numpy, int32):
 - "lm":      {"input_ids" [n], "loss_mask" [n]} (loss on assistant tokens), "index"
 - "ranking": {"input_ids": [K arrays], "ranks" [K]}, "index"
@@ -48,16 +50,27 @@ def kept_positions(ids: np.ndarray, keep: int, bos: int | None = None) -> np.nda
     return np.arange(n - keep, n)
 
 
-class DropCounter:
-    """Counts dropped rows per reason and remembers their source lines."""
+class DataStats:
+    """Counts dropped rows per reason (remembering their source lines), rows whose prompt or
+    response(s) were truncated, and the longest prompt / response seen (tokens)."""
 
     def __init__(self):
         self.counts = collections.Counter()
         self.lines = collections.defaultdict(list)
+        self.truncated = collections.Counter()  # "prompt" / "response": rows cut
+        self.longest = collections.Counter()  # "prompt" / "response": tokens before truncation
 
     def drop(self, reason: str, line: int) -> None:
         self.counts[reason] += 1
         self.lines[reason].append(line)
+
+    def seen(self, prompt_len: int, response_len: int = 0, keep_prompt: int | None = None,
+             keep_response: int | None = None) -> None:
+        """One kept row: its lengths before truncation and what was kept (None = all)."""
+        self.longest["prompt"] = max(self.longest["prompt"], prompt_len)
+        self.longest["response"] = max(self.longest["response"], response_len)
+        self.truncated["prompt"] += keep_prompt is not None and keep_prompt < prompt_len
+        self.truncated["response"] += keep_response is not None and keep_response < response_len
 
 
 def _bos_id(tokenizer) -> int | None:
@@ -81,7 +94,7 @@ def tokenize_chat(records: list[dict], tokenizer, template: str, with_responses:
     return out
 
 
-def lm_examples(records, tokenizer, template, max_len, max_prompt_len, truncate, drops: DropCounter):
+def lm_examples(records, tokenizer, template, max_len, max_prompt_len, truncate, drops: DataStats):
     """Prompt + best (rank 0) response; loss on every assistant token (earlier turns included)."""
     out = []
     for r, (p, pt, responses, rts) in zip(records, tokenize_chat(records, tokenizer, template, True)):
@@ -91,6 +104,7 @@ def lm_examples(records, tokenizer, template, max_len, max_prompt_len, truncate,
             drops.drop("too_long", r["line"])
             continue
         keep_p, keep_r = truncation_budget(len(p), len(resp), max_len, max_prompt_len)
+        drops.seen(len(p), len(resp), keep_p, keep_r)
         kept = kept_positions(p, keep_p, _bos_id(tokenizer))
         p2, pt2 = p[kept], pt[kept]
         out.append({"input_ids": np.concatenate([p2, resp[:keep_r]]).astype(np.int32),
@@ -99,7 +113,7 @@ def lm_examples(records, tokenizer, template, max_len, max_prompt_len, truncate,
     return out
 
 
-def ranking_examples(records, tokenizer, template, max_len, max_prompt_len, truncate, drops: DropCounter):
+def ranking_examples(records, tokenizer, template, max_len, max_prompt_len, truncate, drops: DataStats):
     """Prompt + each of the K responses, all with the same (truncated) prompt."""
     out = []
     for r, (p, _, responses, _) in zip(records, tokenize_chat(records, tokenizer, template, True)):
@@ -113,17 +127,19 @@ def ranking_examples(records, tokenizer, template, max_len, max_prompt_len, trun
         if len({s.tobytes() for s in seqs}) < len(seqs):
             drops.drop("tied_responses", r["line"])
             continue
+        drops.seen(len(p), longest, keep_p, keep_r)
         out.append({"input_ids": seqs, "ranks": np.asarray(r["ranks"], np.int32), "index": np.int32(r["index"])})
     return out
 
 
-def prompt_examples(records, tokenizer, template, max_prompt_len, truncate, drops: DropCounter):
+def prompt_examples(records, tokenizer, template, max_prompt_len, truncate, drops: DataStats):
     """The dialogue up to the generation prompt, left-truncated to max_prompt_len."""
     out = []
     for r, (p, _, _, _) in zip(records, tokenize_chat(records, tokenizer, template, False)):
         if len(p) > max_prompt_len and not truncate:
             drops.drop("too_long", r["line"])
             continue
+        drops.seen(len(p), 0, min(len(p), max_prompt_len))
         out.append({"prompt_ids": left_truncate(p, max_prompt_len, _bos_id(tokenizer)).astype(np.int32),
                     "index": np.int32(r["index"])})
     return out

@@ -33,9 +33,10 @@ def builtin_task(workdir: str, seed: int) -> dict:
 def builtin_rankings(workdir: str, seed: int, num_prompts: int, num_responses: int, error_rate: float,
                      labeler_temperature: float) -> dict:
     """Rankings from the built-in task (written once into WORKDIR/task): per prompt, K =
-    `num_responses` imperfect demonstrations (wrong w.p. `error_rate`) ranked by a simulated
-    labeler from their gold scores; a quarter as many held-out prompts. Returns the task files plus
-    "rm_train" / "rm_eval"."""
+    `num_responses` distinct imperfect demonstrations (wrong w.p. `error_rate`) ranked by a simulated
+    labeler from their gold scores; a quarter as many held-out prompts. A prompt whose demonstrations
+    stay identical after 32 draws each is skipped (identical responses carry no preference; drawing
+    with repeats dropped 15% of the K = 2 rows). Returns the task files plus "rm_train" / "rm_eval"."""
     files = builtin_task(workdir, seed)
     out = pathlib.Path(workdir) / "task"
     for name, split, count in (("rm_train", "train", num_prompts), ("rm_eval", "heldout", max(num_prompts // 4, 1))):
@@ -45,9 +46,26 @@ def builtin_rankings(workdir: str, seed: int, num_prompts: int, num_responses: i
             continue
         rng = np.random.default_rng([seed, 7, split == "train"])
         examples = sample_examples(count, seed=seed + 1000, split=split)
-        responses = [[demonstration(e, rng, error_rate=error_rate) for _ in range(num_responses)] for e in examples]
-        records = collect_rankings(examples, responses, rng, temperature=labeler_temperature)
+        drawn = [distinct_demonstrations(e, rng, num_responses, error_rate) for e in examples]
+        kept = [(e, r) for e, r in zip(examples, drawn) if r is not None]
+        records = collect_rankings([e for e, _ in kept], [r for _, r in kept], rng, temperature=labeler_temperature)
         tmp = path.with_suffix(".tmp")
         write_rankings(tmp, records)
         tmp.rename(path)
     return files
+
+
+def distinct_demonstrations(example, rng: np.random.Generator, k: int, error_rate: float,
+                            tries: int = 32) -> list[str] | None:
+    """`k` different demonstrations of `example` (each new one redrawn up to `tries` times while it
+    repeats an earlier one), or None when the task cannot give that many."""
+    out: list[str] = []
+    for _ in range(k):
+        for _ in range(tries):
+            text = demonstration(example, rng, error_rate=error_rate)
+            if text not in out:
+                out.append(text)
+                break
+        else:
+            return None
+    return out

@@ -168,6 +168,9 @@ def train(config, workdir: str) -> loop.LoopResult:
     loading.save_tokenizer(tokenizer, workdir)
     train_split = load_ranking_split(config, files.train, tokenizer, workdir)
     eval_split = load_ranking_split(config, files.eval, tokenizer, workdir) if files.eval else None
+    for name, split in (("train", train_split), ("eval", eval_split)):
+        if split is not None:
+            setup.report_data(workdir, name, split, "config.data.max_len / config.data.max_prompt_len")
     num_steps = config.num_steps or config.num_epochs * (len(train_split) // config.batch_size)
     if num_steps <= 0:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the {len(train_split)} training "

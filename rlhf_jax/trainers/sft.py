@@ -59,6 +59,9 @@ def resolve_data(config, workdir: str) -> setup.DataFiles:
     return setup.DataFiles(train=train, eval=eval_file, tokenizer=tokenizer)
 
 
+LENGTH_KEYS = "config.data.max_len / config.data.max_prompt_len"
+
+
 def load_lm_split(config, files, tokenizer, workdir: str, batch_format: str = "lm"):
     from rlhf_jax import data
 
@@ -164,6 +167,9 @@ def train(config, workdir: str) -> loop.LoopResult:
         eval_split = load_lm_split(config, files.eval, tokenizer, workdir)
         if config.eval.num_samples and config.data.kind != "text":
             prompt_split = load_lm_split(config, files.eval, tokenizer, workdir, batch_format="prompts")
+    for name, split in (("train", train_split), ("eval", eval_split)):
+        if split is not None:
+            setup.report_data(workdir, name, split, LENGTH_KEYS)
 
     # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ----------------------
     model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))

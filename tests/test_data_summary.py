@@ -1,0 +1,86 @@
+"""Nothing silent about the data (issue 14): every split says what it read, dropped and truncated,
+and warns (with the fix) above 5% dropped / truncated rows or 1% unknown tokens."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from rlhf_jax.data import load_split
+from rlhf_jax.trainers import setup
+
+WORDS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "\n", ".", "what", "is", "it", "a", "b"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="removed"),
+                                                     pre_tokenizers.Split(Regex(r"\n|\."), behavior="isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_truncated_prompts_are_counted_and_warned(tokenizer, tmp_path):
+    rows = [{"prompt": "what is a"}] * 19 + [{"prompt": " ".join(["a"] * 700)}]
+    split = load_split("prompts", write(tmp_path / "p.jsonl", rows), tokenizer, max_len=32,
+                       data_dir=str(tmp_path / "tfds"))
+    s = split.summary()
+    # default template: <|user|> \n CONTENT \n <|assistant|> \n  -> 700 + 5 tokens for the long one
+    assert (s["rows_read"], s["rows_kept"], s["prompts_truncated"], s["prompts_truncated_pct"]) == (20, 20, 1, 5.0)
+    assert s["longest_prompt"] == 705 and s["template"] == "default" and s["unk_pct"] == 0.0
+    assert split.warnings() == []  # 5% is the limit, not above it
+    split = load_split("prompts", write(tmp_path / "p2.jsonl", rows[1:]), tokenizer, max_len=32,
+                       data_dir=str(tmp_path / "tfds"))
+    assert split.summary()["prompts_truncated_pct"] == round(100 / 19, 2)
+    assert split.warnings("config.rollout.prompt_len") == [
+        f"{tmp_path / 'p2.jsonl'}: 5.26% of rows have a truncated prompt (longest 705 tokens, budget 32): "
+        "raise config.rollout.prompt_len"]
+
+
+def test_unknown_tokens_are_counted_and_warned(tokenizer, tmp_path):
+    path = write(tmp_path / "d.jsonl", [{"prompt": "what is zzz", "response": "it is qqq."}])
+    split = load_split("demonstrations", path, tokenizer, max_len=32, data_dir=str(tmp_path / "tfds"))
+    # <|user|> \n what is zzz \n <|assistant|> \n it is qqq . <eos>: 13 tokens, 2 unknown
+    s = split.summary()
+    assert (s["tokens"], s["unk_tokens"], s["unk_pct"]) == (13, 2, 15.38)
+    [line] = split.warnings()
+    assert line.startswith(f"{path}: 15.38% of tokens map to the tokenizer's unknown token '<unk>'")
+
+
+def test_dropped_rows_by_reason_and_the_summary_file(tokenizer, tmp_path, capsys):
+    rows = [{"prompt": "what", "chosen": "a", "rejected": "b"}] * 9 + [{"prompt": "what", "chosen": "a",
+                                                                          "rejected": "a"}]
+    path = write(tmp_path / "c.jsonl", rows)
+    split = load_split("comparisons", path, tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    s = split.summary()
+    assert (s["rows_read"], s["rows_kept"], s["dropped"], s["dropped_pct"]) == (10, 9, {"tied_responses": 1}, 10.0)
+    assert split.warnings()[0].startswith(f"{path}: 10.0% of rows dropped {{'tied_responses': 1}}")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    setup.report_data(workdir, "train", split, "config.data.max_len")
+    setup.report_data(workdir, "eval", split, "config.data.max_len")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"data[train] {path}: 10 rows read, 9 kept, dropped: tied_responses 1; truncated prompts 0.0%, "
+                      "responses 0.0%; template default; unknown tokens 0.0%")
+    recorded = json.loads((workdir / "data_summary.json").read_text())
+    assert sorted(recorded) == ["eval", "train"] and recorded["train"]["rows_kept"] == 9
+    assert recorded["train"]["warnings"] == split.warnings("config.data.max_len")
+
+
+def test_builtin_rankings_have_distinct_responses(tmp_path):
+    from configs import rm as rm_configs
+    from rlhf_jax import tasks
+
+    d = rm_configs.get_config("tiny").data
+    files = tasks.builtin_rankings(str(tmp_path), 0, d.builtin_prompts, d.builtin_responses, d.builtin_error_rate,
+                                   d.builtin_labeler_temperature)
+    rows = [json.loads(line) for line in open(files["rm_train"])]
+    assert len(rows) == d.builtin_prompts  # none skipped on the default task
+    assert all(len(set(r["responses"])) == len(r["responses"]) == d.builtin_responses for r in rows)
