@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -258,9 +259,14 @@ def tokenizer_path(tokenizer: str, init, task_files: Mapping[str, str] | None = 
 
 
 def save_tokenizer(tokenizer, workdir: str) -> None:
-    """Copy the run's tokenizer to WORKDIR/tokenizer (later stages find it through the checkpoint)."""
+    """Copy the run's tokenizer to WORKDIR/tokenizer (later stages find it through the checkpoint),
+    with the `generation_config.json` beside its source, which lists the stop ids (`chat.stop_ids`)."""
     if jax.process_index() == 0:
-        tokenizer.save_pretrained(str(pathlib.Path(workdir) / "tokenizer"))
+        out = pathlib.Path(workdir) / "tokenizer"
+        tokenizer.save_pretrained(str(out))
+        source = pathlib.Path(str(tokenizer.name_or_path or "")) / "generation_config.json"
+        if source.is_file() and source.resolve() != (out / source.name).resolve():
+            shutil.copyfile(source, out / source.name)
 
 
 def check_vocab(model: Transformer, tokenizer, key: str = "config.init") -> None:

@@ -130,6 +130,8 @@ def test_stop_ids_normalisation_and_errors(tmp_path):
         rl_config.check_special_tokens(config.rollout, tokenizer, "config.rollout")
     config.rollout.eos_id = stop[::-1]  # the order does not matter
     rl_config.check_special_tokens(config.rollout, tokenizer, "config.rollout")
+    loading.save_tokenizer(tokenizer, str(tmp_path / "run"))  # a stage's copy keeps the stop set
+    assert list(chat.stop_ids(loading.load_tokenizer(str(tmp_path / "run")))) == stop
     (tmp_path / "tok" / "generation_config.json").write_text('{"eos_token_id": ["x"]}')
     with pytest.raises(ValueError, match=r"generation_config.json: field eos_token_id"):
         chat.stop_ids(loading.load_tokenizer(str(tmp_path / "tok")))
