@@ -35,11 +35,11 @@ def resolve_variant(dpo_cfg, variant: str | None = None) -> dict:
     Raises ValueError naming the key for an unknown variant / loss type."""
     variant = variant or "dpo"
     if variant not in VARIANTS:
-        raise ValueError(f"config.algorithm={variant!r} is not a DPO variant ({', '.join(VARIANTS)})")
+        raise ValueError(f"config.algorithm={variant!r} is not a DPO variant ({', '.join(map(repr, VARIANTS))})")
     loss_type, smoothing, online = VARIANTS[variant]
     loss_type = dpo_cfg.loss_type or loss_type
     if loss_type not in losses.DPO_LOSS_TYPES:
-        raise ValueError(f"config.dpo.loss_type={loss_type!r} (allowed: {', '.join(losses.DPO_LOSS_TYPES)})")
+        raise ValueError(f"config.dpo.loss_type={loss_type!r} (allowed: {', '.join(map(repr, losses.DPO_LOSS_TYPES))})")
     smoothing = smoothing if dpo_cfg.label_smoothing < 0 else float(dpo_cfg.label_smoothing)
     if not 0.0 <= smoothing < 0.5:
         raise ValueError(f"config.dpo.label_smoothing={smoothing} must be in [0, 0.5) (or < 0 for the variant's)")
