@@ -33,6 +33,7 @@ def dpo_section(variant: str = "dpo") -> ml_collections.ConfigDict:
         beta=-1.0,  # inverse temperature beta; < 0 = the loss type's default (sigmoid/ipo 0.1, simpo 2.0)
         label_smoothing=label_smoothing,  # cDPO's eps (label flip rate) in [0, 0.5); < 0 = variant's
         gamma=0.5,  # SimPO's target reward margin gamma (other loss types ignore it)
+        reference_path="",  # frozen reference: "" = the starting model (init); else a checkpoint (run dir)
         reference="in_step",  # reference log-probs: "in_step" (the frozen SFT model inside each jitted
         #                       step) or "precompute" (once per dataset before training); SimPO needs none
     ))

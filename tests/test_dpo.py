@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import losses, preference
+from rlhf_jax import losses, preference, tasks
+from rlhf_jax.pipeline import online_dpo
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
 
 # log(1 + e^-x) = -log sigma(x), written out once so the tests below read as hand computations
@@ -193,3 +194,21 @@ def test_ranking_pair_losses_ipo_uses_length_averages():
     pair_losses, _, _ = preference.ranking_pair_losses(logps, ref, lengths, jnp.array([[1, 0]]), settings)
     # ranks [1, 0]: response 1 is chosen -> h = (-9 + 6) - (-4 + 6) = -5, loss = -log sigma(0.5 * -5)
     close(pair_losses, [[math.log1p(math.exp(2.5))]], 1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Online DPO: the prompts of a round, ranking its samples
+# ------------------------------------------------------------------------------------------
+def test_online_round_prompts_wrap_and_samples_are_ranked_by_the_rm_or_the_labeler():
+    assert online_dpo.round_rows(0, 3, 5).tolist() == [0, 1, 2]
+    assert online_dpo.round_rows(1, 3, 5).tolist() == [3, 4, 0]
+    examples = tasks.sample_examples(2, seed=0)
+    # row 0: first 3 distinct non-empty samples are x (0), y (1), z (4); row 1 has only 2 distinct: skipped
+    texts = [["x", "y", "x", "", "z"], ["p", "p", "q", "p", "p"]]
+    scores = np.array([[0.1, 0.9, 5.0, 7.0, 0.5], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    records = online_dpo.rank_round(examples, texts, scores, "rm", 3, None, 0.0)
+    assert records == [{"prompt": examples[0].prompt, "responses": ["x", "y", "z"], "ranking": [1, 2, 0]}]
+    # a noise-free labeler puts the gold answer first
+    records = online_dpo.rank_round(examples[:1], [["not it at all", examples[0].answer]], None, "labeler", 2,
+                                    np.random.default_rng(0), 0.0)
+    assert records[0]["responses"] == ["not it at all", examples[0].answer] and records[0]["ranking"] == [1, 0]

@@ -4,7 +4,9 @@
     result = dpo.train(config, workdir)          # configs/dpo.py; resumes from WORKDIR/checkpoints
     model, params = rlhf_jax.loading.load_model(WORKDIR, heads=("lm",))          # the trained policy
 
-The policy starts from config.init (an SFT run); the frozen reference is that same starting model.
+The policy starts from config.init (an SFT run); the frozen reference is that same starting model,
+or the checkpoint at config.dpo.reference_path (online DPO: later rounds start from the previous
+round's policy and keep the SFT model as reference).
 Each ranking batch holds P prompts with K responses (`[P, K, T]`, rank 0 = best; comparisons and
 HH-RLHF rows are K = 2), and every ordered pair of a prompt (K(K-1)/2 of them, ties skipped) is one
 DPO pair. A response's log-prob is the teacher-forced sum over its response tokens only (prompt and
@@ -25,6 +27,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from rlhf_jax import loading, preference, sharding
@@ -60,6 +63,7 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     if config.dpo.reference not in REFERENCE_MODES:
         raise ValueError(f"config.dpo.reference={config.dpo.reference!r} (allowed: "
                          f"{', '.join(map(repr, REFERENCE_MODES))})")
+    setup.validate_paths(config.dpo, ("reference_path",), prefix="config.dpo")
     if config.dpo.reference == "precompute" and jax.process_count() > 1:
         raise ValueError("config.dpo.reference='precompute' runs on one process; use 'in_step' with several")
 
@@ -184,7 +188,11 @@ def train(config, workdir: str) -> loop.LoopResult:
     ref_params = None
     if settings["loss_type"] != "simpo":  # the starting weights, read again (the state may be resumed)
         init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # as build_state: same fresh init
-        ref_params = loading.initial_params(config.init, model, built.param_sh, init_rng, options)
+        ref_init, key = config.init, "config.init"
+        if config.dpo.reference_path:
+            ref_init = ml_collections.ConfigDict({"source": "checkpoint", "path": config.dpo.reference_path})
+            key = "config.dpo.reference"
+        ref_params = loading.initial_params(ref_init, model, built.param_sh, init_rng, options, key=key)
         if config.dpo.reference == "precompute":
             precompute_reference(model, ref_params, built.param_sh, train_split, config.eval.batch_size, mesh, options)
     batches = train_split.iterator(config.batch_size, seed=config.seed)
