@@ -9,8 +9,8 @@ built-in task, or an SFT checkpoint with --config.init.*), gpt2 (GPT-2 124M from
 VARIANT (rlhf_jax/preference.py): dpo (default), cdpo, ipo, simpo. It sets `dpo.loss_type` and
 `dpo.label_smoothing`; `dpo.beta` < 0 means the loss type's default: DPO 0.1 (Rafailov et al.
 2023), IPO 0.1 on length-averaged log-probs (TRL's default and form), SimPO 2.0 with gamma 0.5 (the
-values issue 17 proposes; Meng et al. 2024 tune beta in [2, 2.5] and gamma per model, and 0.5 is
-TRL's `simpo_gamma` default; we did not re-tune them for small models).
+values issue 17 proposes and torchtune's SimPOLoss defaults, which it documents as beta typically
+2.0-2.5 and gamma in (0, 1.5]; Meng et al. 2024 tune them per model; not re-tuned for small models).
 Log-prob form passed to `losses.dpo_loss`: sigmoid (DPO, cDPO) and SimPO get summed response
 log-probs (SimPO divides by the lengths itself), IPO length-averaged ones.
 """
@@ -61,20 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init = common.init_config("scratch")  # "checkpoint": an SFT run (policy and reference) | "hf"
 
     # ---- data: the RM's ranking data (every ordered pair of a K-way ranking is one DPO pair) ----------
-    c.data = ml_collections.ConfigDict(dict(
-        kind="rankings",  # "rankings" (K responses + ranking), "comparisons" (chosen/rejected), "hh"
-        train="",  # training file(s), comma-separated; "" = rankings built from the built-in task
-        eval="",  # held-out file of the same kind; "" = the built-in task's held-out rankings (or none)
-        tokenizer="",  # local HF tokenizer dir; "" = init.path's (hf) / the checkpoint's / built-in task's
-        template="auto",  # chat template (rlhf_jax.data.TEMPLATES)
-        max_len=64,  # sequence length T of each prompt + response
-        max_prompt_len=0,  # prompt budget (left-truncated); 0 = max_len // 2
-        cache_dir="",  # TFDS array_record cache; "" = WORKDIR/data
-        builtin_responses=2,  # built-in task only: responses K per prompt
-        builtin_prompts=512,  # built-in task only: training prompts (held-out: a quarter of this)
-        builtin_error_rate=0.5,  # built-in task only: chance that a response is a corrupted answer
-        builtin_labeler_temperature=0.1,  # built-in task only: labeler noise (Plackett-Luce temperature)
-    ))
+    c.data = common.ranking_data_config()
 
     # ---- evaluation ---------------------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict(dict(

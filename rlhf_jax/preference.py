@@ -23,8 +23,8 @@ from rlhf_jax.rl import masked_sum
 # variant -> (loss_type, label_smoothing, online)
 VARIANTS = {"dpo": ("sigmoid", 0.0, False), "cdpo": ("sigmoid", 0.1, False), "ipo": ("ipo", 0.0, False),
             "simpo": ("simpo", 0.0, False), "online_dpo": ("sigmoid", 0.0, True)}
-# The papers' / TRL's default beta per loss type: DPO 0.1 (Rafailov et al. §6), IPO 0.1 (TRL's default,
-# on length-averaged log-probs), SimPO 2.0 (Meng et al. use beta 2.0-2.5; gamma 0.5 below is TRL's default).
+# Default beta per loss type: DPO 0.1 (Rafailov et al. 2023), IPO 0.1 (TRL's default, on length-averaged
+# log-probs), SimPO 2.0 (torchtune's SimPOLoss default, beta typically 2.0-2.5; its gamma default is 0.5).
 DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
 LOGP_FORM = {"sigmoid": "sum", "ipo": "mean", "simpo": "sum"}  # what the trainer passes to losses.dpo_loss
 

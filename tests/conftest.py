@@ -93,3 +93,21 @@ def hh_tokenizer(sample_data_dir, tmp_path_factory):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>").save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def word_rankings():
+    """`write(path, examples, best_first, seed)`: a rankings JSONL whose K responses are the words of
+    `best_first` in a random order per prompt, ranked best first (trivially separable preferences)."""
+    import json
+
+    import numpy as np
+
+    def write(path, examples, best_first, seed):
+        rng = np.random.default_rng(seed)
+        with open(path, "w") as f:
+            for example in examples:
+                responses = list(rng.permutation(best_first))
+                ranking = [responses.index(word) for word in best_first]
+                f.write(json.dumps({"prompt": example.prompt, "responses": responses, "ranking": ranking}) + "\n")
+    return write

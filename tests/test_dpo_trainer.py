@@ -4,7 +4,6 @@ continued by the script on 1 device, SimPO/IPO steps, the HH-RLHF sample end to 
 
 Every run uses `fast_compile` and the session's persistent compilation cache (tests/conftest.py).
 """
-import json
 import math
 import pathlib
 import shutil
@@ -25,21 +24,11 @@ BEST_FIRST = ("a", "b", "c", "d")  # the responses' quality order: separable by 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
-def _rankings(path, examples, seed):
-    """K=4 responses "a" .. "d" in random order; `ranking` lists them best first."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for example in examples:
-            responses = list(rng.permutation(BEST_FIRST))
-            ranking = [responses.index(word) for word in BEST_FIRST]
-            f.write(json.dumps({"prompt": example.prompt, "responses": responses, "ranking": ranking}) + "\n")
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, word_rankings):
     root = tmp_path_factory.mktemp("dpo_data")
-    _rankings(root / "train.jsonl", tasks.sample_examples(64, seed=0), seed=0)
-    _rankings(root / "eval.jsonl", tasks.sample_examples(16, seed=0, split="heldout"), seed=1)
+    word_rankings(root / "train.jsonl", tasks.sample_examples(64, seed=0), BEST_FIRST, seed=0)
+    word_rankings(root / "eval.jsonl", tasks.sample_examples(16, seed=0, split="heldout"), BEST_FIRST, seed=1)
     tasks.save_tokenizer(root / "tokenizer")
     return root
 

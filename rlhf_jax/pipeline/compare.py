@@ -1,8 +1,11 @@
-"""A controlled comparison of RL algorithms on the built-in task, judged by the hidden gold oracle.
+"""A controlled comparison of RL algorithms (and the DPO variants) on the built-in task, judged by the
+hidden gold oracle.
 
 For each seed one pipeline workdir (DIR/seed<N>): the task, pretraining, SFT, rankings and RM run
 once and every algorithm starts from that SFT model and that RM, samples the same number of
-responses (rollout.batch_size x ppo.num_steps) and is evaluated on the same held-out prompts.
+responses (rollout.batch_size x ppo.num_steps) and is evaluated on the same held-out prompts. The
+DPO variants train from the same SFT model on the rankings stage's data (offline) or on their own
+samples (online_dpo); comparison.md says how many.
 Writes DIR/comparison.md, DIR/comparison.csv (mean and spread over seeds per algorithm) and two
 plots: gold score against sampled responses (from each run's `gold/mean` curve) and gold score
 against KL to SFT (one point per run).

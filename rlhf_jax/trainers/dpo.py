@@ -171,15 +171,8 @@ def train(config, workdir: str) -> loop.LoopResult:
     mesh = setup.setup_run(config, workdir, validate=functools.partial(validate_config, config), stage="dpo")
     options = setup.compiler_options(config)
     settings = loss_settings(config)
-    files = ranking_data.resolve_data(config, workdir)
-    tokenizer = loading.load_tokenizer(files.tokenizer)
-    loading.save_tokenizer(tokenizer, workdir)
-    train_split = ranking_data.load_ranking_split(config, files.train, tokenizer, workdir)
-    eval_split = ranking_data.load_ranking_split(config, files.eval, tokenizer, workdir) if files.eval else None
-    num_steps = config.num_steps or config.num_epochs * (len(train_split) // config.batch_size)
-    if num_steps <= 0:
-        raise ValueError(f"config.batch_size={config.batch_size} is larger than the {len(train_split)} training "
-                         f"prompts: an epoch has no step")
+    loaded = ranking_data.load_data(config, workdir)
+    tokenizer, train_split, eval_split, num_steps = loaded.tokenizer, loaded.train, loaded.eval, loaded.num_steps
 
     # ---- policy state (resumed when WORKDIR/checkpoints has one), frozen reference ------------------
     model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))

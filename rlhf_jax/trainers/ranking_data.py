@@ -3,6 +3,9 @@ config's, else rankings built from the built-in task), their checks, and the tok
 (`[P, K, T]` ranking batches, see rlhf_jax/data/batching.py)."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from rlhf_jax import loading, tasks
 from rlhf_jax.trainers import setup
 
@@ -38,3 +41,27 @@ def load_ranking_split(config, files, tokenizer, workdir: str):
     return data.load_split(config.data.kind, files, tokenizer, max_len=config.data.max_len,
                            max_prompt_len=config.data.max_prompt_len or None, batch_format="ranking",
                            template=config.data.template, data_dir=config.data.cache_dir or f"{workdir}/data")
+
+
+@dataclasses.dataclass
+class RankingData:
+    """A preference stage's tokenizer (also saved to WORKDIR/tokenizer), splits and step count."""
+
+    tokenizer: Any
+    train: Any  # data.TokenizedSplit of ranking examples
+    eval: Any  # the held-out split, or None
+    num_steps: int  # config.num_steps, or num_epochs passes over the training prompts
+
+
+def load_data(config, workdir: str) -> RankingData:
+    """Resolve, tokenize and count: raises a config.batch_size error when an epoch has no step."""
+    files = resolve_data(config, workdir)
+    tokenizer = loading.load_tokenizer(files.tokenizer)
+    loading.save_tokenizer(tokenizer, workdir)
+    train_split = load_ranking_split(config, files.train, tokenizer, workdir)
+    eval_split = load_ranking_split(config, files.eval, tokenizer, workdir) if files.eval else None
+    num_steps = config.num_steps or config.num_epochs * (len(train_split) // config.batch_size)
+    if num_steps <= 0:
+        raise ValueError(f"config.batch_size={config.batch_size} is larger than the {len(train_split)} training "
+                         f"prompts: an epoch has no step")
+    return RankingData(tokenizer, train_split, eval_split, num_steps)
