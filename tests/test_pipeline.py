@@ -367,12 +367,14 @@ def test_online_dpo_runs_its_rounds_and_evaluates_the_last_policy(smoke_workdir,
 
 
 def test_comparison_table_from_finished_runs(smoke_workdir, tmp_path):
-    """compare_algorithms over the finished ppo and grpo runs of the smoke workdir (copied as seed 0):
-    nothing is retrained; the CSV rows are the runs' summaries and the table their mean / spread."""
+    """compare_algorithms over the finished ppo, grpo and online_dpo runs of the smoke workdir (copied
+    as seed 0; online_dpo's test ran before this one): nothing is retrained; the CSV rows are the runs'
+    summaries and the table their mean / spread; online DPO (rounds, no per-step gold curve) is listed."""
     shutil.copytree(smoke_workdir, tmp_path / "seed0")
     config = pipeline_configs.get_config("smoke")
-    result = compare.run_comparison(config, tmp_path, ["ppo", "grpo"], [0], echo=lambda _: None)
-    for name in ("ppo", "grpo"):
+    result = compare.run_comparison(config, tmp_path, ["ppo", "grpo", "online_dpo"], [0], echo=lambda _: None)
+    assert "online_dpo: 2 rounds x 16 prompts" in (tmp_path / "comparison.md").read_text()
+    for name in ("ppo", "grpo", "online_dpo"):
         summary = json.loads((tmp_path / "seed0" / ("" if name == "ppo" else name) / "summary.json").read_text())
         run = next(r for r in result.runs if r["algorithm"] == name)
         assert run["policy_gold"] == summary["policy_gold"] and run["kl_to_sft"] == summary["kl_to_sft"]

@@ -132,7 +132,8 @@ def run_comparison(config, workdir: str | pathlib.Path, names: Sequence[str], se
             rl_dir, _, _ = policy_dirs(layout, name)
             rl_seconds = stage_info(rl_dir)["seconds"]
             runs.append({**summary, "algorithm": name, "seed": int(seed), "rl_seconds": rl_seconds})
-            curves[(name, int(seed))] = gold_curve(rl_dir, responses_per_step)
+            if name not in preference.VARIANTS:  # the DPO variants log no gold/mean per step
+                curves[(name, int(seed))] = gold_curve(rl_dir, responses_per_step)
     rows = aggregate_runs(runs, names)
     table = report.markdown_table(rows, TABLE_COLUMNS)
     plots = plot_comparison(runs, curves, directory)
