@@ -360,7 +360,7 @@ def test_online_dpo_runs_its_rounds_and_evaluates_the_last_policy(smoke_workdir,
     round1 = json.loads((smoke_workdir / "online_dpo" / "dpo" / "round1" / "dpo" / "config.json").read_text())
     assert round1["init"]["path"].endswith("round0/dpo") and round1["dpo"]["reference_path"].endswith("/sft")
     # the evaluated policy is the last round's parameters, not SFT's
-    _, last = loading.load_model(done["policy_dir"], heads=("lm",))
+    _, last = loading.load_model(smoke_workdir / "online_dpo" / "dpo" / done["policy_dir"], heads=("lm",))
     _, sft = loading.load_model(smoke_workdir / "sft", heads=("lm",))
     assert not np.allclose(np.asarray(last["lm_head"]["kernel"]), np.asarray(sft["lm_head"]["kernel"]))
     assert (smoke_workdir / "summary.json").read_text() == before

@@ -96,7 +96,7 @@ def round_config(dpo_config, layout: Layout, rankings: pathlib.Path, start: path
 
 def run_rounds(config, layout: Layout, dpo_config, workdir: pathlib.Path, echo=print) -> dict:
     """Every unfinished round; returns the stage facts: per-round facts and `policy_dir` (the last
-    round's DPO run, the policy the eval stage samples)."""
+    round's DPO run, the policy the eval stage samples), relative to `workdir`."""
     from rlhf_jax.trainers import dpo
 
     o = config.online_dpo
@@ -124,4 +124,4 @@ def run_rounds(config, layout: Layout, dpo_config, workdir: pathlib.Path, echo=p
         record = run_stage(f"online_dpo round {r}", round_dir, one_round, echo)
         rounds.append(record["info"])
         policy = round_dir / "dpo"
-    return {"rounds": rounds, "policy_dir": str(policy)}
+    return {"rounds": rounds, "policy_dir": str(pathlib.Path(policy).relative_to(workdir))}

@@ -142,7 +142,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
         records["ppo"] = run_stage(algorithm, rl_dir, lambda: ppo_stage(config, layout, cfgs["ppo"], rl_dir), echo,
                                    cfgs["ppo"].to_dict())
     prior = sum(r["seconds"] for r in records.values())
-    policy_dir = pathlib.Path(records.get("dpo", {}).get("info", {}).get("policy_dir", rl_dir))  # online: last round
+    policy_dir = rl_dir / records.get("dpo", {}).get("info", {}).get("policy_dir", "")  # online DPO: its last round
     run_stage("eval", eval_dir, lambda: evaluate(
         config, layout, policy_dir, out_dir, labeler_agreement=records["rankings"]["info"]["labeler_agreement"],
         prior_seconds=prior, echo=echo), echo, seeded(config.eval))
