@@ -103,3 +103,23 @@ def add_run_fields(c: ml_collections.ConfigDict, *, num_steps: int, log_every: i
     c.mesh = mesh_config()
     c.distributed = distributed_config()
     c.checkpoint = checkpoint_config(save_every=save_every)
+
+
+def ranking_data_config(**fields) -> ml_collections.ConfigDict:
+    """Preference data of the RM and DPO stages (rlhf_jax/trainers/ranking_data.py)."""
+    base = dict(
+        kind="rankings",  # "rankings" (K responses + ranking), "comparisons" (chosen/rejected), "hh"
+        train="",  # training file(s), comma-separated; "" = rankings built from the built-in task
+        eval="",  # held-out file of the same kind; "" = the built-in task's held-out rankings (or none)
+        tokenizer="",  # local HF tokenizer dir; "" = init.path's (hf) / the checkpoint's / built-in task's
+        template="auto",  # chat template (rlhf_jax.data.TEMPLATES)
+        max_len=64,  # sequence length T of each prompt + response
+        max_prompt_len=0,  # prompt budget (left-truncated); 0 = max_len // 2
+        cache_dir="",  # TFDS array_record cache; "" = WORKDIR/data
+        builtin_responses=2,  # built-in task only: responses K per prompt
+        builtin_prompts=512,  # built-in task only: training prompts (held-out: a quarter of this)
+        builtin_error_rate=0.5,  # built-in task only: chance that a response is a corrupted answer
+        builtin_labeler_temperature=0.1,  # built-in task only: labeler noise (Plackett-Luce temperature)
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)

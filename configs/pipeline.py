@@ -3,6 +3,7 @@
     python experiments/run_pipeline.py --workdir /tmp/rlhf                       # tiny
     python experiments/run_pipeline.py --workdir /tmp/rlhf --config.seed=1 --config.ppo.kl.coef=0.1
     python experiments/run_pipeline.py --workdir /tmp/rlhf --config.algorithm=grpo   # into /tmp/rlhf/grpo
+    python experiments/run_pipeline.py --workdir /tmp/rlhf --config.algorithm=dpo    # into /tmp/rlhf/dpo
 
 - tiny  : the default: the whole recipe on a 2-core CPU in <= 10 minutes, from a fresh workdir.
 - smoke : a few steps per stage, for the test suite (well under a minute of steps).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import dpo as dpo_configs
 from configs import ppo as ppo_configs
 from configs import rm as rm_configs
 from configs import sft as sft_configs
@@ -63,6 +65,21 @@ def eval_config(**fields) -> ml_collections.ConfigDict:
         #                    policy PPO trained), which also makes kl_to_sft the KL of that policy
         batch_size=200,  # rows per sampling / scoring call
         num_report_samples=8,  # prompts shown before/after PPO in report.md
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def online_dpo_config(**fields) -> ml_collections.ConfigDict:
+    """Online (iterative) DPO: rounds of sampling K responses per prompt from the current policy,
+    ranking them, and a DPO pass over the new pairs (section `dpo` gives the loss and optimiser)."""
+    base = dict(
+        rounds=4,  # sampling + ranking + DPO rounds
+        prompts_per_round=512,  # PPO training prompts sampled per round (consecutive slices, wrapping)
+        num_responses=4,  # K responses ranked per prompt (all K(K-1)/2 ordered pairs train)
+        candidates=8,  # samples drawn per prompt to find K distinct ones (prompts with fewer are skipped)
+        ranker="rm",  # "rm": the reward model ranks; "labeler": the task's simulated labelers (gold + noise)
+        steps_per_round=0,  # DPO updates per round; 0 = one epoch over the round's rankings
     )
     base.update(fields)
     return ml_collections.ConfigDict(base)
@@ -132,6 +149,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.critic.optim.update(learning_rate=1e-3)
     c.ppo.log_every, c.ppo.checkpoint.save_every = 1, 50
 
+    # ---- stage 3 for the DPO variants (--config.algorithm=dpo | cdpo | ipo | simpo | online_dpo): section
+    # `dpo` is configs/dpo.py's; it trains on the rankings stage's data (every ordered pair of each K=4
+    # ranking) from SFT, into DIR/<algorithm>/dpo; the RM serves best-of-n and online DPO's ranking only.
+    c.dpo = dpo_configs.get_config("tiny")
+    c.dpo.dpo.update(loss_type="", label_smoothing=-1.0)  # "" / < 0: the algorithm's loss (rlhf_jax/preference.py)
+    c.dpo.data.update(max_len=40, max_prompt_len=16)
+    c.dpo.batch_size = 16
+    c.dpo.num_steps = 0  # 0 = dpo.num_epochs passes over the rankings
+    c.dpo.num_epochs = 2
+    c.dpo.optim.update(learning_rate=1e-4, warmup_steps=10)
+    c.dpo.log_every, c.dpo.eval_every, c.dpo.checkpoint.save_every = 10, 100, 200
+    c.dpo.eval.update(batch_size=16, num_batches=0)
+    c.online_dpo = online_dpo_config()
+
     if preset == "smoke":
         c.task.update(n_sft=128, n_sft_eval=16, n_rm_prompts=48, n_rm_heldout=16, n_ppo_prompts=64, n_heldout=16,
                       n_corpus=200)
@@ -147,6 +178,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rm.eval.batch_size = 8
         c.ppo.num_steps = 2
         c.ppo.rollout.batch_size = 16
-        for stage in (c.pretrain, c.sft, c.rm, c.ppo):
+        c.dpo.update(num_steps=2, log_every=1, eval_every=2)
+        c.dpo.batch_size = 8
+        c.dpo.eval.batch_size = 8
+        c.online_dpo.update(rounds=2, prompts_per_round=16, steps_per_round=2)
+        for stage in (c.pretrain, c.sft, c.rm, c.ppo, c.dpo):
             stage.fast_compile = True  # a few steps each: compile time dominates
     return c

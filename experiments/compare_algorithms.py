@@ -2,6 +2,7 @@
 responses, one hidden gold judge (rlhf_jax.pipeline.compare).
 
     python experiments/compare_algorithms.py --workdir runs/compare --algorithms ppo,grpo,rloo --seeds 0,1,2
+    python experiments/compare_algorithms.py --workdir runs/compare --algorithms ppo,grpo,dpo,online_dpo
     python experiments/compare_algorithms.py --workdir /tmp/c --algorithms grpo --seeds 0 \
         --config configs/pipeline.py:smoke --config.ppo.num_steps=4
 
@@ -29,7 +30,7 @@ _CONFIG = cli.define_config_flag(os.path.join(REPO, "configs", "pipeline.py") + 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the comparison (one pipeline dir per seed).",
                                required=True)
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["ppo", "grpo", "rloo"], "Algorithms, comma-separated "
-                                "(rlhf_jax/algorithms/catalog.py).")
+                                "(rlhf_jax/algorithms/catalog.py, or the DPO variants of rlhf_jax/preference.py).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, comma-separated.")
 
 

@@ -1,5 +1,6 @@
 """Losses for the InstructGPT recipe and its RL family: LM/SFT, reward-model ranking, PPO policy
-(clip, clip-higher, dual-clip, penalty, sequence-level GSPO) and value, PPO-ptx.
+(clip, clip-higher, dual-clip, penalty, sequence-level GSPO) and value, PPO-ptx, and the direct
+preference losses (DPO, cDPO, IPO, SimPO).
 
 Pure `jax.numpy` functions, safe under `jax.jit` / `jax.vmap`; all reductions are fp32 and
 "token-mean" means sum over valid tokens of the whole batch / number of valid tokens (every token
@@ -275,3 +276,70 @@ def ppo_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array,
     loss = 0.5 * masked_mean(jnp.maximum(unclipped_error, clipped_error), mask)
     aux = {"clipfrac": masked_mean((clipped_error > unclipped_error).astype(jnp.float32), mask)}
     return loss, aux
+
+
+# --------------------------------------------------------------------------------------------
+# Direct preference optimisation (DPO family)
+# --------------------------------------------------------------------------------------------
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+
+
+def dpo_pair_losses(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, ref_chosen_logps,
+                    ref_rejected_logps, beta, *, loss_type: str = "sigmoid", label_smoothing=0.0,
+                    chosen_lengths=None, rejected_lengths=None, gamma=0.0) -> tuple[jax.Array, dict]:
+    """Per-pair losses `[B]` and per-pair `aux` arrays `[B]` of `dpo_loss` (same arguments; no mean),
+    for trainers that weight or mask pairs (e.g. the ordered pairs of a K-way ranking)."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    pc = policy_chosen_logps.astype(jnp.float32)
+    pr = policy_rejected_logps.astype(jnp.float32)
+    if loss_type == "simpo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("loss_type='simpo' needs chosen_lengths and rejected_lengths (response tokens)")
+        chosen_rewards = beta * pc / jnp.maximum(jnp.asarray(chosen_lengths, jnp.float32), 1.0)
+        rejected_rewards = beta * pr / jnp.maximum(jnp.asarray(rejected_lengths, jnp.float32), 1.0)
+        losses = -jax.nn.log_sigmoid(chosen_rewards - rejected_rewards - gamma)
+    else:
+        rc = jax.lax.stop_gradient(jnp.asarray(ref_chosen_logps, jnp.float32))
+        rr = jax.lax.stop_gradient(jnp.asarray(ref_rejected_logps, jnp.float32))
+        chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
+        h = (pc - rc) - (pr - rr)
+        if loss_type == "sigmoid":
+            losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                      - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+        else:
+            losses = jnp.square(h - 1.0 / (2.0 * beta))
+    margin = chosen_rewards - rejected_rewards
+    accuracy = (margin > 0).astype(jnp.float32) + 0.5 * (margin == 0).astype(jnp.float32)
+    aux = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards, "rewards/margin": margin,
+           "rewards/accuracy": accuracy}
+    return losses, jax.tree.map(jax.lax.stop_gradient, aux)
+
+
+def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, ref_chosen_logps,
+             ref_rejected_logps, beta, *, loss_type: str = "sigmoid", label_smoothing=0.0, chosen_lengths=None,
+             rejected_lengths=None, gamma=0.0) -> tuple[jax.Array, dict]:
+    """Direct preference optimisation losses on sequence log-probs, mean over the batch.
+
+    Inputs are `[B]` float arrays: log pi(y_c|x), log pi(y_r|x) of the trained policy and of the
+    frozen reference (no gradient flows into the reference). With h = (pc - rc) - (pr - rr):
+    - "sigmoid": -(1 - eps) log sigma(beta h) - eps log sigma(-beta h). eps = `label_smoothing` = 0 is
+      DPO (Rafailov et al. 2023, eq. 7); eps > 0 is conservative DPO (cDPO, Mitchell 2023: each label
+      flipped with probability eps);
+    - "ipo": (h - 1/(2 beta))^2 (Azar et al. 2023, "A General Theoretical Paradigm to Understand
+      Learning from Human Preferences", eq. 17); the caller chooses summed or length-averaged log-probs;
+    - "simpo": -log sigma(beta (pc/|y_c| - pr/|y_r|) - gamma) (Meng et al. 2024, "SimPO", eq. 6):
+      reference-free; `chosen_lengths` / `rejected_lengths` `[B]` (response tokens, >= 1) are
+      required, and the reference arguments are ignored (may be None).
+    Returns (scalar fp32 loss, aux of batch means): `rewards/chosen` = beta (pc - rc) and
+    `rewards/rejected` = beta (pr - rr) (SimPO: its reward beta pc/|y_c|, beta pr/|y_r|),
+    `rewards/margin` = chosen - rejected, `rewards/accuracy` = fraction of pairs with margin > 0, a
+    margin of exactly 0 counting 1/2 (as `ranking_accuracy` counts a tie).
+    Raises ValueError for an unknown `loss_type` or SimPO without lengths.
+    """
+    losses, aux = dpo_pair_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                  beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, gamma=gamma)
+    return jnp.mean(losses), {k: jnp.mean(v) for k, v in aux.items()}

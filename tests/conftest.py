@@ -70,3 +70,44 @@ def sigterm_after_step(monkeypatch):
 
         monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)
     return arm
+
+
+@pytest.fixture(scope="session")
+def hh_tokenizer(sample_data_dir, tmp_path_factory):
+    """A 512-entry byte-level BPE (any text encodes, no unknowns) trained on 300 chosen transcripts of
+    the vendored HH-RLHF sample, saved as a local HF tokenizer directory; returns its path."""
+    import gzip
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("hh_tokenizer")
+    with gzip.open(sample_data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as lines:
+        texts = [json.loads(line)["chosen"] for _, line in zip(range(300), lines)]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def word_rankings():
+    """`write(path, examples, best_first, seed)`: a rankings JSONL whose K responses are the words of
+    `best_first` in a random order per prompt, ranked best first (trivially separable preferences)."""
+    import json
+
+    import numpy as np
+
+    def write(path, examples, best_first, seed):
+        rng = np.random.default_rng(seed)
+        with open(path, "w") as f:
+            for example in examples:
+                responses = list(rng.permutation(best_first))
+                ranking = [responses.index(word) for word in best_first]
+                f.write(json.dumps({"prompt": example.prompt, "responses": responses, "ranking": ranking}) + "\n")
+    return write

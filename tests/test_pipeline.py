@@ -313,13 +313,68 @@ def test_another_algorithm_reuses_the_stages_and_writes_its_own_directory(smoke_
     assert not (smoke_workdir / "grpoo").exists()
 
 
+def test_dpo_variants_route_to_their_own_directories_and_train_on_the_rankings(tmp_path):
+    """The DPO variants are not RL algorithms: DIR/<variant>/{dpo, eval}; their stage config trains
+    from SFT on the rankings stage's files, the variant picking the loss (no training here)."""
+    layout = pipeline.Layout(tmp_path)
+    assert pipeline.run.policy_dirs(layout, "ipo") == (tmp_path / "ipo" / "dpo", tmp_path / "ipo" / "eval",
+                                                       tmp_path / "ipo")
+    assert pipeline.run.policy_dirs(layout, "grpo")[0] == tmp_path / "grpo" / "rl"
+    config = pipeline_configs.get_config("smoke")
+    config.algorithm = "ipo"
+    dpo = pipeline.stage_configs(config, layout)["dpo"]
+    assert dpo.variant == "ipo" and dpo.init.path == str(tmp_path / "sft")
+    assert (dpo.data.train, dpo.data.eval) == (layout.rankings_train, layout.rankings_heldout)
+    from rlhf_jax import preference
+
+    settings = preference.resolve_variant(dpo.dpo, dpo.variant)
+    assert settings == {"loss_type": "ipo", "beta": 0.1, "label_smoothing": 0.0, "gamma": 0.5, "online": False}
+    assert preference.resolve_variant(dpo.dpo, "simpo")["beta"] == 2.0
+    assert preference.resolve_variant(dpo.dpo, "cdpo")["label_smoothing"] == 0.1
+    pipeline.run.check_algorithm("online_dpo")
+    with pytest.raises(ValueError, match="config.algorithm='dpoo'"):
+        pipeline.run.check_algorithm("dpoo")
+
+
+def test_online_dpo_runs_its_rounds_and_evaluates_the_last_policy(smoke_workdir, script_env):
+    """--config.algorithm=online_dpo on the finished smoke workdir: 2 rounds (sampling from the previous
+    round's policy, RM ranking, a DPO run with SFT as reference) into DIR/online_dpo/dpo/round<r>, then
+    the eval stage samples the last round's policy; the shared stages and PPO's summary are untouched."""
+    from rlhf_jax import loading
+
+    before = (smoke_workdir / "summary.json").read_text()
+    result = _run_pipeline(smoke_workdir, script_env(1), "--config.algorithm=online_dpo")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("task", "pretrain", "sft", "rankings", "rm"):
+        assert f"[{stage}] done already" in result.stdout
+    summary = json.loads((smoke_workdir / "online_dpo" / "summary.json").read_text())
+    assert summary["algorithm"] == "online_dpo" and 0.0 <= summary["win_rate_vs_sft"] <= 1.0
+    samples = [json.loads(line) for line in (smoke_workdir / "online_dpo" / "samples.jsonl").read_text().splitlines()]
+    assert summary["policy_gold"] == pytest.approx(np.mean([s["ppo_gold"] for s in samples]))
+    assert (smoke_workdir / "online_dpo" / "dpo_accuracy.png").exists()
+    rows = [json.loads(line) for line in
+            (smoke_workdir / "online_dpo" / "dpo" / "round0" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2.0), rel=1e-6) and "eval/rewards/accuracy" in rows[-1]
+    done = pipeline.stage_info(smoke_workdir / "online_dpo" / "dpo")["info"]
+    assert len(done["rounds"]) == 2 and done["policy_dir"].endswith("round1/dpo")
+    round1 = json.loads((smoke_workdir / "online_dpo" / "dpo" / "round1" / "dpo" / "config.json").read_text())
+    assert round1["init"]["path"].endswith("round0/dpo") and round1["dpo"]["reference_path"].endswith("/sft")
+    # the evaluated policy is the last round's parameters, not SFT's
+    _, last = loading.load_model(smoke_workdir / "online_dpo" / "dpo" / done["policy_dir"], heads=("lm",))
+    _, sft = loading.load_model(smoke_workdir / "sft", heads=("lm",))
+    assert not np.allclose(np.asarray(last["lm_head"]["kernel"]), np.asarray(sft["lm_head"]["kernel"]))
+    assert (smoke_workdir / "summary.json").read_text() == before
+
+
 def test_comparison_table_from_finished_runs(smoke_workdir, tmp_path):
-    """compare_algorithms over the finished ppo and grpo runs of the smoke workdir (copied as seed 0):
-    nothing is retrained; the CSV rows are the runs' summaries and the table their mean / spread."""
+    """compare_algorithms over the finished ppo, grpo and online_dpo runs of the smoke workdir (copied
+    as seed 0; online_dpo's test ran before this one): nothing is retrained; the CSV rows are the runs'
+    summaries and the table their mean / spread; online DPO (rounds, no per-step gold curve) is listed."""
     shutil.copytree(smoke_workdir, tmp_path / "seed0")
     config = pipeline_configs.get_config("smoke")
-    result = compare.run_comparison(config, tmp_path, ["ppo", "grpo"], [0], echo=lambda _: None)
-    for name in ("ppo", "grpo"):
+    result = compare.run_comparison(config, tmp_path, ["ppo", "grpo", "online_dpo"], [0], echo=lambda _: None)
+    assert "online_dpo: 2 rounds x 16 prompts" in (tmp_path / "comparison.md").read_text()
+    for name in ("ppo", "grpo", "online_dpo"):
         summary = json.loads((tmp_path / "seed0" / ("" if name == "ppo" else name) / "summary.json").read_text())
         run = next(r for r in result.runs if r["algorithm"] == name)
         assert run["policy_gold"] == summary["policy_gold"] and run["kl_to_sft"] == summary["kl_to_sft"]

@@ -28,21 +28,11 @@ BEST_FIRST = ("a", "b", "c")  # the responses' quality order: trivially separabl
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
-def _rankings(path, examples, seed):
-    """K=3 responses "a" / "b" / "c" in random order; `ranking` lists them best first."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for example in examples:
-            responses = list(rng.permutation(BEST_FIRST))
-            ranking = [responses.index(word) for word in BEST_FIRST]
-            f.write(json.dumps({"prompt": example.prompt, "responses": responses, "ranking": ranking}) + "\n")
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, word_rankings):
     root = tmp_path_factory.mktemp("rm_data")
-    _rankings(root / "train.jsonl", tasks.sample_examples(64, seed=0), seed=0)
-    _rankings(root / "eval.jsonl", tasks.sample_examples(16, seed=0, split="heldout"), seed=1)
+    word_rankings(root / "train.jsonl", tasks.sample_examples(64, seed=0), BEST_FIRST, seed=0)
+    word_rankings(root / "eval.jsonl", tasks.sample_examples(16, seed=0, split="heldout"), BEST_FIRST, seed=1)
     tasks.save_tokenizer(root / "tokenizer")
     return root
 

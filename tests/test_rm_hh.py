@@ -1,16 +1,11 @@
 """The real Anthropic HH-RLHF format flows through the real RM pipeline (issue 5).
 
 Reads experiments/data/hh-rlhf/harmless-base-test.jsonl.gz (the 2,312-pair harmless-base test split,
-vendored with its MIT licence) with a tiny byte-level BPE trained here on a slice of it.
+vendored with its MIT licence) with a tiny byte-level BPE trained on a slice of it (conftest's `hh_tokenizer`).
 """
 from __future__ import annotations
 
-import gzip
-import json
 import math
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from configs import rm as rm_configs
 from rlhf_jax import metrics
@@ -19,26 +14,12 @@ from rlhf_jax.trainers import rm
 NUM_STEPS = 4
 
 
-def _hh_tokenizer(hh_file, directory):
-    """A 512-entry byte-level BPE (any text encodes, no unknowns) saved as a local HF tokenizer."""
-    with gzip.open(hh_file, "rt", encoding="utf-8") as lines:
-        texts = [json.loads(line)["chosen"] for _, line in zip(range(300), lines)]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<pad>", "<eos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>").save_pretrained(directory)
-
-
-def test_rm_trains_on_the_hh_rlhf_sample(sample_data_dir, tmp_path):
+def test_rm_trains_on_the_hh_rlhf_sample(sample_data_dir, hh_tokenizer, tmp_path):
     hh_file = sample_data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-    _hh_tokenizer(hh_file, tmp_path / "tokenizer")
 
     config = rm_configs.get_config("tiny")
     config.model.update(d_model=32, d_ff=64, n_heads=2, vocab_size=512)
-    config.data.update(kind="hh", train=str(hh_file), eval="", tokenizer=str(tmp_path / "tokenizer"),
+    config.data.update(kind="hh", train=str(hh_file), eval="", tokenizer=str(hh_tokenizer),
                        template="hh", max_len=64, max_prompt_len=48, cache_dir=str(tmp_path / "tfds"))
     config.update(num_steps=NUM_STEPS, batch_size=8, log_every=1, fast_compile=True)
     config.normalize.num_batches = 2

@@ -1,7 +1,8 @@
 """Padding token examples into the shared numpy batch formats (fixed shapes, int32).
 
 - LM/SFT:  {"input_ids", "attention_mask", "loss_mask"} [B, T], RIGHT-padded.
-- Ranking: {"input_ids", "attention_mask"} [P, K, T] right-padded, "ranks" [P, K] (0 = best).
+- Ranking: {"input_ids", "attention_mask", "loss_mask" (response targets)} [P, K, T] right-padded,
+  "ranks" [P, K] (0 = best); "ref_logps" [P, K] fp32 too when the examples carry it (DPO).
 - Prompts: {"prompt_ids", "prompt_mask"} [B, P] LEFT-padded (generation continues at the right
   edge), "index" [B] = row of the source file.
 A `None` example is a padding row (only used for the last batch when drop_remainder=False): all
@@ -43,9 +44,16 @@ def collate_lm(examples: Sequence[dict | None], pad_len: int, pad_id: int) -> di
 def collate_ranking(examples: Sequence[dict | None], pad_len: int, pad_id: int, num_responses: int) -> dict:
     seqs = [s for e in examples for s in (e["input_ids"] if e else [None] * num_responses)]
     ids, mask = _pad_right(seqs, pad_len, pad_id)
+    targets, _ = _pad_right([s for e in examples for s in (e["loss_mask"] if e else [None] * num_responses)],
+                            pad_len, 0)
     shape = (len(examples), num_responses, pad_len)
     ranks = np.stack([e["ranks"] if e else np.full(num_responses, -1, np.int32) for e in examples])
-    return {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape), "ranks": ranks.astype(np.int32)}
+    batch = {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape),
+             "loss_mask": (targets * mask).reshape(shape), "ranks": ranks.astype(np.int32)}
+    if any(e is not None and "ref_logps" in e for e in examples):  # DPO: precomputed reference log-probs
+        batch["ref_logps"] = np.stack([e["ref_logps"] if e else np.zeros(num_responses, np.float32)
+                                       for e in examples]).astype(np.float32)
+    return batch
 
 
 def collate_prompts(examples: Sequence[dict | None], pad_len: int, pad_id: int) -> dict:

@@ -13,7 +13,7 @@ not fit is dropped instead. Every dropped row is counted under a reason:
 summary every stage prints: `dataset.TokenizedSplit.summary`).
 Examples (numpy, int32):
 - "lm":      {"input_ids" [n], "loss_mask" [n]} (loss on assistant tokens), "index"
-- "ranking": {"input_ids": [K arrays], "ranks" [K]}, "index"
+- "ranking": {"input_ids": [K arrays], "loss_mask": [K arrays] (response targets), "ranks" [K]}, "index"
 - "prompts": {"prompt_ids" [p]}, "index"
 Text corpora are packed for language modelling: documents + EOS concatenated and cut into
 blocks of max_len tokens (the last block may be shorter); no document is dropped.
@@ -114,9 +114,10 @@ def lm_examples(records, tokenizer, template, max_len, max_prompt_len, truncate,
 
 
 def ranking_examples(records, tokenizer, template, max_len, max_prompt_len, truncate, drops: DataStats):
-    """Prompt + each of the K responses, all with the same (truncated) prompt."""
+    """Prompt + each of the K responses, all with the same (truncated) prompt; `loss_mask` marks
+    each response's target tokens (0 on the prompt), the tokens whose log-probs DPO sums."""
     out = []
-    for r, (p, _, responses, _) in zip(records, tokenize_chat(records, tokenizer, template, True)):
+    for r, (p, _, responses, rts) in zip(records, tokenize_chat(records, tokenizer, template, True)):
         longest = max(len(x) for x in responses)
         if len(p) + longest > max_len and not truncate:
             drops.drop("too_long", r["line"])
@@ -128,7 +129,9 @@ def ranking_examples(records, tokenizer, template, max_len, max_prompt_len, trun
             drops.drop("tied_responses", r["line"])
             continue
         drops.seen(len(p), longest, keep_p, keep_r)
-        out.append({"input_ids": seqs, "ranks": np.asarray(r["ranks"], np.int32), "index": np.int32(r["index"])})
+        targets = [np.concatenate([np.zeros(len(p2), np.int32), t[:keep_r]]).astype(np.int32) for t in rts]
+        out.append({"input_ids": seqs, "loss_mask": targets, "ranks": np.asarray(r["ranks"], np.int32),
+                    "index": np.int32(r["index"])})
     return out
 
 

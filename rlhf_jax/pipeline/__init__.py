@@ -11,6 +11,9 @@
 - ppo:      the PPO trainer: actor and reference from SFT, critic and reward from the RM.
 - eval:     held-out prompts: SFT vs PPO samples under the gold judge, best-of-4 reranked by the RM,
             KL to SFT; summary.json, report.md and plots in DIR.
+With --config.algorithm=NAME another RL algorithm replaces PPO (DIR/NAME/{rl,eval}), or a DPO variant
+(dpo, cdpo, ipo, simpo, online_dpo) trains from SFT on the rankings instead (DIR/NAME/{dpo,eval};
+online_dpo samples and ranks its own pairs in rounds: `online_dpo`).
 
 A stage writes `DIR/<stage>/DONE` (JSON: seconds, stage facts) after it completes; a re-run
 with the same DIR skips finished stages, and an interrupted stage resumes from its own
@@ -18,7 +21,8 @@ checkpoints (the trainers resume from their workdir).
 
 Modules: `layout` (directories, DONE markers, run_stage, stage_configs), `sampling` (prompt sets
 with gold examples, models of finished stages, sampling), `rankings` (the rankings stage),
-`evaluate` (the eval stage: `evaluate.evaluate`), `run` (the stages, run_pipeline), `sweep`
+`evaluate` (the eval stage: `evaluate.evaluate`), `online_dpo` (online DPO's rounds), `run` (the
+stages, run_pipeline), `sweep`
 (the KL sweep and its `--set` overrides).
 """
 from rlhf_jax.pipeline.evaluate import eval_temperature, gold_matrix, ranking_scores, rm_heldout_accuracy

@@ -1,8 +1,11 @@
-"""A controlled comparison of RL algorithms on the built-in task, judged by the hidden gold oracle.
+"""A controlled comparison of RL algorithms (and the DPO variants) on the built-in task, judged by the
+hidden gold oracle.
 
 For each seed one pipeline workdir (DIR/seed<N>): the task, pretraining, SFT, rankings and RM run
 once and every algorithm starts from that SFT model and that RM, samples the same number of
-responses (rollout.batch_size x ppo.num_steps) and is evaluated on the same held-out prompts.
+responses (rollout.batch_size x ppo.num_steps) and is evaluated on the same held-out prompts. The
+DPO variants train from the same SFT model on the rankings stage's data (offline) or on their own
+samples (online_dpo); comparison.md says how many.
 Writes DIR/comparison.md, DIR/comparison.csv (mean and spread over seeds per algorithm) and two
 plots: gold score against sampled responses (from each run's `gold/mean` curve) and gold score
 against KL to SFT (one point per run).
@@ -15,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rlhf_jax import metrics, report
+from rlhf_jax import metrics, preference, report
 from rlhf_jax.algorithms import ALGORITHMS
 from rlhf_jax.pipeline.layout import Layout, stage_info
 from rlhf_jax.pipeline.run import policy_dirs, run_pipeline
@@ -33,9 +36,10 @@ class Comparison:
 
 
 def check_algorithms(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in ALGORITHMS]
+    unknown = [n for n in names if n not in ALGORITHMS and n not in preference.VARIANTS]
     if unknown or not names:
-        raise ValueError(f"--algorithms: unknown {unknown} (allowed: {', '.join(ALGORITHMS)})" if unknown
+        raise ValueError(f"--algorithms: unknown {unknown} (allowed: {', '.join([*ALGORITHMS, *preference.VARIANTS])})"
+                         if unknown
                          else "--algorithms is empty")
 
 
@@ -93,6 +97,23 @@ def plot_comparison(runs: Sequence[dict], curves: dict, out_dir: pathlib.Path) -
             "Held-out gold score against KL to SFT, one point per run": "gold_vs_kl.png"}
 
 
+def dpo_note(config, names: Sequence[str]) -> list[str]:
+    """What the DPO variants in `names` train on instead of RL rollouts (a line for comparison.md)."""
+    offline = [n for n in names if n in preference.VARIANTS and not preference.VARIANTS[n][2]]
+    online = [n for n in names if n in preference.VARIANTS and preference.VARIANTS[n][2]]
+    lines = []
+    if offline:
+        lines.append(f"{', '.join(offline)}: offline, on the rankings stage's labeler rankings (every ordered pair "
+                     f"of each K={config.rankings.num_responses} ranking, {config.dpo.num_epochs} epochs or "
+                     f"{config.dpo.num_steps} steps), no sampling; rl_seconds is the DPO stage's wall time.\n")
+    if online:
+        o = config.online_dpo
+        lines.append(f"{', '.join(online)}: {o.rounds} rounds x {o.prompts_per_round} prompts x {o.num_responses} "
+                     f"samples from the current policy ({o.rounds * o.prompts_per_round * o.num_responses} "
+                     f"responses), ranked by the {'reward model' if o.ranker == 'rm' else 'simulated labelers'}.\n")
+    return lines
+
+
 def run_comparison(config, workdir: str | pathlib.Path, names: Sequence[str], seeds: Sequence[int],
                    echo: Callable[[str], None] = print) -> Comparison:
     """Every algorithm on every seed (finished runs are reused), then the table and the plots."""
@@ -111,7 +132,8 @@ def run_comparison(config, workdir: str | pathlib.Path, names: Sequence[str], se
             rl_dir, _, _ = policy_dirs(layout, name)
             rl_seconds = stage_info(rl_dir)["seconds"]
             runs.append({**summary, "algorithm": name, "seed": int(seed), "rl_seconds": rl_seconds})
-            curves[(name, int(seed))] = gold_curve(rl_dir, responses_per_step)
+            if name not in preference.VARIANTS:  # the DPO variants log no gold/mean per step
+                curves[(name, int(seed))] = gold_curve(rl_dir, responses_per_step)
     rows = aggregate_runs(runs, names)
     table = report.markdown_table(rows, TABLE_COLUMNS)
     plots = plot_comparison(runs, curves, directory)
@@ -123,7 +145,7 @@ def run_comparison(config, workdir: str | pathlib.Path, names: Sequence[str], se
             f"{config.ppo.rollout.batch_size}). Held-out gold score, win rate against SFT (ties 1/2), KL to "
             "SFT, normalised RM score and response length (words) of the trained policy; rl_seconds is the RL "
             "stage's wall time. Mean and spread (half the max - min range) over seeds.\n",
-            table, "",
+            *dpo_note(config, names), table, "",
             *[f"## {title}\n\n![{title}]({file})\n" for title, file in plots.items()]]
     (directory / "comparison.md").write_text("\n".join(text))
     return Comparison(directory=directory, runs=runs, rows=rows, table=table)

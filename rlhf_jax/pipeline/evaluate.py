@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from rlhf_jax import evaluation, loading, losses, metrics, report, rl, tasks
+from rlhf_jax import evaluation, loading, losses, metrics, preference, report, rl, tasks
 from rlhf_jax.models import reward as reward_lib
 from rlhf_jax.pipeline.layout import Layout
 from rlhf_jax.pipeline.sampling import load_prompt_set, sample_texts, sampling_settings
@@ -144,7 +144,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
                                 "sft": sft_texts[i], "sft_gold": sft_gold[i].tolist(), "ppo": ppo_texts[i],
                                 "ppo_gold": ppo_gold[i].tolist(), "kl": kl[i].tolist()}) + "\n")
 
-    plots = write_plots(layout, ppo_dir, out_dir, labeler_agreement)
+    plots = write_plots(layout, ppo_dir, out_dir, labeler_agreement, algorithm)
     summary["wall_seconds"] = float(prior_seconds + time.perf_counter() - start)
     report.write_summary(out_dir / "summary.json", summary)
     notes = [f"{len(prompts)} held-out prompts x {cfg.num_samples} samples at temperature {temperature}; "
@@ -159,12 +159,18 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
 
 
 def write_plots(layout: Layout, ppo_dir: str | pathlib.Path, out_dir: pathlib.Path,
-                labeler_agreement: float) -> dict[str, str]:
-    """PPO curves and RM accuracy as PNGs in `out_dir`; returns {title: file name}."""
+                labeler_agreement: float, algorithm: str = "ppo") -> dict[str, str]:
+    """The policy's curves (RL: PPO curves; DPO variants: implicit-reward accuracy) and RM accuracy
+    as PNGs in `out_dir`; returns {title: file name}."""
     plots = {}
     ppo_rows = metrics.read_metrics(ppo_dir)
-    report.plot_ppo_curves(ppo_rows, out_dir / "ppo_curves.png")
-    plots["PPO: RM reward, gold score, KL and KL coefficient per iteration"] = "ppo_curves.png"
+    if algorithm in preference.VARIANTS:
+        report.plot_rm_accuracy(ppo_rows, out_dir / "dpo_accuracy.png", curves=(
+            ("rewards/accuracy", "train"), ("eval/rewards/accuracy", "held-out")), ceiling=labeler_agreement)
+        plots[f"{algorithm}: implicit-reward pair accuracy (train / held-out)"] = "dpo_accuracy.png"
+    else:
+        report.plot_ppo_curves(ppo_rows, out_dir / "ppo_curves.png")
+        plots["PPO: RM reward, gold score, KL and KL coefficient per iteration"] = "ppo_curves.png"
     rm_rows = metrics.read_metrics(layout.stage("rm"))
     report.plot_rm_accuracy(rm_rows, out_dir / "rm_accuracy.png", ceiling=labeler_agreement)
     plots["Reward model: pairwise accuracy (train / held-out)"] = "rm_accuracy.png"

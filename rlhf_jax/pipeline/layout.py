@@ -108,7 +108,7 @@ class Layout:
 # Stage configs: the pipeline's stage sections plus the paths that tie the stages together
 # ----------------------------------------------------------------------------------------------
 def stage_configs(config, layout: Layout) -> dict:
-    """{stage: ConfigDict} for pretrain, sft, rm and ppo, with data files, tokenizer, init /
+    """{stage: ConfigDict} for pretrain, sft, rm, ppo and dpo, with data files, tokenizer, init /
     checkpoint paths, the shared TFDS cache and `seed` filled in (copies; `config` is unchanged)."""
     tokenizer, cache = layout.tokenizer, layout.data_cache
     pretrain = config.pretrain.copy_and_resolve_references()
@@ -136,4 +136,10 @@ def stage_configs(config, layout: Layout) -> dict:
     ppo.reward.init.update(source="checkpoint", path=str(layout.stage("rm")))
     ppo.data.update(prompts=layout.task_file("ppo_prompts.jsonl"), tokenizer=tokenizer, cache_dir=cache,
                     ptx=layout.task_file("corpus.txt") if ppo.ptx.coef else "")
-    return {"pretrain": pretrain, "sft": sft, "rm": rm, "ppo": ppo}
+    dpo = config.dpo.copy_and_resolve_references()
+    dpo.seed = config.seed
+    dpo.variant = config.get("algorithm", "ppo")
+    dpo.data.update(kind="rankings", train=layout.rankings_train, eval=layout.rankings_heldout, tokenizer=tokenizer,
+                    cache_dir=cache)
+    dpo.init.update(source="checkpoint", path=str(layout.stage("sft")))
+    return {"pretrain": pretrain, "sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo}

@@ -1,5 +1,5 @@
-"""The stages in order: the task export, the trainers (pretrain, sft, rm, ppo) with the gold
-scorer PPO logs, the rankings and eval stages, and `run_pipeline`."""
+"""The stages in order: the task export, the trainers (pretrain, sft, rm, then ppo or a DPO
+variant) with the gold scorer PPO logs, the rankings and eval stages, and `run_pipeline`."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from rlhf_jax import evaluation, loading, tasks
+from rlhf_jax import evaluation, loading, preference, tasks
 from rlhf_jax.algorithms.catalog import ALGORITHMS
 from rlhf_jax.pipeline.evaluate import evaluate
 from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs, stage_info
@@ -80,6 +80,24 @@ def ppo_stage(config, layout: Layout, ppo_config, workdir: str | pathlib.Path) -
     return _trained(ppo_config.algorithm.name, ppo.train(ppo_config, str(workdir), gold_scorer=scorer))
 
 
+def dpo_stage(config, layout: Layout, dpo_config, workdir: str | pathlib.Path) -> dict:
+    """The DPO variants' stage: offline on the rankings stage's data, or online rounds."""
+    from rlhf_jax.trainers import dpo
+
+    if preference.VARIANTS[config.algorithm][2]:
+        from rlhf_jax.pipeline import online_dpo
+
+        return online_dpo.run_rounds(config, layout, dpo_config, pathlib.Path(workdir))
+    return _trained(config.algorithm, dpo.train(dpo_config, str(workdir)))
+
+
+def check_algorithm(algorithm: str) -> None:
+    """An RL algorithm (algorithms/catalog.py) or a DPO variant (preference.VARIANTS), else one line."""
+    if algorithm not in ALGORITHMS and algorithm not in preference.VARIANTS:
+        raise ValueError(f"config.algorithm={algorithm!r} (allowed: {', '.join(map(repr, ALGORITHMS))}, and the "
+                         f"DPO variants {', '.join(map(repr, preference.VARIANTS))})")
+
+
 def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None] = print) -> dict:
     """Run every unfinished stage in order under `workdir`; returns the summary (see `evaluate`).
 
@@ -89,8 +107,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
     start = time.perf_counter()
     layout = Layout(pathlib.Path(workdir).absolute())
     algorithm = config.get("algorithm", "ppo")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"config.algorithm={algorithm!r} (allowed: {', '.join(map(repr, ALGORITHMS))})")
+    check_algorithm(algorithm)
     setup.claim_workdir(layout.root, "pipeline")
     rl_dir, eval_dir, out_dir = policy_dirs(layout, algorithm)
     if out_dir != layout.root:  # DIR/<algorithm> belongs to this pipeline's algorithm run, not a pipeline
@@ -116,19 +133,26 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
                                      "rollout": config.ppo.rollout.to_dict()})
     records["rm"] = run_stage("rm", layout.stage("rm"), lambda: _trained(
         "rm", rm.train(cfgs["rm"], str(layout.stage("rm")))), echo, cfgs["rm"].to_dict())
-    records["ppo"] = run_stage(algorithm, rl_dir, lambda: ppo_stage(config, layout, cfgs["ppo"], rl_dir), echo,
-                               cfgs["ppo"].to_dict())
+    if algorithm in preference.VARIANTS:
+        records["dpo"] = run_stage(algorithm, rl_dir, lambda: dpo_stage(config, layout, cfgs["dpo"], rl_dir), echo,
+                                   cfgs["dpo"].to_dict())
+    else:
+        records["ppo"] = run_stage(algorithm, rl_dir, lambda: ppo_stage(config, layout, cfgs["ppo"], rl_dir), echo,
+                                   cfgs["ppo"].to_dict())
     prior = sum(r["seconds"] for r in records.values())
+    policy_dir = rl_dir / records.get("dpo", {}).get("info", {}).get("policy_dir", "")  # online DPO: its last round
     run_stage("eval", eval_dir, lambda: evaluate(
-        config, layout, rl_dir, out_dir, labeler_agreement=records["rankings"]["info"]["labeler_agreement"],
+        config, layout, policy_dir, out_dir, labeler_agreement=records["rankings"]["info"]["labeler_agreement"],
         prior_seconds=prior, echo=echo), echo, seeded(config.eval))
     echo(f"pipeline: {time.perf_counter() - start:.0f}s in this run; report in {out_dir / 'report.md'}")
     return json.loads((out_dir / "summary.json").read_text())
 
 
 def policy_dirs(layout: Layout, algorithm: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    """(RL run dir, eval stage dir, summary/report dir) of `algorithm`: DIR/ppo, DIR/eval and DIR
-    for PPO (the recipe's own layout), DIR/<algorithm>/{rl, eval} and DIR/<algorithm> otherwise."""
+    """(policy run dir, eval stage dir, summary/report dir) of `algorithm`: DIR/ppo, DIR/eval and DIR
+    for PPO (the recipe's own layout), DIR/<algorithm>/{dpo, eval} for the DPO variants,
+    DIR/<algorithm>/{rl, eval} for the other RL algorithms, and DIR/<algorithm>."""
     if algorithm == "ppo":
         return layout.stage("ppo"), layout.stage("eval"), layout.root
-    return layout.root / algorithm / "rl", layout.root / algorithm / "eval", layout.root / algorithm
+    run = "dpo" if algorithm in preference.VARIANTS else "rl"
+    return layout.root / algorithm / run, layout.root / algorithm / "eval", layout.root / algorithm

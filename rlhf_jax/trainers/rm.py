@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, loading, losses, sharding, tasks
+from rlhf_jax import checkpoint, loading, losses, sharding
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.models import Transformer
 from rlhf_jax.models import reward as reward_lib
-from rlhf_jax.trainers import loop, setup
+from rlhf_jax.trainers import loop, ranking_data, setup
 from rlhf_jax.trainers import state as state_lib
 
-DATA_KINDS = ("rankings", "comparisons", "hh")
+DATA_KINDS = ranking_data.DATA_KINDS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,31 +73,7 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
                                       "grad_accum", "max_nonfinite_streak", "data.builtin_responses"))
     if not isinstance(config.num_steps, int) or config.num_steps < 0:
         raise ValueError(f"config.num_steps={config.num_steps!r} must be >= 0 (0 = num_epochs over the data)")
-    if config.data.kind not in DATA_KINDS:
-        raise ValueError(f"config.data.kind={config.data.kind!r} (allowed: {', '.join(map(repr, DATA_KINDS))})")
-    if config.data.builtin_responses < 2:
-        raise ValueError(f"config.data.builtin_responses={config.data.builtin_responses} must be >= 2")
-    setup.validate_paths(config.data, ("train", "eval", "tokenizer"))
-
-
-def resolve_data(config, workdir: str) -> setup.DataFiles:
-    """Training/eval files and tokenizer: the config's, else the built-in task's rankings."""
-    data = config.data
-    if data.train:
-        return setup.DataFiles(train=[p.strip() for p in data.train.split(",") if p.strip()], eval=data.eval or None,
-                         tokenizer=loading.tokenizer_path(data.tokenizer, config.init))
-    task = tasks.builtin_rankings(workdir, config.seed, data.builtin_prompts, data.builtin_responses,
-                                  data.builtin_error_rate, data.builtin_labeler_temperature)
-    return setup.DataFiles(train=[task["rm_train"]], eval=data.eval or task["rm_eval"],
-                     tokenizer=loading.tokenizer_path(data.tokenizer, config.init, task))
-
-
-def load_ranking_split(config, files, tokenizer, workdir: str):
-    from rlhf_jax import data
-
-    return data.load_split(config.data.kind, files, tokenizer, max_len=config.data.max_len,
-                           max_prompt_len=config.data.max_prompt_len or None, batch_format="ranking",
-                           template=config.data.template, data_dir=config.data.cache_dir or f"{workdir}/data")
+    ranking_data.validate_data(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,18 +139,8 @@ def train(config, workdir: str) -> loop.LoopResult:
     The final metrics row also carries `reward_norm/mean` and `reward_norm/std`."""
     mesh = setup.setup_run(config, workdir, validate=functools.partial(validate_config, config), stage="rm")
     options = setup.compiler_options(config)
-    files = resolve_data(config, workdir)
-    tokenizer = loading.load_tokenizer(files.tokenizer)
-    loading.save_tokenizer(tokenizer, workdir)
-    train_split = load_ranking_split(config, files.train, tokenizer, workdir)
-    eval_split = load_ranking_split(config, files.eval, tokenizer, workdir) if files.eval else None
-    for name, split in (("train", train_split), ("eval", eval_split)):
-        if split is not None:
-            setup.report_data(workdir, name, split, "config.data.max_len / config.data.max_prompt_len")
-    num_steps = config.num_steps or config.num_epochs * (len(train_split) // config.batch_size)
-    if num_steps <= 0:
-        raise ValueError(f"config.batch_size={config.batch_size} is larger than the {len(train_split)} training "
-                         f"prompts: an epoch has no step")
+    loaded = ranking_data.load_data(config, workdir)
+    tokenizer, train_split, eval_split, num_steps = loaded.tokenizer, loaded.train, loaded.eval, loaded.num_steps
 
     # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ------------------------
     model = loading.architecture(config.init, config.model, heads=("value",), vocab_size=len(tokenizer))

@@ -98,7 +98,7 @@ def setup_run(config, workdir: str, validate: Callable[[tuple[int, int, int]], N
     """Start a run: distributed init, config checks (before any compilation), workdir ownership, mesh.
 
     `validate(mesh_shape)` is the stage's own config check; it runs after the mesh shape is known.
-    `stage` ("pretrain", "sft", "rm", "ppo") claims the workdir for that stage (`claim_workdir`):
+    `stage` ("pretrain", "sft", "rm", "ppo", "dpo") claims the workdir for that stage (`claim_workdir`):
     a directory of another stage or a pipeline stops here, before anything is written. DIR/config.json
     is written later, when training starts (`record_config`, called by the loop).
     """
@@ -118,10 +118,12 @@ def setup_run(config, workdir: str, validate: Callable[[tuple[int, int, int]], N
 # Workdir ownership: DIR/run.json says which stage (and which run) a directory belongs to
 # ----------------------------------------------------------------------------------------------
 RUN_FILE = "run.json"
-OWNERS = ("pretrain", "sft", "rm", "ppo", "pipeline", "policy", "comparison")
+OWNERS = ("pretrain", "sft", "rm", "ppo", "dpo", "pipeline", "policy", "comparison")
 WHAT = {"pretrain": "a pretraining run (experiments/train_sft.py, data.kind='text')",
         "sft": "an SFT run (experiments/train_sft.py)", "rm": "a reward-model run (experiments/train_rm.py)",
-        "ppo": "an RL run (experiments/train_ppo.py)", "pipeline": "a pipeline (experiments/run_pipeline.py)",
+        "ppo": "an RL run (experiments/train_ppo.py)",
+        "dpo": "a preference-optimisation run (experiments/train_dpo.py)",
+        "pipeline": "a pipeline (experiments/run_pipeline.py)",
         "policy": "one RL algorithm's run inside a pipeline (DIR/<algorithm> of run_pipeline.py --config.algorithm)",
         "comparison": "an algorithm comparison (experiments/compare_algorithms.py)"}
 
@@ -151,6 +153,8 @@ def _stage_of_config(config: dict) -> str | None:
         return "pipeline"
     if "rollout" in config:
         return "ppo"
+    if "dpo" in config:
+        return "dpo"
     if "normalize" in config:
         return "rm"
     kind = config.get("data", {}).get("kind") if isinstance(config.get("data"), dict) else None
