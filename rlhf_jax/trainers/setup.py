@@ -278,21 +278,31 @@ EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped by SIGTERM/SIGINT after s
 EXIT_ERROR = 1  # configuration, workdir, data or I/O error: rerunning unchanged will not help
 
 
+def show_tracebacks() -> bool:
+    """True when the script was given --traceback (rlhf_jax.cli): expected errors keep their traceback."""
+    from absl import flags
+
+    return "traceback" in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.traceback
+
+
 @contextlib.contextmanager
-def one_line_errors():
+def one_line_errors(*expected: type[BaseException]):
     """In a script: a workdir, checkpoint-mismatch, I/O (disk full, permissions) or config error
-    (a ValueError naming its `config.` key) is printed as one `FATAL ...` line on stderr and the
-    script exits with EXIT_ERROR (no traceback)."""
+    (a ValueError naming its `config.` key), or one of the script's own `expected` exception types,
+    is printed as one `FATAL ...` line on stderr and the script exits with EXIT_ERROR. With
+    --traceback the error is raised as usual (full traceback)."""
     from rlhf_jax import checkpoint
 
     try:
         yield
-    except (WorkdirError, checkpoint.CheckpointMismatch, OSError) as error:
+    except (WorkdirError, checkpoint.CheckpointMismatch, OSError, *expected) as error:
+        if show_tracebacks():
+            raise
         text = " ".join(str(error).split())
         sys.stderr.write(f"FATAL {type(error).__name__}: {text}\n")
         sys.exit(EXIT_ERROR)
     except ValueError as error:  # a config check names its key ("config. ..."); anything else keeps its traceback
-        if not str(error).startswith("config."):
+        if not str(error).startswith("config.") or show_tracebacks():
             raise
         sys.stderr.write(f"FATAL config error: {' '.join(str(error).split())}\n")
         sys.exit(EXIT_ERROR)
