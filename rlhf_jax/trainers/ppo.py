@@ -255,6 +255,8 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     options = setup.compiler_options(config)
 
     tokenizer = load_tokenizer(config, models) if (config.data.prompts or config.data.ptx) else None
+    if tokenizer is not None:  # WORKDIR/tokenizer, as SFT and RM runs keep theirs (export_hf, rlhf_jax.load_tokenizer)
+        loading.save_tokenizer(tokenizer, workdir)
     prompts_it, ptx_it = make_data(config, workdir, tokenizer, group_size(config))
     prompts_it, ptx_it = prompt_source or prompts_it, ptx_source or ptx_it
 
