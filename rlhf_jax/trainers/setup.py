@@ -287,15 +287,17 @@ def show_tracebacks() -> bool:
 
 @contextlib.contextmanager
 def one_line_errors(*expected: type[BaseException]):
-    """In a script: a workdir, checkpoint-mismatch, I/O (disk full, permissions) or config error
-    (a ValueError naming its `config.` key), or one of the script's own `expected` exception types,
+    """In a script: a workdir, checkpoint-mismatch, data (a bad file row: file, line, field), I/O (disk
+    full, permissions) or config error (a ValueError naming its `config.` key), or one of the
+    script's own `expected` exception types,
     is printed as one `FATAL ...` line on stderr and the script exits with EXIT_ERROR. With
     --traceback the error is raised as usual (full traceback)."""
     from rlhf_jax import checkpoint
+    from rlhf_jax.data.formats import DataError
 
     try:
         yield
-    except (WorkdirError, checkpoint.CheckpointMismatch, OSError, *expected) as error:
+    except (WorkdirError, checkpoint.CheckpointMismatch, DataError, OSError, *expected) as error:
         if show_tracebacks():
             raise
         text = " ".join(str(error).split())
