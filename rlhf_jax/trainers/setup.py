@@ -235,6 +235,11 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # DIR/config.json: written when training starts; an earlier, different one is kept
 # ----------------------------------------------------------------------------------------------
+def settings_of(recorded: dict) -> dict:
+    """A config.json's settings: everything but its "environment" record."""
+    return {k: v for k, v in recorded.items() if k != ENVIRONMENT_KEY}
+
+
 def _flat(tree, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix: tree}
@@ -242,20 +247,28 @@ def _flat(tree, prefix: str = "") -> dict:
         prefix: {}}
 
 
+ENVIRONMENT_KEY = "environment"  # config.json's record of library versions and machine (rlhf_jax.environment)
+
+
 def record_config(config, workdir: str | pathlib.Path, step: int = 0) -> pathlib.Path | None:
-    """Write DIR/config.json (process 0) for a run that is about to train from `step`. When the
-    directory already has a different config.json (a run continued with changed settings), that
-    one is kept as config.<n>.json (n = 1, 2, ...; it describes the checkpoints before `step`) and a
-    warning names the changed keys. Returns the path of the kept earlier config, if any."""
+    """Write DIR/config.json (process 0) for a run that is about to train from `step`: the resolved
+    config plus, under "environment", the library versions and machine it starts on. When the
+    directory already has a config.json with different settings (a run continued with changed
+    settings), that one is kept as config.<n>.json (n = 1, 2, ...; it describes the checkpoints
+    before `step`) and a warning names the changed keys; with the same settings it is left alone.
+    Returns the path of the kept earlier config, if any."""
+    from rlhf_jax.environment import environment
+
     root = pathlib.Path(workdir)
-    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    settings = json.loads(config.to_json_best_effort())
+    text = json.dumps({**settings, ENVIRONMENT_KEY: environment()}, indent=2, sort_keys=True) + "\n"
     if jax.process_index() != 0:
         return None
     root.mkdir(parents=True, exist_ok=True)
     path, kept = root / "config.json", None
     if path.exists():
         old = path.read_text()
-        before, after = _flat(json.loads(old)), _flat(json.loads(text))
+        before, after = _flat(settings_of(json.loads(old))), _flat(settings)
         if before == after:
             return None
         n = 1
