@@ -58,15 +58,14 @@ def check_out_dir(out: str | pathlib.Path, source: dict | None = None) -> None:
         raise ExportError(f"--out {out} is not empty ({what}); nothing was written: give a new or empty directory")
 
 
-def find_tokenizer(workdir: str | pathlib.Path, meta: dict, tokenizer: str | None = None):
-    """The run's tokenizer: `tokenizer` when given, else WORKDIR/tokenizer, else the one its checkpoint
-    metadata records; ExportError naming --tokenizer when there is none."""
-    candidates = [tokenizer] if tokenizer else [str(pathlib.Path(workdir) / "tokenizer"), meta.get("tokenizer")]
-    for path in candidates:
-        if path and pathlib.Path(path).is_dir():
-            return loading.load_tokenizer(path)
-    raise ExportError(f"{workdir}: no tokenizer (no tokenizer/ in the workdir, none recorded with its checkpoint); "
-                      "give the one it was trained with: --tokenizer DIR")
+def find_tokenizer(workdir: str | pathlib.Path, tokenizer: str | None = None):
+    """`tokenizer` when given, else the run's (loading.run_tokenizer_dir); ExportError naming
+    --tokenizer when it has none."""
+    directory = tokenizer or loading.run_tokenizer_dir(workdir)
+    if directory is None:
+        raise ExportError(f"{workdir}: no tokenizer (no tokenizer/ in the workdir, none recorded with its checkpoint); "
+                          "give the one it was trained with: --tokenizer DIR")
+    return loading.load_tokenizer(directory)
 
 
 def reward_pad(model: Transformer, params: dict, tokenizer) -> tuple[Transformer, dict, int]:
@@ -103,7 +102,7 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, *, tokenizer
     run = json.loads((workdir / "run.json").read_text()) if (workdir / "run.json").is_file() else {}
     source = {"workdir": str(workdir.absolute()), "run_id": run.get("run_id"), "stage": meta.get("stage")}
     check_out_dir(out, source)
-    tok = find_tokenizer(workdir, meta, tokenizer)
+    tok = find_tokenizer(workdir, tokenizer)
     heads = tuple(meta["model"]["heads"])
     extra = {"eos_token_id": chat.eos_id(tok), "bos_token_id": tok.bos_token_id}
     if "value" in heads and "lm" not in heads:
