@@ -265,8 +265,6 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     options = setup.compiler_options(config)
 
     tokenizer = load_tokenizer(config, models) if (config.data.prompts or config.data.ptx) else None
-    if tokenizer is not None:  # WORKDIR/tokenizer, as SFT and RM runs keep theirs (export_hf, rlhf_jax.load_tokenizer)
-        loading.save_tokenizer(tokenizer, workdir)
     prompts_it, ptx_it = make_data(config, workdir, tokenizer, group_size(config))
     prompts_it, ptx_it = prompt_source or prompts_it, ptx_source or ptx_it
 
@@ -317,6 +315,8 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
                 sample_records(tokenizer, host_batch["prompts"], outputs, config.log_samples)))
         return extra
 
+    if tokenizer is not None:  # WORKDIR/tokenizer, as SFT and RM runs keep theirs (export_hf, rlhf_jax.load_run)
+        loading.save_tokenizer(tokenizer, workdir)
     writer = metrics_lib.MetricWriter(workdir, resume_step=resume_step)
     try:
         batches = iteration_batches(prompts_it, ptx_it, group_size(config))
