@@ -32,7 +32,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_script_logging()
-    with one_line_errors(export.ExportError):
+    with one_line_errors(ValueError):  # a bad --workdir, --out or --tokenizer: one line naming it
         record = export.export_hf(_WORKDIR.value, _OUT.value, tokenizer=_TOKENIZER.value)
     auto = "AutoModelForCausalLM" if record["kind"] == "policy" else "AutoModelForSequenceClassification"
     print(f"Exported {record['kind'].replace('_', ' ')} {_WORKDIR.value} (step {record['step']}) to {_OUT.value}: "

@@ -282,3 +282,11 @@ def test_config_help_covers_the_pipeline_with_each_stages_own_comments():
     assert "rlhf_jax.data kind" in lines["sft.data.kind"]
     assert lines["ppo.num_steps"].endswith("# PPO iterations (rollout + update) to run in total")
     assert lines["pretrain.num_steps"].endswith("# optimizer updates in the whole run (a resumed run continues up to it)")
+
+
+def test_export_hf_errors_are_one_line(tmp_path):
+    """A --workdir without checkpoints: one FATAL line naming it, nothing written."""
+    proc = script("experiments/export_hf.py", f"--workdir={tmp_path / 'none'}", f"--out={tmp_path / 'out'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert fatal_lines(proc.stderr) == [f"FATAL FileNotFoundError: checkpoint path {tmp_path / 'none'} does not exist"]
+    assert not (tmp_path / "out").exists()
