@@ -5,7 +5,8 @@
 VENV="${RLHF_JAX_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-  echo "FATAL: rlhf_jax needs Python >= 3.10; '$PYTHON' is $("$PYTHON" --version 2>&1 || echo missing) (set PYTHON=...)" >&2
+  found=$("$PYTHON" --version 2>/dev/null || echo "not found")
+  echo "FATAL: rlhf_jax needs Python >= 3.10; PYTHON=$PYTHON is $found (set PYTHON=/path/to/python3.10 or newer)" >&2
   exit 1
 fi
 extras="${1:-}"
