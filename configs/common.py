@@ -91,9 +91,21 @@ def checkpoint_config(**fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(base)
 
 
+def wandb_config(**fields) -> ml_collections.ConfigDict:
+    """Optional Weights & Biases logging beside metrics.jsonl and TensorBoard (rlhf_jax.metrics)."""
+    base = dict(
+        enabled=False,  # also log metrics and sample texts to W&B (needs `pip install wandb`)
+        mode="offline",  # "offline": files under WORKDIR/wandb, no network (`wandb sync` later); "online"
+        project="rlhf_jax",  # W&B project
+        name="",  # run name; "" = the workdir's name
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
 def add_run_fields(c: ml_collections.ConfigDict, *, num_steps: int, log_every: int, eval_every: int,
                    save_every: int) -> None:
-    """Fields every stage has: seed, length, logging/eval cadence, mesh, distributed, checkpoints."""
+    """Fields every stage has: seed, length, logging/eval cadence, mesh, distributed, checkpoints, W&B."""
     c.seed = 0  # seeds model init, data order, dropout and sampling
     c.num_steps = num_steps  # optimizer updates in the whole run (a resumed run continues up to it)
     c.log_every = log_every  # steps between metric rows (metrics.jsonl, TensorBoard, progress bar)
@@ -103,6 +115,7 @@ def add_run_fields(c: ml_collections.ConfigDict, *, num_steps: int, log_every: i
     c.mesh = mesh_config()
     c.distributed = distributed_config()
     c.checkpoint = checkpoint_config(save_every=save_every)
+    c.wandb = wandb_config()
 
 
 def ranking_data_config(**fields) -> ml_collections.ConfigDict:

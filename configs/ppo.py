@@ -135,7 +135,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = common.mesh_config()
     c.distributed = common.distributed_config()
     c.checkpoint = common.checkpoint_config(save_every=10)
+    c.wandb = common.wandb_config()
     c.log_every = 1  # iterations between metric rows
+    c.log_samples = 2  # rollout responses shown as TensorBoard text ("samples") per logged iteration; 0 = none
     c.profile_phases = False  # jit rollout and update apart to log time/rollout and time/update
     c.fast_compile = False  # XLA backend optimisation off: ~2x faster CPU compiles but slower steps;
     #                         pays off only for runs of a few iterations (tests, smoke runs)

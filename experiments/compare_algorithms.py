@@ -1,4 +1,4 @@
-"""A controlled comparison of RL algorithms: same SFT model, same RM, same number of sampled
+r"""A controlled comparison of RL algorithms: same SFT model, same RM, same number of sampled
 responses, one hidden gold judge (rlhf_jax.pipeline.compare).
 
     python experiments/compare_algorithms.py --workdir runs/compare --algorithms ppo,grpo,rloo --seeds 0,1,2

@@ -1,4 +1,4 @@
-"""Train a policy with PPO / PPO-ptx (InstructGPT stage 3).
+r"""Train a policy with PPO / PPO-ptx (InstructGPT stage 3).
 
     python experiments/train_ppo.py --config configs/ppo.py:tiny --workdir /tmp/ppo
     python experiments/train_ppo.py --config configs/ppo.py:gpt2 --workdir runs/ppo_gpt2 \

@@ -1,4 +1,4 @@
-"""Reward-model training (InstructGPT stage 2): ranking loss over K ranked responses per prompt.
+r"""Reward-model training (InstructGPT stage 2): ranking loss over K ranked responses per prompt.
 
     python experiments/train_rm.py --config configs/rm.py:tiny --workdir /tmp/rm --config.seed 1
     python experiments/train_rm.py --config configs/rm.py:tiny --workdir /tmp/rm \

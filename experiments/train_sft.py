@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (InstructGPT stage 1) or pretraining of a decoder LM.
+r"""Supervised fine-tuning (InstructGPT stage 1) or pretraining of a decoder LM.
 
     python experiments/train_sft.py --config configs/sft.py:tiny --workdir /tmp/sft --config.seed 1
     python experiments/train_sft.py --config configs/sft.py:tiny_pretrain --workdir /tmp/pretrain

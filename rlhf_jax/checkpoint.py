@@ -313,6 +313,13 @@ def _open_step(path: str | os.PathLike) -> tuple[Checkpointer, int]:
     return checkpointer, step
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step that `read_meta` / `load_params` read at `path`: a step dir's own, else the newest."""
+    checkpointer, step = _open_step(path)
+    checkpointer.close()
+    return step
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """JSON metadata of a checkpoint (a workdir, its `checkpoints/` dir, or one step dir)."""
     checkpointer, step = _open_step(path)

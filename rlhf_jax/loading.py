@@ -1,6 +1,7 @@
 """Where models, weights and tokenizers come from: one module for trainers and research code.
 
     import rlhf_jax
+    model, params, tokenizer = rlhf_jax.load_run("runs/sft")    # any stage's run: model, params, its tokenizer
     model, params = rlhf_jax.load("runs/sft")                   # a stage's newest checkpoint, 1 device
     model, params, norm = rlhf_jax.load_reward_model("runs/rm")  # + its score normalisation
     tokenizer = rlhf_jax.load_tokenizer("runs/sft/tokenizer")
@@ -238,6 +239,31 @@ def load_tokenizer(path: str):
             raise ValueError(f"{config_file}: 'auto_map' asks for custom tokenizer code; remote/custom code is "
                              "never run (use a tokenizer.json-based tokenizer)")
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+
+
+def run_tokenizer_dir(path: str | pathlib.Path) -> str | None:
+    """The tokenizer directory of a run: `path`/tokenizer for a run dir, else the one recorded in its
+    checkpoint metadata (SFT, RM and RL runs record theirs); None when neither exists."""
+    own = pathlib.Path(path) / "tokenizer"
+    if own.is_dir():
+        return str(own)
+    recorded = checkpoint_lib.read_meta(str(path)).get("tokenizer")
+    return recorded if recorded and pathlib.Path(recorded).is_dir() else None
+
+
+def load_run(path: str | pathlib.Path, *, mesh=None, rules=sharding.DEFAULT_RULES):
+    """(model, params, tokenizer) of any stage's run dir, its checkpoints/ dir or one step dir: the
+    newest checkpoint's model (dropout off, its own heads: ("lm",) for a policy, ("value",) for a
+    reward model) and parameters on `mesh` (default: one device), and the run's tokenizer.
+
+    ValueError when `path` holds no rlhf_jax checkpoint or the run has no tokenizer (a run on
+    synthetic data: load the model with `load` and a tokenizer with `load_tokenizer`)."""
+    model, params = load_model(path, mesh=mesh, rules=rules)
+    directory = run_tokenizer_dir(path)
+    if directory is None:
+        raise ValueError(f"{path}: no tokenizer/ in the run dir and none recorded with its checkpoint (a run on "
+                         "synthetic data?); load one with rlhf_jax.load_tokenizer(DIR)")
+    return model, params, load_tokenizer(directory)
 
 
 def tokenizer_path(tokenizer: str, init, task_files: Mapping[str, str] | None = None,

@@ -42,13 +42,19 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+WANDB_MODES = ("offline", "online")
+
+
 class MetricWriter:
-    """Append `{"step": s, name: value, ...}` rows to DIR/metrics.jsonl and TensorBoard events."""
+    """Append `{"step": s, name: value, ...}` rows to DIR/metrics.jsonl and TensorBoard events
+    (DIR/tensorboard), texts (sample responses) to TensorBoard's Text tab, and, after
+    `start_wandb(config)` with `config.wandb.enabled`, both to Weights & Biases as well."""
 
     def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None):
         self.path = pathlib.Path(workdir) / METRICS_FILE
         self.enabled = jax.process_index() == 0
         self._tb = None
+        self._wandb = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,16 +84,62 @@ class MetricWriter:
                     f.write(json.dumps(row, allow_nan=True) + "\n")
             except OSError as error:  # e.g. disk full: name the file (a failed write() does not)
                 raise OSError(error.errno, error.strerror, str(self.path)) from None
-            for name, value in row.items():
-                if name != "step" and math.isfinite(value):
-                    self._tb.add_scalar(name, value, step)
+            finite = {name: value for name, value in row.items() if name != "step" and math.isfinite(value)}
+            for name, value in finite.items():
+                self._tb.add_scalar(name, value, step)
             self._tb.flush()
+            if self._wandb is not None:
+                self._wandb.log(finite, step=int(step))
         return row
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """A text (markdown) under `tag` at `step`: TensorBoard's Text tab, and a one-row W&B table."""
+        if not self.enabled:
+            return
+        self._tb.add_text(tag, text, step)
+        self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Table(columns=["step", "text"], data=[[int(step), text]])}, step=int(step))
+
+    def start_wandb(self, config) -> None:
+        """Also log to Weights & Biases when `config.wandb.enabled` (process 0): the run is
+        DIR/run.json's run id (a resumed run continues it), its files go under DIR/wandb; mode
+        "offline" needs no network or account (`wandb sync DIR/wandb/offline-run-*` uploads later).
+        ValueError naming the key when wandb is not installed or the mode is unknown."""
+        section = config.get("wandb") if hasattr(config, "get") else None
+        if not self.enabled or section is None or not section.enabled or self._wandb is not None:
+            return
+        if section.mode not in WANDB_MODES:
+            raise ValueError(f"config.wandb.mode={section.mode!r} (allowed: {', '.join(map(repr, WANDB_MODES))})")
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("config.wandb.enabled=True but the wandb package is not installed: pip install wandb "
+                             "(or --config.wandb.enabled=False)") from None
+        workdir = self.path.parent
+        run_file = workdir / "run.json"
+        run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+        self._wandb = wandb.init(project=section.project, name=section.name or workdir.name, dir=str(workdir),
+                                 mode=section.mode, id=run_id, resume="allow", config=config.to_dict())
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def samples_markdown(records: Iterable[Mapping[str, str]]) -> str:
+    """Sample {"prompt", "response"} records as markdown for TensorBoard's Text tab (verbatim text)."""
+    def quoted(text: str) -> str:
+        return "\n".join("    " + line for line in str(text).splitlines() or [""])
+
+    return "\n\n".join(f"**prompt**\n\n{quoted(r['prompt'])}\n\n**response**\n\n{quoted(r['response'])}"
+                         for r in records)
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "train") -> tqdm.tqdm:

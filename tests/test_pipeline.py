@@ -252,6 +252,12 @@ def test_smoke_summary_report_and_plots(smoke_workdir):
                 "win_rate_vs_sft"):
         assert 0.0 <= summary[key] <= 1.0, (key, summary[key])
     assert summary["wall_seconds"] > 0
+    # what it ran on (the subprocess had 1 fake CPU device): versions and machine, also in config.json
+    import jaxlib
+
+    assert summary["environment"]["versions"]["jaxlib"] == jaxlib.__version__
+    assert summary["environment"]["device_count"] == 1 and summary["environment"]["backend"] == "cpu"
+    assert json.loads((smoke_workdir / "sft" / "config.json").read_text())["environment"]["device_count"] == 1
     # best-of-4 picks one of the 4 SFT samples: its gold is between the worst and the best of them.
     samples = [json.loads(line) for line in (smoke_workdir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == summary["num_prompts"]

@@ -533,7 +533,14 @@ def test_the_script_refuses_another_stages_workdir_in_one_line(tmp_path):
 def test_config_json_is_written_when_training_starts_and_an_earlier_one_is_kept(toy_reference, tmp_path, caplog):
     toy_run(tmp_path, toy_config(), ToyBatches())
     first = (tmp_path / "config.json").read_text()
-    assert json.loads(first) == toy_config().to_dict()
+    recorded = json.loads(first)
+    assert {k: v for k, v in recorded.items() if k != "environment"} == toy_config().to_dict()
+    # ... and what it ran on: library versions and the machine (rlhf_jax.environment)
+    import jaxlib
+
+    assert recorded["environment"]["versions"]["jaxlib"] == jaxlib.__version__
+    assert recorded["environment"]["device_count"] == jax.device_count()
+    assert recorded["environment"]["cpu_count"] == os.cpu_count()
     # a rerun with nothing left to train (a finished stage run again, here with other settings) writes nothing
     toy_run(tmp_path, toy_config(log_every=2), ToyBatches(), resume=True)
     assert (tmp_path / "config.json").read_text() == first and not list(tmp_path.glob("config.*.json"))

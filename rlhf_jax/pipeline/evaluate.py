@@ -13,6 +13,7 @@ import numpy as np
 import tqdm
 
 from rlhf_jax import evaluation, loading, losses, metrics, preference, report, rl, tasks
+from rlhf_jax.environment import environment
 from rlhf_jax.models import reward as reward_lib
 from rlhf_jax.pipeline.layout import Layout
 from rlhf_jax.pipeline.sampling import load_prompt_set, sample_texts, sampling_settings
@@ -146,6 +147,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
 
     plots = write_plots(layout, ppo_dir, out_dir, labeler_agreement, algorithm)
     summary["wall_seconds"] = float(prior_seconds + time.perf_counter() - start)
+    summary["environment"] = environment()  # library versions and machine of this evaluation
     report.write_summary(out_dir / "summary.json", summary)
     notes = [f"{len(prompts)} held-out prompts x {cfg.num_samples} samples at temperature {temperature}; "
              f"mean response length {summary['sft_length']:.1f} words (SFT) -> {summary['ppo_length']:.1f} "

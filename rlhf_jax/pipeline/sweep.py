@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import report
+from rlhf_jax.trainers import setup
 from rlhf_jax.pipeline.evaluate import evaluate
 from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs, stage_info
 from rlhf_jax.pipeline.run import ppo_stage
@@ -67,7 +68,7 @@ def load_pipeline_config(workdir: str | pathlib.Path):
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run experiments/run_pipeline.py --workdir {workdir} first")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(setup.settings_of(json.loads(path.read_text())))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def train_loop(config, *, state: Any, step_fn: Callable, batches: Iterator, plac
     seconds fetching and placing batches per step), `time/eval`.
     The resolved config is written to config.json in the writer's directory just before the first
     step (`setup.record_config`: nothing is written when there is nothing to train; a different
-    earlier config.json is kept as config.<n>.json).
+    earlier config.json is kept as config.<n>.json), and Weights & Biases logging starts then when
+    `config.wandb.enabled`.
     """
     num_steps = config.num_steps if num_steps is None else num_steps
     step = int(jax.device_get(state.step))
@@ -120,6 +121,7 @@ def train_loop(config, *, state: Any, step_fn: Callable, batches: Iterator, plac
     preempted = False
     if step < num_steps:
         setup.record_config(config, writer.path.parent, step)
+        writer.start_wandb(config)  # only with config.wandb.enabled
 
     with PreemptionGuard() as guard:
         while step < num_steps:

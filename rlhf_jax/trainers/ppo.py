@@ -165,6 +165,16 @@ def gold_mean(gold_scorer: GoldScorer, index: np.ndarray, outputs: Mapping[str, 
     return float(scores.mean()) if scores.size else float("nan")
 
 
+def sample_records(tokenizer, prompts: Mapping[str, np.ndarray], outputs: Mapping[str, jax.Array],
+                   count: int) -> list[dict]:
+    """The first `count` rollout responses of an iteration as {"prompt", "response"} texts (prompts
+    left-padded `prompt_ids` / `prompt_mask` [B, P], responses `tokens` / `mask` [B, N])."""
+    tokens, mask = np.asarray(outputs["tokens"]), np.asarray(outputs["mask"])
+    ids, prompt_mask = np.asarray(prompts["prompt_ids"]), np.asarray(prompts["prompt_mask"])
+    return [{"prompt": tokenizer.decode(ids[i][prompt_mask[i] > 0]), "response": tokenizer.decode(tokens[i][mask[i] > 0])}
+            for i in range(min(count, tokens.shape[0]))]
+
+
 def kl_blew_up(kl: float, threshold: float) -> bool:
     """KL blow-up: the mean sequence KL to the reference is above `config.kl.blowup_threshold`, or not
     finite (a NaN KL means the policy or reference produced NaN log-probs)."""
@@ -297,8 +307,13 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
             extra["gold/mean"] = gold_mean(gold_scorer, host_batch["prompts"]["index"], outputs)
         if step == start_step + 1:
             extra["time/compile"] = compile_seconds
+        if config.log_samples and tokenizer is not None and outputs is not None and jax.process_count() == 1:
+            writer.write_text(step, "samples", metrics_lib.samples_markdown(
+                sample_records(tokenizer, host_batch["prompts"], outputs, config.log_samples)))
         return extra
 
+    if tokenizer is not None:  # WORKDIR/tokenizer, as SFT and RM runs keep theirs (export_hf, rlhf_jax.load_run)
+        loading.save_tokenizer(tokenizer, workdir)
     writer = metrics_lib.MetricWriter(workdir, resume_step=resume_step)
     try:
         batches = iteration_batches(prompts_it, ptx_it, group_size(config))

@@ -261,6 +261,11 @@ def report_data(workdir: str | pathlib.Path, name: str, split, length_keys: str)
 # ----------------------------------------------------------------------------------------------
 # DIR/config.json: written when training starts; an earlier, different one is kept
 # ----------------------------------------------------------------------------------------------
+def settings_of(recorded: dict) -> dict:
+    """A config.json's settings: everything but its "environment" record."""
+    return {k: v for k, v in recorded.items() if k != ENVIRONMENT_KEY}
+
+
 def _flat(tree, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix: tree}
@@ -268,20 +273,28 @@ def _flat(tree, prefix: str = "") -> dict:
         prefix: {}}
 
 
+ENVIRONMENT_KEY = "environment"  # config.json's record of library versions and machine (rlhf_jax.environment)
+
+
 def record_config(config, workdir: str | pathlib.Path, step: int = 0) -> pathlib.Path | None:
-    """Write DIR/config.json (process 0) for a run that is about to train from `step`. When the
-    directory already has a different config.json (a run continued with changed settings), that
-    one is kept as config.<n>.json (n = 1, 2, ...; it describes the checkpoints before `step`) and a
-    warning names the changed keys. Returns the path of the kept earlier config, if any."""
+    """Write DIR/config.json (process 0) for a run that is about to train from `step`: the resolved
+    config plus, under "environment", the library versions and machine it starts on. When the
+    directory already has a config.json with different settings (a run continued with changed
+    settings), that one is kept as config.<n>.json (n = 1, 2, ...; it describes the checkpoints
+    before `step`) and a warning names the changed keys; with the same settings it is left alone.
+    Returns the path of the kept earlier config, if any."""
+    from rlhf_jax.environment import environment
+
     root = pathlib.Path(workdir)
-    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    settings = json.loads(config.to_json_best_effort())
+    text = json.dumps({**settings, ENVIRONMENT_KEY: environment()}, indent=2, sort_keys=True) + "\n"
     if jax.process_index() != 0:
         return None
     root.mkdir(parents=True, exist_ok=True)
     path, kept = root / "config.json", None
     if path.exists():
         old = path.read_text()
-        before, after = _flat(json.loads(old)), _flat(json.loads(text))
+        before, after = _flat(settings_of(json.loads(old))), _flat(settings)
         if before == after:
             return None
         n = 1
@@ -304,21 +317,33 @@ EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped by SIGTERM/SIGINT after s
 EXIT_ERROR = 1  # configuration, workdir, data or I/O error: rerunning unchanged will not help
 
 
+def show_tracebacks() -> bool:
+    """True when the script was given --traceback (rlhf_jax.cli): expected errors keep their traceback."""
+    from absl import flags
+
+    return "traceback" in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.traceback
+
+
 @contextlib.contextmanager
-def one_line_errors():
-    """In a script: a workdir, checkpoint-mismatch, I/O (disk full, permissions) or config error
-    (a ValueError naming its `config.` key) is printed as one `FATAL ...` line on stderr and the
-    script exits with EXIT_ERROR (no traceback)."""
+def one_line_errors(*expected: type[BaseException]):
+    """In a script: a workdir, checkpoint-mismatch, data (a bad file row: file, line, field), I/O (disk
+    full, permissions) or config error (a ValueError naming its `config.` key), or one of the
+    script's own `expected` exception types,
+    is printed as one `FATAL ...` line on stderr and the script exits with EXIT_ERROR. With
+    --traceback the error is raised as usual (full traceback)."""
     from rlhf_jax import checkpoint
+    from rlhf_jax.data.formats import DataError
 
     try:
         yield
-    except (WorkdirError, checkpoint.CheckpointMismatch, OSError) as error:
+    except (WorkdirError, checkpoint.CheckpointMismatch, DataError, OSError, *expected) as error:
+        if show_tracebacks():
+            raise
         text = " ".join(str(error).split())
         sys.stderr.write(f"FATAL {type(error).__name__}: {text}\n")
         sys.exit(EXIT_ERROR)
     except ValueError as error:  # a config check names its key ("config. ..."); anything else keeps its traceback
-        if not str(error).startswith("config."):
+        if not str(error).startswith("config.") or show_tracebacks():
             raise
         sys.stderr.write(f"FATAL config error: {' '.join(str(error).split())}\n")
         sys.exit(EXIT_ERROR)

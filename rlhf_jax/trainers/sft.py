@@ -94,8 +94,9 @@ def target_tokens(batch) -> jax.Array:
     return jnp.sum(batch["loss_mask"][..., 1:])
 
 
-def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param_sh, workdir: str):
-    """eval_fn(state) -> {"eval/loss", "eval/accuracy"} over held-out batches; also writes samples."""
+def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param_sh, workdir: str, writer=None):
+    """eval_fn(state) -> {"eval/loss", "eval/accuracy"} over held-out batches; also writes samples
+    (samples.jsonl, and as TensorBoard text through `writer`)."""
     loss_fn = make_loss_fn(model.clone(config=model.config.replace(dropout_rate=0.0)))
 
     @functools.partial(jax.jit, in_shardings=(param_sh, sharding.batch_sharding(mesh)),
@@ -119,14 +120,15 @@ def make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, param
             tokens = max(totals["tokens"], 1.0)
             out = {"eval/loss": totals["loss_sum"] / tokens, "eval/accuracy": totals["hits"] / tokens}
         if prompt_split is not None and jax.process_count() == 1:  # samples: single-process runs only
-            write_samples(config, model, state, prompt_split, tokenizer, workdir)
+            write_samples(config, model, state, prompt_split, tokenizer, workdir, writer)
         return out
 
     return eval_fn
 
 
-def write_samples(config, model, state, prompt_split, tokenizer, workdir: str) -> None:
-    """Sample the first eval.num_samples held-out prompts; append them to WORKDIR/samples.jsonl."""
+def write_samples(config, model, state, prompt_split, tokenizer, workdir: str, writer=None) -> None:
+    """Sample the first eval.num_samples held-out prompts; append them to WORKDIR/samples.jsonl and
+    show them as TensorBoard text `samples` (a `metrics.MetricWriter`)."""
     from rlhf_jax import generation
     from rlhf_jax.data import chat
 
@@ -139,14 +141,16 @@ def write_samples(config, model, state, prompt_split, tokenizer, workdir: str) -
     tokens, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
     if jax.process_index() != 0:
         return
+    records = []
     with open(pathlib.Path(workdir) / "samples.jsonl", "a") as f:
         for row in range(tokens.shape[0]):
             prompt = batch["prompt_ids"][row][batch["prompt_mask"][row] > 0]
             response = tokens[row][mask[row] > 0]
-            record = {"step": step, "prompt": tokenizer.decode(prompt), "response": tokenizer.decode(response)}
-            f.write(json.dumps(record) + "\n")
-            if row == 0:
-                logging.info("sample @%d: %s -> %s", step, record["prompt"], record["response"])
+            records.append({"step": step, "prompt": tokenizer.decode(prompt), "response": tokenizer.decode(response)})
+            f.write(json.dumps(records[-1]) + "\n")
+    logging.info("sample @%d: %s -> %s", step, records[0]["prompt"], records[0]["response"])
+    if writer is not None:
+        writer.write_text(step, "samples", metrics_lib.samples_markdown(records))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,8 +187,8 @@ def train(config, workdir: str) -> loop.LoopResult:
     step_fn = state_lib.make_train_step(make_loss_fn(model), built.optimizer, built.schedule,
                                         grad_accum=config.grad_accum, weight_fn=target_tokens)
     train_step = state_lib.jit_train_step(step_fn, built.state_sh, sharding.batch_sharding(mesh), options)
-    eval_fn = make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, built.param_sh, workdir)
     writer = metrics_lib.MetricWriter(workdir, resume_step=built.resumed)
+    eval_fn = make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, built.param_sh, workdir, writer)
     meta_fn = lambda state: {"data": batches.get_state(), "model": loading.model_meta(model),  # noqa: E731
                              "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()), "stage": "sft"}
     try:
