@@ -22,6 +22,7 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "tqdm>=4.60",
+        "qwix>=0.1.8,<0.2",  # LoRA / QLoRA adapters (rlhf_jax.lora)
         "tensorboardX>=2.6",
         "matplotlib>=3.7",
     ],
