@@ -140,6 +140,9 @@ def load_checkpoint_params(path: str, model: Transformer, param_sh: Any) -> Any:
     spec = lora.LoraSpec(lora_meta["rank"], lora_meta["alpha"], 0.0, lora_meta["target_modules"],
                          tuple(lora_meta["train_heads"]))
     base_init = SimpleNamespace(**lora_meta["base"])
+    if base_init.source == "scratch":
+        raise ValueError(f"{path}: LoRA adapters of a freshly initialised (init.source='scratch') model; that base "
+                         "was never saved, so the adapters cannot be merged (start LoRA runs from a checkpoint or hf)")
     base = initial_params(base_init, model, param_sh, jax.random.PRNGKey(0), key=f"{path} (lora base)")
     lmodel = lora.lora_model(model, spec, train=False)
     mesh = jax.tree.leaves(param_sh)[0].mesh
