@@ -1,15 +1,18 @@
-"""SFT with config.lora: adapters only in the optimizer and the checkpoint, exact resume after
-SIGTERM, a resumed run on another mesh, and the merged export loads in transformers with the LoRA
-model's logits."""
+"""SFT and RM with config.lora: adapters (and the RM's scalar head) only in the optimizer and the
+checkpoint, exact resume after SIGTERM, the merged export loads in transformers with the LoRA
+model's logits, a LoRA reward model loads merged with the LoRA model's scores."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import rm as rm_configs
 from configs import sft as sft_configs
 from rlhf_jax import checkpoint, loading, lora, metrics, tasks
 from rlhf_jax.models import Transformer, TransformerConfig, from_pretrained, init_params, save_pretrained
-from rlhf_jax.trainers import sft
+from rlhf_jax.trainers import rm, sft
 
 NUM_STEPS = 8
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -20,6 +23,12 @@ def files(tmp_path_factory):
     """Built-in task demonstrations, tokenizer, and a random tiny Llama-style base saved as HF."""
     root = tmp_path_factory.mktemp("lora_sft")
     tasks.write_demonstrations(root / "train.jsonl", tasks.sample_examples(64, seed=0), seed=0)
+    with open(root / "rankings.jsonl", "w") as f:  # responses "a" > "b" > "c", in random order
+        rng = np.random.default_rng(0)
+        for example in tasks.sample_examples(32, seed=0):
+            responses = list(rng.permutation(["a", "b", "c"]))
+            f.write(json.dumps({"prompt": example.prompt, "responses": responses,
+                                "ranking": [responses.index(w) for w in "abc"]}) + "\n")
     tasks.save_tokenizer(root / "tokenizer")
     vocab = len(loading.load_tokenizer(str(root / "tokenizer")))
     base = Transformer(TransformerConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64))
@@ -97,3 +106,27 @@ def test_lora_on_a_fresh_model_is_refused(files, tmp_path):
     config.init.update(source="scratch", path="")
     with pytest.raises(ValueError, match=r"^config.lora.rank=4 needs config.init.source"):
         sft.train(config, str(tmp_path))
+
+
+def test_reward_model_trains_adapters_and_head_and_loads_merged(files, tmp_path):
+    config = rm_configs.get_config("tiny")
+    config.init.update(source="hf", path=str(files / "base"))
+    config.lora.update(rank=4, alpha=8.0)
+    config.data.update(train=str(files / "rankings.jsonl"), eval="", tokenizer=str(files / "tokenizer"), max_len=32,
+                       cache_dir=str(files / "tfds_rm"))
+    config.update(num_steps=6, batch_size=8, log_every=1, fast_compile=True)
+    config.normalize.num_batches = 1
+    config.checkpoint.save_every = 1000
+    config.optim.update(learning_rate=1e-2, warmup_steps=1, decay_steps=6)
+    result = rm.train(config, str(tmp_path))
+    assert set(result.state.params) == {"layers", "value_head"}
+    assert all(lora.is_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(result.state.params["layers"])[0])
+    model, merged, norm = loading.load_reward_model(str(tmp_path))
+    assert norm["std"] > 0
+    _, base = from_pretrained(str(files / "base"))
+    base = {k: v for k, v in base.items() if k != "lm_head"}
+    ids = jnp.asarray([[5, 9, 13, 17, 21, 25]])
+    spec = lora.LoraSpec(rank=4, alpha=8.0, train_heads=("value_head",))
+    expected = lora.lora_model(model, spec, train=False).apply(
+        {"params": lora.combine(jax.device_get(result.state.params), base)}, ids).values
+    np.testing.assert_allclose(model.apply({"params": merged}, ids).values, expected, atol=1e-5)
