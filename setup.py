@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # torch is only a reference for parity tests and benchmarks, never needed to train.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "peft>=0.21,<0.22"],  # peft: LoRA export test
         "bench": ["torch==2.13.0", "trl==0.29.1"],
     },
 )

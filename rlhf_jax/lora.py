@@ -189,3 +189,46 @@ def save_merged(model: Transformer, params: dict, spec: LoraSpec, path, **kwargs
     from rlhf_jax.models import save_pretrained
 
     save_pretrained(model, merge(params, spec), path, **kwargs)
+
+
+# Our projection -> the Hugging Face Llama-family module (transformers' LlamaForCausalLM & co.).
+_HF_MODULES = {("attn", p): f"self_attn.{p}_proj" for p in "qkvo"} | {
+    ("mlp", p): f"mlp.{p}_proj" for p in ("gate", "up", "down")}
+
+
+def save_peft(model: Transformer, adapters: dict, spec: LoraSpec, path, base_model_name_or_path: str = "") -> None:
+    """Write the adapters alone in the PEFT format that `peft.PeftModel.from_pretrained` loads on top
+    of the base saved by `rlhf_jax.models.save_pretrained`: `adapter_config.json` (peft_type LORA,
+    r, lora_alpha, target_modules) + `adapter_model.safetensors` with fp32
+    `base_model.model.model.layers.{i}.<module>.lora_A.weight [r, in]` and `lora_B.weight [out, r]`.
+    Llama-family LMs (Llama, Qwen2, Mistral) only: ValueError for GPT-2 (its fused c_attn has one
+    adapter for q|k|v) or a model with a value head (use `save_merged` there)."""
+    import json
+    import pathlib
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from rlhf_jax.models.hf_config import hf_model_type
+
+    if hf_model_type(model.config) == "gpt2" or tuple(model.heads) != ("lm",):
+        raise ValueError(f"save_peft: Llama-family language models only (got {hf_model_type(model.config)}, heads "
+                         f"{tuple(model.heads)}); use lora.save_merged for a plain Hugging Face model")
+    tensors, targets = {}, set()
+    for group, projections in adapters["layers"].items():
+        for proj, leaves in projections.items():
+            module = _HF_MODULES[(group, proj)]
+            targets.add(module.split(".")[-1])
+            a, b = np.asarray(leaves["kernel_lora_a"], np.float32), np.asarray(leaves["kernel_lora_b"], np.float32)
+            for i in range(model.config.n_layers):
+                name = f"base_model.model.model.layers.{i}.{module}"
+                tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+                tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
+              "lora_dropout": spec.dropout, "target_modules": sorted(targets), "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
+              "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None}
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})

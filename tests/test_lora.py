@@ -160,3 +160,29 @@ def test_bad_config_names_the_key():
     lmodel = lora.lora_model(model, lora.LoraSpec(rank=2, alpha=4.0, target_modules="nothing"))
     with pytest.raises(ValueError, match="config.lora.target_modules matched no projection"):
         lora.init_adapters(lmodel, tr.init_params(model, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+
+
+def test_merged_and_peft_exports_load_with_the_lora_logits(setup, tmp_path):
+    """save_merged -> transformers, save_peft -> peft on the plain base: both give the LoRA model's logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from rlhf_jax.models import save_pretrained
+
+    model, lmodel, base, adapters = setup
+    expected = np.asarray(logits(lmodel, lora.combine(adapters, base)))
+    save_pretrained(model, base, tmp_path / "base")
+    lora.save_merged(model, lora.combine(adapters, base), SPEC, tmp_path / "merged")
+    lora.save_peft(model, jax.device_get(adapters), SPEC, tmp_path / "adapter", str(tmp_path / "base"))
+    ids, mask = torch.tensor(np.asarray(IDS)), torch.tensor(np.asarray(MASK))
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    with torch.no_grad():
+        merged = load(tmp_path / "merged", torch_dtype=torch.float32)(ids, attention_mask=mask).logits.numpy()
+        with_adapter = peft.PeftModel.from_pretrained(load(tmp_path / "base", torch_dtype=torch.float32),
+                                                      tmp_path / "adapter")
+        peft_logits = with_adapter(ids, attention_mask=mask).logits.numpy()
+    real = np.asarray(MASK, bool)
+    np.testing.assert_allclose(merged[real], expected[real], atol=1e-4)
+    np.testing.assert_allclose(peft_logits[real], expected[real], atol=1e-4)
+    with pytest.raises(ValueError, match="save_peft: Llama-family language models only"):
+        lora.save_peft(tr.Transformer(CFG, heads=("value",)), adapters, SPEC, tmp_path / "x")
