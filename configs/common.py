@@ -100,6 +100,9 @@ def lora_config(**fields) -> ml_collections.ConfigDict:
         # regex over a projection's module path ("layers/attn/q", "layers/mlp/down"); default: all
         # attention (q, k, v, o) and MLP (gate, up, down) projections
         target_modules=r"(layers/)?(attn/(q|k|v|o)|mlp/(gate|up|down))",
+        # top-level parameter groups trained in full next to the adapters (PEFT's modules_to_save), comma-
+        # separated: "embed", "pos_embed", "final_norm", "lm_head" (the RM / a shared critic add "value_head")
+        modules_to_save="",
     )
     base.update(fields)
     return ml_collections.ConfigDict(base)

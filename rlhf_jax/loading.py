@@ -138,7 +138,7 @@ def load_checkpoint_params(path: str, model: Transformer, param_sh: Any) -> Any:
     from rlhf_jax import lora
 
     spec = lora.LoraSpec(lora_meta["rank"], lora_meta["alpha"], 0.0, lora_meta["target_modules"],
-                         tuple(lora_meta["train_heads"]))
+                         tuple(lora_meta["modules_to_save"]))
     base_init = SimpleNamespace(**lora_meta["base"])
     if base_init.source == "scratch":
         raise ValueError(f"{path}: LoRA adapters of a freshly initialised (init.source='scratch') model; that base "

@@ -38,27 +38,29 @@ ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 # Attention (q, k, v, o) and MLP (gate, up, down) projections; "layers/" is the scanned training
 # layout, the bare form the per-layer decode layout (rlhf_jax.models.decode).
 DEFAULT_TARGETS = r"(layers/)?(attn/(q|k|v|o)|mlp/(gate|up|down))"
+SAVABLE_MODULES = ("embed", "pos_embed", "final_norm", "lm_head", "value_head")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """rank r > 0; alpha (the update is scaled by alpha / r); dropout on the adapter's input
     (training only); target_modules: regex that must match a projection's whole module path
-    (e.g. "layers/attn/q"); train_heads: head parameters trained alongside the adapters
-    ("value_head" for a reward model or critic)."""
+    (e.g. "layers/attn/q"); modules_to_save: top-level parameter groups trained in full alongside
+    the adapters (PEFT's term): the trainers add "value_head" for a reward model or a shared critic;
+    `config.lora.modules_to_save` may add "embed", "pos_embed", "final_norm", "lm_head"."""
 
     rank: int
     alpha: float
     dropout: float = 0.0
     target_modules: str = DEFAULT_TARGETS
-    train_heads: tuple = ()
+    modules_to_save: tuple = ()
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
     @classmethod
-    def from_config(cls, cfg, key: str = "config.lora", train_heads: tuple = ()) -> "LoraSpec | None":
+    def from_config(cls, cfg, key: str = "config.lora", modules_to_save: tuple = ()) -> "LoraSpec | None":
         """`None` when `cfg.rank == 0` (LoRA off); ValueError naming the key for a bad value."""
         if cfg.rank == 0:
             return None
@@ -72,12 +74,18 @@ class LoraSpec:
             re.compile(cfg.target_modules)
         except re.error as e:
             raise ValueError(f"{key}.target_modules={cfg.target_modules!r} is not a regex: {e}") from None
-        return cls(int(cfg.rank), float(cfg.alpha), float(cfg.dropout), cfg.target_modules, tuple(train_heads))
+        extra = tuple(name.strip() for name in cfg.modules_to_save.split(",") if name.strip())
+        unknown = sorted(set(extra) - set(SAVABLE_MODULES))
+        if unknown:
+            raise ValueError(f"{key}.modules_to_save={cfg.modules_to_save!r}: unknown {unknown} (allowed: "
+                             f"{', '.join(SAVABLE_MODULES)})")
+        return cls(int(cfg.rank), float(cfg.alpha), float(cfg.dropout), cfg.target_modules,
+                   tuple(dict.fromkeys(tuple(modules_to_save) + extra)))
 
     def meta(self) -> dict:
         """JSON-able description (checkpoint metadata)."""
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": self.target_modules, "train_heads": list(self.train_heads)}
+                "target_modules": self.target_modules, "modules_to_save": list(self.modules_to_save)}
 
 
 class _Provider(qwix.LoraProvider):
@@ -109,11 +117,11 @@ def is_adapter(path) -> bool:
 
 
 def _trainable(path, spec: LoraSpec) -> bool:
-    return is_adapter(path) or getattr(path[0], "key", None) in spec.train_heads
+    return is_adapter(path) or getattr(path[0], "key", None) in spec.modules_to_save
 
 
 def split(params: dict, spec: LoraSpec) -> tuple[dict, dict]:
-    """(trainable, frozen) nested dicts: adapters and `spec.train_heads` vs the base weights."""
+    """(trainable, frozen) nested dicts: adapters and `spec.modules_to_save` vs the base weights."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     trainable, frozen = {}, {}
     for path, leaf in flat:
@@ -211,6 +219,9 @@ def save_peft(model: Transformer, adapters: dict, spec: LoraSpec, path, base_mod
 
     from rlhf_jax.models.hf_config import hf_model_type
 
+    if spec.modules_to_save:
+        raise ValueError(f"save_peft: modules_to_save={spec.modules_to_save} are trained in full; use "
+                         "lora.save_merged for a plain Hugging Face model")
     if hf_model_type(model.config) == "gpt2" or tuple(model.heads) != ("lm",):
         raise ValueError(f"save_peft: Llama-family language models only (got {hf_model_type(model.config)}, heads "
                          f"{tuple(model.heads)}); use lora.save_merged for a plain Hugging Face model")

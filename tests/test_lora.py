@@ -130,7 +130,7 @@ def test_adapter_free_forward_is_the_base_model(setup):
 def test_heads_are_trainable_when_asked():
     model = tr.Transformer(CFG, heads=("value",))
     base = tr.init_params(model, jax.random.PRNGKey(0))
-    spec = lora.LoraSpec(rank=2, alpha=4.0, train_heads=("value_head",))
+    spec = lora.LoraSpec(rank=2, alpha=4.0, modules_to_save=("value_head",))
     lmodel = lora.lora_model(model, spec)
     adapters = jax.jit(lambda b: lora.init_adapters(lmodel, b, jax.random.PRNGKey(1)))(base)
     trainable, frozen = lora.split(lora.combine(adapters, base), spec)
@@ -150,10 +150,16 @@ def test_adapter_shardings_follow_the_kernel_axes(setup):
 def test_bad_config_names_the_key():
     import ml_collections
 
-    cfg = ml_collections.ConfigDict(dict(rank=4, alpha=-1.0, dropout=0.0, target_modules=".*"))
+    cfg = ml_collections.ConfigDict(dict(rank=4, alpha=-1.0, dropout=0.0, target_modules=".*", modules_to_save=""))
     with pytest.raises(ValueError, match=r"^config.lora.alpha=-1.0"):
         lora.LoraSpec.from_config(cfg)
-    cfg.update(alpha=8.0, target_modules="(")
+    cfg.update(alpha=8.0, modules_to_save="embed, layers")
+    with pytest.raises(ValueError, match=r"^config.lora.modules_to_save='embed, layers': unknown \['layers'\]"):
+        lora.LoraSpec.from_config(cfg)
+    cfg.modules_to_save = "lm_head,embed"
+    assert lora.LoraSpec.from_config(cfg, modules_to_save=("value_head",)).modules_to_save == (
+        "value_head", "lm_head", "embed")
+    cfg.update(modules_to_save="", target_modules="(")
     with pytest.raises(ValueError, match=r"^config.lora.target_modules="):
         lora.LoraSpec.from_config(cfg)
     model = tr.Transformer(CFG)

@@ -126,7 +126,7 @@ def test_reward_model_trains_adapters_and_head_and_loads_merged(files, tmp_path)
     _, base = from_pretrained(str(files / "base"))
     base = {k: v for k, v in base.items() if k != "lm_head"}
     ids = jnp.asarray([[5, 9, 13, 17, 21, 25]])
-    spec = lora.LoraSpec(rank=4, alpha=8.0, train_heads=("value_head",))
+    spec = lora.LoraSpec(rank=4, alpha=8.0, modules_to_save=("value_head",))
     expected = lora.lora_model(model, spec, train=False).apply(
         {"params": lora.combine(jax.device_get(result.state.params), base)}, ids).values
     np.testing.assert_allclose(model.apply({"params": merged}, ids).values, expected, atol=1e-5)

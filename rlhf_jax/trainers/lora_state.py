@@ -1,7 +1,7 @@
 """LoRA in a single-model stage (SFT, RM): what `config.lora` changes in the train state.
 
 With `config.lora.rank > 0` the stage's `TrainState.params` (optimizer state, checkpoint "params"
-item) is the trainable tree only: the adapters plus `train_heads` (the RM's scalar head). The
+item) is the trainable tree only: the adapters plus `modules_to_save` (the RM's scalar head, any configured). The
 frozen base is read from `config.init` at every start (fresh or resumed; the checkpoint metadata
 points at it under "lora"/"base"), lives on device once, and enters the jitted step as an
 argument that is neither donated nor differentiated. `loading.load_checkpoint_params` merges such
@@ -52,11 +52,11 @@ class LoraStage:
 
 
 def setup(config, model: Transformer, mesh, options: dict | None = None,
-          train_heads: tuple = ()) -> LoraStage | None:
+          modules_to_save: tuple = ()) -> LoraStage | None:
     """`None` when `config.lora.rank == 0`; else the LoRA view of the stage with the frozen base
     loaded from `config.init` onto `mesh` (the same rng as a full fine-tune's init, so a fresh
     scalar head is the same too)."""
-    spec = lora.LoraSpec.from_config(config.lora, "config.lora", train_heads)
+    spec = lora.LoraSpec.from_config(config.lora, "config.lora", modules_to_save)
     if spec is None:
         return None
     lmodel = lora.lora_model(model, spec)
