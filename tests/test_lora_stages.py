@@ -80,6 +80,19 @@ def test_sigterm_then_rerun_resumes_exactly(files, reference, tmp_path, sigterm_
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state), reference[2])
 
 
+def test_resume_on_another_mesh(files, reference, tmp_path, sigterm_after_step):
+    """Stopped on data=8, resumed on fsdp=4 x tensor=2 (adapter shardings follow their kernels'
+    logical axes): the same losses and adapters up to float rounding."""
+    sigterm_after_step(3)
+    assert sft.train(lora_config(files, **{"mesh.data": 8}), str(tmp_path)).step == 4
+    second = sft.train(lora_config(files, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}), str(tmp_path))
+    rows, reference_rows = metrics.read_metrics(tmp_path), reference[1]
+    assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in reference_rows], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(second.state.params), reference[2].params)
+
+
 def test_merged_export_loads_in_transformers_with_the_lora_logits(files, reference, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
