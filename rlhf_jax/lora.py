@@ -15,7 +15,7 @@ provider therefore sends each projection of a LoRA model straight to qwix's `dot
 (JAX's own VJP). The custom VJP only saved the frozen kernel's weight-gradient transpose
 (docs/benchmarks.md), which a LoRA step does not compute.
 
-The pieces every trainer uses (SFT and RM here; the RL actor/critic and DPO call the same):
+The pieces every trainer uses (SFT, RM, the RL actor; a DPO trainer can call the same):
 `LoraSpec.from_config` (config.lora), `lora_model` (the adapted model), `init_adapters`,
 `split` / `combine` (trainable adapters + heads vs the frozen base), `merge` (W + (alpha/r)·A·B,
 for export: `save_merged`). The adapter-free forward is the plain model applied to the base
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -159,11 +158,6 @@ def _prune(tree):
         pruned = {k: _prune(v) for k, v in tree.items()}
         return {k: v for k, v in pruned.items() if v is not None and not (isinstance(v, dict) and not v)}
     return tree
-
-
-def adapter_shapes(model: Transformer, base_shapes: dict) -> dict:
-    """ShapeDtypeStructs of `init_adapters(model, base, ...)` (nothing materialised)."""
-    return jax.eval_shape(lambda b: init_adapters(model, b, jax.random.PRNGKey(0)), base_shapes)
 
 
 def merge(params: dict, spec: LoraSpec) -> dict:
