@@ -94,3 +94,22 @@ def test_lora_actor_needs_the_actor_as_reference(tmp_path):
     config = lora_ppo_config(**{"reference.init.source": "hf", "reference.init.path": str(tmp_path)})
     with pytest.raises(ValueError, match=r"^config.actor.lora.rank=4 needs config.reference.init.source='actor'"):
         ppo.train(config, str(tmp_path / "run"))
+
+
+def test_sigterm_then_rerun_resumes_exactly_without_the_base_in_the_checkpoint(tmp_path, sigterm_after_step):
+    """The checkpoint holds the adapters and the optimizer state, not the frozen base (re-read from
+    the actor's init on resume); a run stopped after iteration 2 ends where the straight run ends."""
+    from rlhf_jax import metrics
+
+    config = lora_ppo_config(**{"num_steps": 4, "checkpoint.save_every": 2, "log_every": 1})
+    straight = ppo.train(config, str(tmp_path / "straight"))
+    assert ppo.state_items(straight.state, with_ref=False)["train"].ref is None
+    sigterm_after_step(1)
+    first = ppo.train(config, str(tmp_path / "resumed"))
+    assert first.preempted and first.step == 2
+    second = ppo.train(config, str(tmp_path / "resumed"))
+    assert second.step == 4
+    keys = ("loss", "policy/loss", "value/loss", "reward/mean", "kl", "entropy", "lr")
+    rows = [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "resumed")]
+    assert rows == [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "straight")]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state), jax.device_get(straight.state))

@@ -134,9 +134,10 @@ def initial_state(config, models: Models, optimizers: Optimizers, state_sh: RLSt
         actor, critic, ref, reward, state_rng)
 
 
-def state_items(state: RLState) -> dict:
-    """Checkpoint items: "params" = the actor (what evaluation / export loads) and "train" = the rest."""
-    return {"params": state.actor, "train": state.replace(actor=None)}
+def state_items(state: RLState, with_ref: bool = True) -> dict:
+    """Checkpoint items: "params" = the actor (what evaluation / export loads) and "train" = the rest;
+    `with_ref=False` (LoRA actor) leaves out the frozen base, re-read from its init on resume."""
+    return {"params": state.actor, "train": state.replace(actor=None, ref=state.ref if with_ref else None)}
 
 
 def state_from_items(items: Mapping[str, Any]) -> RLState:
@@ -275,11 +276,16 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
                                                max_to_keep=config.checkpoint.max_to_keep)
     target = algorithms.abstract_state(models, optimizers, state_sh, config.kl.coef, config.ema_decay > 0,
                                        penalty_coef(config))
-    restored = checkpointer.restore(state_items(target))
+    items_fn = functools.partial(state_items, with_ref=models.actor_lora is None)
+    restored = checkpointer.restore(items_fn(target))
     if restored is None:
         state, resume_step = initial_state(config, models, optimizers, state_sh), None
     else:
         state, resume_step = state_from_items(restored.items), restored.step
+        if models.actor_lora is not None:  # the base is not in the checkpoint: read it where it started
+            state = state.replace(ref=loading.initial_params(
+                reference_init(config), models.ref, state_sh.ref, jax.random.split(jax.random.PRNGKey(config.seed), 3)[0],
+                options, "config.reference.init"))
         prompts_it.set_state(restored.meta["prompt_data"])
         if ptx_it is not None:
             ptx_it.set_state(restored.meta["ptx_data"])
@@ -323,7 +329,7 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
         batches = iteration_batches(prompts_it, ptx_it, group_size(config))
         result = loop.train_loop(config, state=state, step_fn=step_fn, batches=batches,
                                  place=lambda host: place_batch(host, mesh), checkpointer=checkpointer,
-                                 writer=writer, meta_fn=meta_fn, items_fn=state_items, on_step=on_step,
+                                 writer=writer, meta_fn=meta_fn, items_fn=items_fn, on_step=on_step,
                                  desc=config.algorithm.name,
                                  what="PPO iterations")
     finally:
