@@ -126,7 +126,8 @@ def main(argv):
     for r in rows:
         step = f"{r['step_ms']:.1f}" if "step_ms" in r else "-"
         temp = f"{r['compiled_temp_MiB']:.1f}" if "compiled_temp_MiB" in r else "-"
-        print(f"| {r['model']} | {r['mode']} | {r['params']:,} | {r['trainable']:,} ({100 * r['trainable'] / r['params']:.2f}%) "
+        share = 100 * r["trainable"] / r["params"]
+        print(f"| {r['model']} | {r['mode']} | {r['params']:,} | {r['trainable']:,} ({share:.2f}%) "
               f"| {r['param_MiB_per_device']:.2f} | {r['opt_state_MiB_per_device']:.2f} | {step} | {temp} |")
 
 

@@ -62,8 +62,9 @@ def test_reference_is_exactly_the_adapter_free_actor(built):
     temperature = settings.temperature
 
     def logprobs_of(model, params):
-        fn = lambda p: losses.token_logprobs(policy_forward(model, p, experience.seq_ids, experience.seq_mask,  # noqa: E731
-                                                            prompt_len, temperature)[0], experience.tokens)
+        def fn(p):
+            logits, _ = policy_forward(model, p, experience.seq_ids, experience.seq_mask, prompt_len, temperature)
+            return losses.token_logprobs(logits, experience.tokens)
         return jnp.where(experience.mask > 0, jax.jit(fn)(params), 0.0)
 
     reference = Transformer(models.actor.config)

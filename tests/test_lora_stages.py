@@ -104,8 +104,8 @@ def test_merged_export_loads_in_transformers_with_the_lora_logits(files, referen
     _, base = from_pretrained(str(files / "base"))
     spec = lora.LoraSpec(rank=4, alpha=8.0)
     ids = np.array([[5, 9, 13, 17, 21, 25]])
-    expected = jax.jit(lambda p: lora.lora_model(model, spec, train=False).apply({"params": p}, jnp.asarray(ids)).logits)(
-        lora.combine(state.params, base))
+    lmodel = lora.lora_model(model, spec, train=False)
+    expected = jax.jit(lambda p: lmodel.apply({"params": p}, jnp.asarray(ids)).logits)(lora.combine(state.params, base))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
     with torch.no_grad():
         got = hf(torch.tensor(ids)).logits.numpy()

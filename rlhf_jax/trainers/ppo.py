@@ -283,9 +283,9 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     else:
         state, resume_step = state_from_items(restored.items), restored.step
         if models.actor_lora is not None:  # the base is not in the checkpoint: read it where it started
-            state = state.replace(ref=loading.initial_params(
-                reference_init(config), models.ref, state_sh.ref, jax.random.split(jax.random.PRNGKey(config.seed), 3)[0],
-                options, "config.reference.init"))
+            init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]  # initial_state's
+            state = state.replace(ref=loading.initial_params(reference_init(config), models.ref, state_sh.ref,
+                                                             init_rng, options, "config.reference.init"))
         prompts_it.set_state(restored.meta["prompt_data"])
         if ptx_it is not None:
             ptx_it.set_state(restored.meta["ptx_data"])
