@@ -22,12 +22,13 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "tqdm>=4.60",
+        "qwix>=0.1.8,<0.2",  # LoRA / QLoRA adapters (rlhf_jax.lora)
         "tensorboardX>=2.6",
         "matplotlib>=3.7",
     ],
     extras_require={
         # torch is only a reference for parity tests and benchmarks, never needed to train.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "peft>=0.21,<0.22"],  # peft: LoRA export test
         "bench": ["torch==2.13.0", "trl==0.29.1"],
     },
 )

@@ -103,6 +103,23 @@ def wandb_config(**fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(base)
 
 
+def lora_config(**fields) -> ml_collections.ConfigDict:
+    """LoRA (Hu et al. 2021) on the frozen model's projections (rlhf_jax.lora, through qwix)."""
+    base = dict(
+        rank=0,  # adapter rank r; 0 = LoRA off (every parameter is trained)
+        alpha=16.0,  # the update is scaled by alpha / rank
+        dropout=0.0,  # dropout on the adapters' input, training steps only
+        # regex over a projection's module path ("layers/attn/q", "layers/mlp/down"); default: all
+        # attention (q, k, v, o) and MLP (gate, up, down) projections
+        target_modules=r"(layers/)?(attn/(q|k|v|o)|mlp/(gate|up|down))",
+        # top-level parameter groups trained in full next to the adapters (PEFT's modules_to_save), comma-
+        # separated: "embed", "pos_embed", "final_norm", "lm_head" (the RM / a shared critic add "value_head")
+        modules_to_save="",
+    )
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
 def add_run_fields(c: ml_collections.ConfigDict, *, num_steps: int, log_every: int, eval_every: int,
                    save_every: int) -> None:
     """Fields every stage has: seed, length, logging/eval cadence, mesh, distributed, checkpoints, W&B."""

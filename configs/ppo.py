@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.actor = ml_collections.ConfigDict(dict(
         init=common.init_config("scratch"),  # the SFT policy: "scratch" | "checkpoint" (SFT run dir) | "hf"
         optim=common.optim_config(learning_rate=3e-3, **PPO_OPTIM),  # AdamW (+ a shared value head)
+        lora=common.lora_config(),  # rank > 0: train adapters only; the reference is the adapter-free actor
     ))
     c.reference = ml_collections.ConfigDict(dict(
         init=common.init_config("actor"),  # frozen reference: "actor" (the actor's starting weights) |

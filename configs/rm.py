@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---- model and where it starts -----------------------------------------------------------------
     c.model = common.model_config()  # architecture for init.source="scratch"; dtype/remat/dropout always
     c.init = common.init_config("scratch")  # "checkpoint": an SFT run (unembedding dropped, scalar head added)
+    c.lora = common.lora_config()  # rank > 0: train adapters + the scalar head only on the frozen init
 
     # ---- data --------------------------------------------------------------------------------------
     c.data = common.ranking_data_config()

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---- model and where it starts ----------------------------------------------------------------
     c.model = common.model_config()  # architecture for init.source="scratch"; dtype/remat/dropout always
     c.init = common.init_config("scratch")  # scratch | checkpoint (e.g. a pretraining run) | hf
+    c.lora = common.lora_config()  # rank > 0: train adapters only on the frozen init (checkpoint | hf)
 
     # ---- data ------------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict(dict(

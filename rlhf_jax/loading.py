@@ -128,8 +128,29 @@ def param_shapes(model: Transformer) -> Any:
 # Weights
 # ----------------------------------------------------------------------------------------------
 def load_checkpoint_params(path: str, model: Transformer, param_sh: Any) -> Any:
-    """The "params" item of an rlhf_jax checkpoint at `path`, restored onto `param_sh`."""
-    return checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(param_shapes(model), param_sh))
+    """The "params" item of an rlhf_jax checkpoint at `path`, restored onto `param_sh`. A LoRA
+    checkpoint (metadata "lora") holds adapters and heads only: they are merged into the base its
+    metadata points at (`rlhf_jax.lora.merge`), giving plain weights of `model`."""
+    lora_meta = checkpoint_lib.read_meta(path).get("lora")
+    if lora_meta is None:
+        return checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(param_shapes(model), param_sh))
+    from types import SimpleNamespace
+
+    from rlhf_jax import lora
+
+    spec = lora.LoraSpec(lora_meta["rank"], lora_meta["alpha"], 0.0, lora_meta["target_modules"],
+                         tuple(lora_meta["modules_to_save"]))
+    base_init = SimpleNamespace(**lora_meta["base"])
+    if base_init.source == "scratch":
+        raise ValueError(f"{path}: LoRA adapters of a freshly initialised (init.source='scratch') model; that base "
+                         "was never saved, so the adapters cannot be merged (start LoRA runs from a checkpoint or hf)")
+    base = initial_params(base_init, model, param_sh, jax.random.PRNGKey(0), key=f"{path} (lora base)")
+    lmodel = lora.lora_model(model, spec, train=False)
+    mesh = jax.tree.leaves(param_sh)[0].mesh
+    shapes, shardings = lora.split(param_shapes(lmodel), spec)[0], lora.split(
+        sharding.param_shardings(lmodel, mesh), spec)[0]
+    trainable = checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(shapes, shardings))
+    return sharding.shard_params(lora.merge(lora.combine(trainable, base), spec), param_sh)
 
 
 def fit_heads(params: Mapping[str, Any], model: Transformer, rng: jax.Array, key: str) -> dict:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import generation, losses, rl
-from rlhf_jax.algorithms.types import Experience, Models, RLSettings, RLState
+from rlhf_jax.algorithms.types import Experience, Models, RLSettings, RLState, actor_params
 from rlhf_jax.models import Transformer
 from rlhf_jax.models import reward as reward_lib
 
@@ -104,7 +104,8 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
     prompt_ids = prompts["prompt_ids"].astype(jnp.int32)
     prompt_mask = prompts["prompt_mask"].astype(jnp.int32)
     prompt_len = prompt_ids.shape[1]
-    gen = generation.sample(models.actor, state.actor, prompt_ids, prompt_mask, rng, settings.sampling)
+    actor = actor_params(models, state.actor, state.ref)
+    gen = generation.sample(models.actor, actor, prompt_ids, prompt_mask, rng, settings.sampling)
     tokens, mask = gen.tokens, gen.mask
     seq_ids = jnp.concatenate([prompt_ids, tokens], axis=1)
     seq_mask = jnp.concatenate([prompt_mask, mask], axis=1)
@@ -113,7 +114,7 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
     scores, metrics = score_responses(models, settings, state, seq_ids, seq_mask, tokens, mask)
     baseline = None
     if settings.advantage == "remax":  # the greedy response to each prompt, scored the same way
-        greedy = generation.sample(models.actor, state.actor, prompt_ids, prompt_mask, rng,
+        greedy = generation.sample(models.actor, actor, prompt_ids, prompt_mask, rng,
                                    dataclasses.replace(settings.sampling, temperature=0.0))
         greedy_seq = (jnp.concatenate([prompt_ids, greedy.tokens], 1), jnp.concatenate([prompt_mask, greedy.mask], 1))
         baseline, _ = score_responses(models, settings, state, *greedy_seq, greedy.tokens, greedy.mask)
@@ -121,7 +122,7 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
 
     # ---- old policy, reference, values --------------------------------------------------------------
     temperature = settings.temperature
-    logits, shared_values = policy_forward(models.actor, state.actor, seq_ids, seq_mask, prompt_len, temperature)
+    logits, shared_values = policy_forward(models.actor, actor, seq_ids, seq_mask, prompt_len, temperature)
     logprobs = jnp.where(mask > 0, losses.token_logprobs(logits, tokens), 0.0)
     ref_logits, _ = policy_forward(models.ref, state.ref, seq_ids, seq_mask, prompt_len, temperature)
     ref_logprobs = jnp.where(mask > 0, losses.token_logprobs(ref_logits, tokens), 0.0)

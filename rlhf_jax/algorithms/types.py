@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import checkpoint as checkpoint_lib
-from rlhf_jax import generation, loading, optim, sharding
+from rlhf_jax import generation, loading, lora, optim, sharding
 from rlhf_jax.algorithms import catalog
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax.models import Transformer
@@ -110,6 +110,20 @@ class Models:
     ref: Transformer  # heads ("lm",): the frozen reference policy
     critic: Optional[Transformer]  # heads ("value",)
     reward: Optional[Transformer]  # heads ("value",): the frozen reward model
+    # LoRA actor (config.actor.lora): `actor` is a `lora.lora_model`, `RLState.actor` holds its
+    # adapters (and a shared value head) only, and the frozen rest is `RLState.ref`: the reference
+    # is the adapter-free actor, with no second copy of the base weights (`actor_params`).
+    actor_lora: Optional[lora.LoraSpec] = None
+
+
+def actor_params(models: Models, trainable: Any, ref: Any) -> Any:
+    """The actor's whole parameter tree: `trainable` itself, or with LoRA `lora.combine(trainable, ref)`."""
+    return trainable if models.actor_lora is None else lora.combine(trainable, ref)
+
+
+def actor_trained(models: Models, tree: Any) -> Any:
+    """The part of an actor-shaped tree (shapes, shardings) that `RLState.actor` holds."""
+    return tree if models.actor_lora is None else lora.split(tree, models.actor_lora)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +181,12 @@ class Experience:
 def state_shardings(models: Models, optimizers: Optimizers, mesh, ema: bool, penalty: bool = False) -> RLState:
     """RLState of NamedShardings: params by their logical axes, optimizer moments alike, scalars replicated."""
     rep = sharding.replicated(mesh)
-    actor_sh = sharding.param_shardings(models.actor, mesh)
+    actor_sh = actor_trained(models, sharding.param_shardings(models.actor, mesh))
     critic_sh = None if models.critic is None else sharding.param_shardings(models.critic, mesh)
     return RLState(
         step=rep, actor=actor_sh,
-        actor_opt=optim.opt_state_shardings(optimizers.actor, loading.param_shapes(models.actor), actor_sh, mesh),
+        actor_opt=optim.opt_state_shardings(optimizers.actor, actor_trained(models, loading.param_shapes(models.actor)),
+                                            actor_sh, mesh),
         critic=critic_sh,
         critic_opt=None if critic_sh is None else optim.opt_state_shardings(
             optimizers.critic, loading.param_shapes(models.critic), critic_sh, mesh),
@@ -198,5 +213,5 @@ def abstract_state(models: Models, optimizers: Optimizers, state_sh: RLState, kl
     shapes = lambda model: None if model is None else loading.param_shapes(model)  # noqa: E731
     shaped = jax.eval_shape(
         lambda a, c, r, w: create_state(a, c, r, w, optimizers, kl_coef, jax.random.PRNGKey(0), ema, penalty_coef),
-        shapes(models.actor), shapes(models.critic), shapes(models.ref), shapes(models.reward))
+        actor_trained(models, shapes(models.actor)), shapes(models.critic), shapes(models.ref), shapes(models.reward))
     return checkpoint_lib.abstract_tree(shaped, state_sh)

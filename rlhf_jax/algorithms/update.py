@@ -18,7 +18,7 @@ import optax
 
 from rlhf_jax import losses, optim, rl
 from rlhf_jax.algorithms.rollout import critic_values, policy_forward, rollout
-from rlhf_jax.algorithms.types import Experience, Models, Optimizers, RLSettings, RLState
+from rlhf_jax.algorithms.types import Experience, Models, Optimizers, RLSettings, RLState, actor_params
 
 
 def minibatch_indices(rng: jax.Array, batch_size: int, epochs: int, num_minibatches: int) -> jax.Array:
@@ -119,7 +119,8 @@ def update(models: Models, settings: RLSettings, optimizers: Optimizers, state: 
         mb = constrain(jax.tree.map(lambda x: jnp.take(x, mb_rows, axis=0), batch))
         mb_ptx = None if ptx is None else constrain(jax.tree.map(lambda x: jnp.take(x, mb_ptx_rows, axis=0), ptx))
         (loss, metrics), grads = jax.value_and_grad(
-            lambda p: actor_loss(models, settings, p, mb, mb_ptx, state.kl_coef, state.penalty_coef),
+            lambda p: actor_loss(models, settings, actor_params(models, p, state.ref), mb, mb_ptx, state.kl_coef,
+                                 state.penalty_coef),
             has_aux=True)(actor)
         actor, actor_state, finite = optim.guarded_update(optimizers.actor, actor, actor_state, grads, loss)
         metrics = {**metrics, "loss": loss, "policy/grad_norm": optax.tree.norm(grads)}

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rlhf_jax import algorithms, loading, optim, sharding
+from rlhf_jax import algorithms, loading, lora, optim, sharding
 from rlhf_jax import checkpoint as checkpoint_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.algorithms import Models, Optimizers, RLSettings, RLState
@@ -63,7 +63,16 @@ def build_models(config) -> Models:
         else:
             critic = arch(config.critic.init, heads=("value",), key="config.critic.init")
     heads = ("lm", "value") if uses_critic(config) and config.critic.type == "shared" else ("lm",)
-    return Models(actor=Transformer(actor_lm.config, heads=heads), ref=ref, critic=critic, reward=reward)
+    actor, spec = Transformer(actor_lm.config, heads=heads), actor_lora_spec(config)
+    if spec is not None:
+        actor = lora.lora_model(actor, spec, train=False)  # no adapter dropout: rollout and update agree
+    return Models(actor=actor, ref=ref, critic=critic, reward=reward, actor_lora=spec)
+
+
+def actor_lora_spec(config) -> lora.LoraSpec | None:
+    """config.actor.lora as a spec (None when off); a shared value head is trained with the adapters."""
+    shared = uses_critic(config) and config.critic.type == "shared"
+    return lora.LoraSpec.from_config(config.actor.lora, "config.actor.lora", ("value_head",) if shared else ())
 
 
 def make_optimizers(config, models: Models) -> Optimizers:
@@ -98,7 +107,13 @@ def initial_state(config, models: Models, optimizers: Optimizers, state_sh: RLSt
     def scalar_model(lm_params):  # unembedding dropped, fresh value head (Stiennon et al. init)
         return lm_params_to_scalar(lm_params, head_rng, models.actor.config.d_model)
 
-    if "value" in models.actor.heads:  # shared critic: LM head kept, value head added on the same trunk
+    if models.actor_lora is not None:  # adapters (+ a shared value head) only; the base stays in `ref`
+        def lora_actor(p):
+            full = {**p, "value_head": scalar_model(p)["value_head"]} if "value" in models.actor.heads else p
+            adapters = lora.init_adapters(models.actor, full, jax.random.fold_in(head_rng, 1))
+            return lora.split(lora.combine(adapters, full), models.actor_lora)[0]
+        actor = jit(lora_actor, out_shardings=state_sh.actor)(start)
+    elif "value" in models.actor.heads:  # shared critic: LM head kept, value head added on the same trunk
         actor = jit(lambda p: {**copy(p), "value_head": scalar_model(p)["value_head"]},
                     out_shardings=state_sh.actor)(start)
     else:
@@ -119,9 +134,10 @@ def initial_state(config, models: Models, optimizers: Optimizers, state_sh: RLSt
         actor, critic, ref, reward, state_rng)
 
 
-def state_items(state: RLState) -> dict:
-    """Checkpoint items: "params" = the actor (what evaluation / export loads) and "train" = the rest."""
-    return {"params": state.actor, "train": state.replace(actor=None)}
+def state_items(state: RLState, with_ref: bool = True) -> dict:
+    """Checkpoint items: "params" = the actor (what evaluation / export loads) and "train" = the rest;
+    `with_ref=False` (LoRA actor) leaves out the frozen base, re-read from its init on resume."""
+    return {"params": state.actor, "train": state.replace(actor=None, ref=state.ref if with_ref else None)}
 
 
 def state_from_items(items: Mapping[str, Any]) -> RLState:
@@ -270,11 +286,16 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
                                                max_to_keep=config.checkpoint.max_to_keep)
     target = algorithms.abstract_state(models, optimizers, state_sh, config.kl.coef, config.ema_decay > 0,
                                        penalty_coef(config))
-    restored = checkpointer.restore(state_items(target))
+    items_fn = functools.partial(state_items, with_ref=models.actor_lora is None)
+    restored = checkpointer.restore(items_fn(target))
     if restored is None:
         state, resume_step = initial_state(config, models, optimizers, state_sh), None
     else:
         state, resume_step = state_from_items(restored.items), restored.step
+        if models.actor_lora is not None:  # the base is not in the checkpoint: read it where it started
+            init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]  # initial_state's
+            state = state.replace(ref=loading.initial_params(reference_init(config), models.ref, state_sh.ref,
+                                                             init_rng, options, "config.reference.init"))
         prompts_it.set_state(restored.meta["prompt_data"])
         if ptx_it is not None:
             ptx_it.set_state(restored.meta["ptx_data"])
@@ -282,6 +303,10 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
 
     def meta_fn(_state) -> dict:
         info = {"model": loading.model_meta(models.actor), "stage": "ppo", "prompt_data": prompts_it.get_state()}
+        if models.actor_lora is not None:  # "params" holds the adapters: loading merges them into the base
+            path = config.actor.init.path
+            info["lora"] = {**models.actor_lora.meta(), "base": {
+                "source": config.actor.init.source, "path": str(pathlib.Path(path).absolute()) if path else ""}}
         if tokenizer is not None:
             info["tokenizer"] = str(pathlib.Path(tokenizer.name_or_path).absolute())
         if ptx_it is not None:
@@ -319,7 +344,7 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
         batches = iteration_batches(prompts_it, ptx_it, group_size(config))
         result = loop.train_loop(config, state=state, step_fn=step_fn, batches=batches,
                                  place=lambda host: place_batch(host, mesh), checkpointer=checkpointer,
-                                 writer=writer, meta_fn=meta_fn, items_fn=state_items, on_step=on_step,
+                                 writer=writer, meta_fn=meta_fn, items_fn=items_fn, on_step=on_step,
                                  desc=config.algorithm.name,
                                  what="PPO iterations")
     finally:

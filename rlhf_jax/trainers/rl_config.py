@@ -48,6 +48,9 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
         fail(f"config.algorithm.dual_clip={config.algorithm.dual_clip}: need > 1 (or 0 = off)")
     if config.critic.type not in CRITIC_TYPES:
         fail(f"config.critic.type={config.critic.type!r} (allowed: {', '.join(map(repr, CRITIC_TYPES))})")
+    if config.actor.lora.rank and config.reference.init.source != "actor":
+        fail(f"config.actor.lora.rank={config.actor.lora.rank} needs config.reference.init.source='actor' (the "
+             f"reference is the adapter-free actor), got {config.reference.init.source!r}")
     for role, allowed in INIT_SOURCES.items():
         if role != "critic" or algorithm.critic != "none":
             loading.check_init(config[role].init, f"config.{role}.init", allowed)

@@ -28,7 +28,7 @@ from rlhf_jax import checkpoint, loading, losses, sharding
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.models import Transformer
 from rlhf_jax.models import reward as reward_lib
-from rlhf_jax.trainers import loop, ranking_data, setup
+from rlhf_jax.trainers import lora_state, loop, ranking_data, setup
 from rlhf_jax.trainers import state as state_lib
 
 DATA_KINDS = ranking_data.DATA_KINDS
@@ -67,6 +67,7 @@ def make_loss_fn(model: Transformer):
 def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     """One-line errors naming the key, raised before any data is read or compiled."""
     loading.check_init(config.init)
+    lora_state.validate(config)
     setup.validate_batch("batch_size", config.batch_size, mesh_shape, config.grad_accum, "grad_accum")
     setup.validate_batch("eval.batch_size", config.eval.batch_size, mesh_shape)
     setup.validate_positive(config, ("num_epochs", "log_every", "checkpoint.save_every", "data.max_len",
@@ -145,24 +146,37 @@ def train(config, workdir: str) -> loop.LoopResult:
     # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ------------------------
     model = loading.architecture(config.init, config.model, heads=("value",), vocab_size=len(tokenizer))
     loading.check_vocab(model, tokenizer)
-    built = state_lib.build_state(config, model, mesh, workdir, num_steps, options)
+    # LoRA (config.lora.rank > 0): adapters + the scalar head trained, the base frozen
+    adapted = lora_state.setup(config, model, mesh, options, modules_to_save=("value_head",))
+    built = state_lib.build_state(config, adapted.model if adapted else model, mesh, workdir, num_steps, options,
+                                  trainable=adapted.trainable if adapted else None)
+    lora_state.memory_report(built.state, adapted.frozen if adapted else None)
+    full = adapted.full if adapted else (lambda state: state)  # the whole parameter tree, for evaluation
     batches = train_split.iterator(config.batch_size, seed=config.seed)
     if built.resumed is not None:
         batches.set_state(built.meta["data"])
 
     # ---- jitted step, eval, loop ---------------------------------------------------------------------
-    step_fn = state_lib.make_train_step(make_loss_fn(model), built.optimizer, built.schedule,
-                                        grad_accum=config.grad_accum,
-                                        weight_fn=lambda b: prompts_with_pairs(b["ranks"]))
-    train_step = state_lib.jit_train_step(step_fn, built.state_sh, sharding.batch_sharding(mesh), options)
-    stats_step = make_stats_step(model, mesh, built.param_sh, options)
-    eval_fn = make_eval_fn(config, stats_step, eval_split, mesh) if eval_split is not None else None
+    step_kwargs = dict(grad_accum=config.grad_accum, weight_fn=lambda b: prompts_with_pairs(b["ranks"]))
+    if adapted is None:
+        step_fn = state_lib.make_train_step(make_loss_fn(model), built.optimizer, built.schedule, **step_kwargs)
+        train_step = state_lib.jit_train_step(step_fn, built.state_sh, sharding.batch_sharding(mesh), options)
+        stats_step = make_stats_step(model, mesh, built.param_sh, options)
+    else:
+        train_step = lora_state.jit_train_step(adapted, make_loss_fn(adapted.model), built,
+                                               sharding.batch_sharding(mesh), options, **step_kwargs)
+        stats_step = make_stats_step(adapted.eval_model, mesh, adapted.full_sh, options)
+    eval_fn = None
+    if eval_split is not None:
+        full_eval = make_eval_fn(config, stats_step, eval_split, mesh)
+        eval_fn = lambda state: full_eval(full(state))  # noqa: E731
     writer = metrics_lib.MetricWriter(workdir, resume_step=built.resumed)
 
     def meta_fn(state) -> dict:
         return {"data": batches.get_state(), "model": loading.model_meta(model), "stage": "rm",
                 "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()),
-                "reward_norm": reward_norm(config, stats_step, train_split, mesh, state.params)}
+                "reward_norm": reward_norm(config, stats_step, train_split, mesh, full(state).params),
+                **({"lora": adapted.meta} if adapted else {})}
 
     try:
         result = loop.train_loop(config, state=built.state, step_fn=train_step, batches=batches,

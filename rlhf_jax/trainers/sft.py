@@ -23,7 +23,7 @@ from absl import logging
 
 from rlhf_jax import loading, losses, sharding, tasks
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax.trainers import loop, setup
+from rlhf_jax.trainers import lora_state, loop, setup
 from rlhf_jax.trainers import state as state_lib
 
 DATA_KINDS = ("demonstrations", "text", "comparisons", "rankings", "hh")
@@ -35,6 +35,7 @@ DATA_KINDS = ("demonstrations", "text", "comparisons", "rankings", "hh")
 def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     """One-line errors naming the key, raised before any data is read or compiled."""
     loading.check_init(config.init)
+    lora_state.validate(config)
     setup.validate_batch("batch_size", config.batch_size, mesh_shape, config.grad_accum, "grad_accum")
     setup.validate_batch("eval.batch_size", config.eval.batch_size, mesh_shape)
     setup.validate_positive(config, ("num_steps", "log_every", "checkpoint.save_every", "data.max_len",
@@ -178,19 +179,31 @@ def train(config, workdir: str) -> loop.LoopResult:
     # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ----------------------
     model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))
     loading.check_vocab(model, tokenizer)
-    built = state_lib.build_state(config, model, mesh, workdir, config.num_steps, options)
+    adapted = lora_state.setup(config, model, mesh, options)  # None unless config.lora.rank > 0
+    built = state_lib.build_state(config, adapted.model if adapted else model, mesh, workdir, config.num_steps,
+                                  options, trainable=adapted.trainable if adapted else None)
+    lora_state.memory_report(built.state, adapted.frozen if adapted else None)
     batches = train_split.iterator(config.batch_size, seed=config.seed)
     if built.resumed is not None:
         batches.set_state(built.meta["data"])
 
     # ---- jitted step and loop ---------------------------------------------------------------------
-    step_fn = state_lib.make_train_step(make_loss_fn(model), built.optimizer, built.schedule,
-                                        grad_accum=config.grad_accum, weight_fn=target_tokens)
-    train_step = state_lib.jit_train_step(step_fn, built.state_sh, sharding.batch_sharding(mesh), options)
     writer = metrics_lib.MetricWriter(workdir, resume_step=built.resumed)
-    eval_fn = make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, built.param_sh, workdir, writer)
+    step_kwargs = dict(grad_accum=config.grad_accum, weight_fn=target_tokens)
+    if adapted is None:
+        step_fn = state_lib.make_train_step(make_loss_fn(model), built.optimizer, built.schedule, **step_kwargs)
+        train_step = state_lib.jit_train_step(step_fn, built.state_sh, sharding.batch_sharding(mesh), options)
+        eval_fn = make_eval_fn(config, model, eval_split, prompt_split, tokenizer, mesh, built.param_sh, workdir,
+                               writer)
+    else:
+        train_step = lora_state.jit_train_step(adapted, make_loss_fn(adapted.model), built,
+                                               sharding.batch_sharding(mesh), options, **step_kwargs)
+        full_eval = make_eval_fn(config, adapted.eval_model, eval_split, prompt_split, tokenizer, mesh,
+                                 adapted.full_sh, workdir, writer)
+        eval_fn = lambda state: full_eval(adapted.full(state))  # noqa: E731
     meta_fn = lambda state: {"data": batches.get_state(), "model": loading.model_meta(model),  # noqa: E731
-                             "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()), "stage": "sft"}
+                             "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()), "stage": "sft",
+                             **({"lora": adapted.meta} if adapted else {})}
     try:
         result = loop.train_loop(config, state=built.state, step_fn=train_step, batches=batches,
                                  place=lambda batch: sharding.shard_batch(batch, mesh),

@@ -185,18 +185,23 @@ class StageState:
 
 
 def build_state(config, model: Transformer, mesh: Mesh, workdir: str, num_steps: int,
-                options: dict | None = None) -> StageState:
+                options: dict | None = None, trainable: tuple | None = None) -> StageState:
     """Optimizer, shardings and the train state: resumed from WORKDIR/checkpoints when it holds a
-    checkpoint (no init work then), else initialised from config.init (`loading.initial_params`)."""
+    checkpoint (no init work then), else initialised from config.init (`loading.initial_params`).
+    `trainable`: (shapes, shardings, init_fn(rng)) of the trained parameters when they are not all
+    of `model`'s (LoRA adapters and heads: `trainers.lora_state`)."""
     optimizer, schedule = optim.make_optimizer(config.optim, num_steps)
-    param_sh = sharding.param_shardings(model, mesh)
-    params_shape = loading.param_shapes(model)
+    if trainable is None:
+        param_sh = sharding.param_shardings(model, mesh)
+        params_shape = loading.param_shapes(model)
+        init_params = lambda rng: loading.initial_params(config.init, model, param_sh, rng, options)  # noqa: E731
+    else:
+        params_shape, param_sh, init_params = trainable
     state_sh = train_state_shardings(optimizer, params_shape, param_sh, mesh)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
     def init_state():
-        params = loading.initial_params(config.init, model, param_sh, init_rng, options)
-        return init_train_state(params, optimizer, state_rng, state_sh, options)
+        return init_train_state(init_params(init_rng), optimizer, state_rng, state_sh, options)
 
     checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints",
                                                max_to_keep=config.checkpoint.max_to_keep)

@@ -1,0 +1,116 @@
+"""The RL actor with config.actor.lora: the state holds adapters and one base copy (the reference),
+the reference log-probs of the adapter-free actor are exactly a separate reference model's, the
+actor's log-probs are the merged model's, and whole iterations train the adapters only."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import ppo as ppo_configs
+from rlhf_jax import algorithms, losses, lora, sharding
+from rlhf_jax.algorithms.rollout import policy_forward
+from rlhf_jax.models import Transformer
+from rlhf_jax.trainers import ppo, setup
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
+def lora_ppo_config(**overrides):
+    config = ppo_configs.get_config("tiny")
+    config.update(fast_compile=True)
+    config.actor.lora.update(rank=4, alpha=8.0)
+    config.actor.optim.decay_steps = 1000
+    config.critic.optim.decay_steps = 1000
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def built():
+    config = lora_ppo_config()
+    mesh = sharding.make_mesh(config.mesh)
+    models = ppo.build_models(config)
+    optimizers = ppo.make_optimizers(config, models)
+    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=False)
+    state = ppo.initial_state(config, models, optimizers, state_sh)
+    return config, mesh, models, optimizers, state_sh, state
+
+
+def test_state_holds_adapters_and_one_base_copy(built):
+    _, _, models, _, _, state = built
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(state.actor)[0]]
+    assert paths and all(lora.is_adapter(p) for p in paths)
+    moments = [x for x in jax.tree.leaves(state.actor_opt) if np.ndim(x) > 0]
+    assert sum(np.size(x) for x in moments) == 2 * lora.count(state.actor)
+    base = Transformer(models.actor.config)
+    assert lora.count(state.ref) == lora.count(jax.eval_shape(lambda: base.init(jax.random.PRNGKey(0),
+                                                                                 jnp.zeros((1, 4), jnp.int32))))
+
+
+def test_reference_is_exactly_the_adapter_free_actor(built):
+    """Rollout with trained-looking adapters: ref_logprobs == a separate reference model with its own
+    copy of the base weights (bit-equal); logprobs == the merged-weights model's."""
+    config, mesh, models, _, _, state = built
+    noisy = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(3), x.shape), state.actor)
+    state = state.replace(actor=noisy)
+    settings = ppo.settings_from_config(config)
+    prompts = next(ppo.iteration_batches(*ppo.make_data(config, "unused", group_size=1), group_size=1))["prompts"]
+    prompts = {k: jnp.asarray(prompts[k]) for k in ("prompt_ids", "prompt_mask")}
+    experience, _ = jax.jit(lambda s, p: algorithms.rollout(models, settings, s, p, jax.random.PRNGKey(0)))(
+        state, prompts)
+    prompt_len = prompts["prompt_ids"].shape[1]
+    temperature = settings.temperature
+
+    def logprobs_of(model, params):
+        def fn(p):
+            logits, _ = policy_forward(model, p, experience.seq_ids, experience.seq_mask, prompt_len, temperature)
+            return losses.token_logprobs(logits, experience.tokens)
+        return jnp.where(experience.mask > 0, jax.jit(fn)(params), 0.0)
+
+    reference = Transformer(models.actor.config)
+    own_copy = jax.device_get(state.ref)
+    np.testing.assert_array_equal(experience.ref_logprobs, logprobs_of(reference, own_copy))
+    merged = lora.merge(lora.combine(jax.device_get(noisy), own_copy), models.actor_lora)
+    np.testing.assert_allclose(experience.logprobs, logprobs_of(reference, merged), atol=1e-4)
+    assert float(jnp.abs(experience.logprobs - experience.ref_logprobs).max()) > 1e-3
+    assert float(jnp.sum(experience.mask)) > 0
+
+
+def test_iterations_train_the_adapters_and_leave_the_reference(built):
+    config, mesh, models, optimizers, state_sh, state = built
+    before = jax.device_get(state)
+    step = ppo.jit_iteration(models, ppo.settings_from_config(config), optimizers, state_sh, mesh, with_ptx=False,
+                             options=setup.compiler_options(config))
+    batches = ppo.iteration_batches(*ppo.make_data(config, "unused", group_size=1), group_size=1)
+    for _ in range(2):
+        state, metrics, _ = step(state, ppo.place_batch(next(batches), mesh))
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite_updates"]) == 0
+    after = jax.device_get(state)
+    jax.tree.map(np.testing.assert_array_equal, after.ref, before.ref)
+    changed = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after.actor), jax.tree.leaves(before.actor))]
+    assert min(changed) > 0
+
+
+def test_lora_actor_needs_the_actor_as_reference(tmp_path):
+    config = lora_ppo_config(**{"reference.init.source": "hf", "reference.init.path": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"^config.actor.lora.rank=4 needs config.reference.init.source='actor'"):
+        ppo.train(config, str(tmp_path / "run"))
+
+
+def test_sigterm_then_rerun_resumes_exactly_without_the_base_in_the_checkpoint(tmp_path, sigterm_after_step):
+    """The checkpoint holds the adapters and the optimizer state, not the frozen base (re-read from
+    the actor's init on resume); a run stopped after iteration 2 ends where the straight run ends."""
+    from rlhf_jax import metrics
+
+    config = lora_ppo_config(**{"num_steps": 4, "checkpoint.save_every": 2, "log_every": 1})
+    straight = ppo.train(config, str(tmp_path / "straight"))
+    assert ppo.state_items(straight.state, with_ref=False)["train"].ref is None
+    sigterm_after_step(1)
+    first = ppo.train(config, str(tmp_path / "resumed"))
+    assert first.preempted and first.step == 2
+    second = ppo.train(config, str(tmp_path / "resumed"))
+    assert second.step == 4
+    keys = ("loss", "policy/loss", "value/loss", "reward/mean", "kl", "entropy", "lr")
+    rows = [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "resumed")]
+    assert rows == [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "straight")]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state), jax.device_get(straight.state))
