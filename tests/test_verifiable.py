@@ -1,0 +1,192 @@
+"""Verifiable rewards: GSM8K-format answers and pass@k, the arithmetic task, the GSM8K reader, host
+reward functions (loading, errors), and the host-reward RL iteration (values reach the advantages,
+1 vs 8 devices, exact resume)."""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from configs import ppo as ppo_configs
+from rlhf_jax import algorithms, host_rewards, sharding
+from rlhf_jax.data import formats, prompt_fields
+from rlhf_jax.tasks import answers, arithmetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GSM8K_SAMPLE = REPO / "experiments" / "data" / "gsm8k" / "sample.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers, grading, pass@k
+# ----------------------------------------------------------------------------------------------
+def test_final_answer_and_exact_match_by_hand():
+    assert answers.final_answer("3 + 4 = 7 . #### 7") == "7"
+    assert answers.final_answer("so #### 1,234.") == "1234"
+    assert answers.final_answer("#### $5") == "5"
+    assert answers.final_answer("a #### 1 then #### 2") == "2"  # the last marker counts
+    assert answers.final_answer("no marker 7") is None and answers.final_answer("####  ") is None
+    responses = ["1 + 1 = 2 . #### 2", "#### 2.0", "#### 3", "2", "#### two"]
+    assert answers.exact_match([""] * 5, responses, answer=["2"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert answers.exact_match(["q"], ["#### two"], answer=["two"]) == [1.0]  # non-numbers compare as strings
+    assert answers.answer_format([""] * 4, ["x #### 5", "#### 5 6", "5", "#### 5 ."]) == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_pass_at_k_hand_computed():
+    # n = 4 samples, c = 1 correct: pass@1 = 1/4; pass@2 = 1 − C(3,2)/C(4,2) = 1 − 3/6
+    assert answers.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert answers.pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    # n = 5, c = 2, k = 3: 1 − C(3,3)/C(5,3) = 1 − 1/10
+    assert answers.pass_at_k(5, 2, 3) == pytest.approx(0.9)
+    assert answers.pass_at_k(5, 0, 3) == 0.0 and answers.pass_at_k(5, 3, 3) == 1.0
+    for n, c, k in [(10, 3, 1), (10, 3, 4), (20, 7, 10), (8, 8, 8)]:  # against the binomial form
+        expected = 1.0 - math.comb(n - c, k) / math.comb(n, k)
+        assert answers.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+    correct = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    assert answers.mean_pass_at_k(correct, 1) == pytest.approx((0.25 + 0.5 + 0) / 3)
+    assert answers.mean_pass_at_k(correct, 4) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="1 <= k <= num_samples"):
+        answers.pass_at_k(4, 1, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The arithmetic task
+# ----------------------------------------------------------------------------------------------
+def _evaluate_solution(solution: str) -> tuple[bool, int]:
+    """Check every step "a op b = c ." of a worked solution with Python arithmetic; (all right, final)."""
+    body, final = solution.split(" #### ")
+    ok = True
+    for step in body.split(" . "):
+        lhs, rhs = step.rstrip(" .").split(" = ")
+        a, op, b = lhs.split()
+        ok &= (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(rhs)
+    return ok and int(rhs) == int(final), int(final)
+
+
+def test_arithmetic_problems_are_graded_exactly_and_splits_are_disjoint():
+    train = arithmetic.sample_problems(200, seed=3, num_ops=(1, 3), max_value=15)
+    heldout = arithmetic.sample_problems(50, seed=3, split="heldout", num_ops=(1, 3), max_value=15)
+    assert not {p.question for p in train} & {p.question for p in heldout}
+    for p in train:
+        ok, final = _evaluate_solution(p.solution)
+        assert ok and final == p.answer, p
+        numbers = [int(w) for w in (p.question + " " + p.solution).split() if w.isdigit()]
+        assert 0 <= min(numbers) and max(numbers) <= 15
+        assert 1 <= p.solution.count("=") <= 3
+        assert answers.exact_match([p.question], [p.solution], answer=[str(p.answer)]) == [1.0]
+    rng = np.random.default_rng(0)
+    wrong = [arithmetic.demonstration(p, rng, error_rate=1.0, max_value=15) for p in train[:50]]
+    assert answers.exact_match([""] * 50, wrong, answer=[str(p.answer) for p in train[:50]]) == [0.0] * 50
+    assert answers.answer_format([""] * 50, wrong) == [1.0] * 50
+
+
+def test_arithmetic_export_is_gsm8k_format_and_tokenizes_exactly(tmp_path):
+    from transformers import AutoTokenizer
+
+    paths = arithmetic.export_arithmetic(tmp_path, n_sft=20, n_sft_eval=4, n_rl=8, n_heldout=6, n_corpus=5,
+                                         max_value=12, error_rate=0.5)
+    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    rows = prompt_fields.read_prompt_rows(paths["heldout"])
+    assert len(rows) == 6
+    for line in open(paths["heldout"]):
+        record = json.loads(line)
+        text = f"{record['question']} {record['answer']}"
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # one word per token, no <unk>
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+    demos = list(formats.read_chat_records("demonstrations", paths["sft"]))
+    assert len(demos) == 20 and all(d["responses"][0].split()[-2] == "####" for d in demos)
+
+
+# ----------------------------------------------------------------------------------------------
+# GSM8K-format files
+# ----------------------------------------------------------------------------------------------
+def test_gsm8k_reader_on_the_sample(tmp_path):
+    rows = prompt_fields.read_prompt_rows(str(GSM8K_SAMPLE))
+    lines = [json.loads(line) for line in open(GSM8K_SAMPLE)]
+    assert len(rows) == len(lines) == 5
+    assert rows.prompts == [r["question"] for r in lines]
+    assert rows.fields["answer"] == ["18", "3", "70000", "540", "20"]  # by hand from the sample's "#### " lines
+    assert rows.fields["solution"] == [r["answer"] for r in lines]
+    prompts, fields = rows.take([4, 0])
+    assert prompts == [lines[4]["question"], lines[0]["question"]] and fields["answer"] == ["20", "18"]
+    # the same file is a prompts file and a demonstrations file for the data package
+    as_prompts = list(formats.read_chat_records("prompts", str(GSM8K_SAMPLE)))
+    assert [r["messages"] for r in as_prompts] == [[{"role": "user", "content": r["question"]}] for r in lines]
+    as_demos = list(formats.read_chat_records("demonstrations", str(GSM8K_SAMPLE)))
+    assert [r["responses"][0] for r in as_demos] == [r["answer"] for r in lines]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    with pytest.raises(formats.DataError, match=r"bad.jsonl, line 1, field 'answer': .*'#### <answer>'"):
+        prompt_fields.read_prompt_rows(str(bad))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "a", "answer": "1"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    with pytest.raises(formats.DataError, match=r"mixed.jsonl, line 2, field 'answer': .*same fields"):
+        prompt_fields.read_prompt_rows(str(mixed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host reward functions: loading and errors
+# ----------------------------------------------------------------------------------------------
+def words_equal_to_answer(prompts, responses, *, answer):
+    """Test reward: how many words of the response equal the gold answer, plus 0.1 per word."""
+    return [sum(w == a for w in r.split()) + 0.1 * len(r.split()) for r, a in zip(responses, answer)]
+
+
+def raises_on_seven(prompts, responses, **fields):
+    if any("7" in r for r in responses):
+        raise KeyError("seven")
+    return [0.0] * len(responses)
+
+
+def test_reward_function_specs_and_load_errors(tmp_path):
+    fns = host_rewards.load_functions("rlhf_jax.tasks.answers:exact_match, rlhf_jax.tasks.answers:answer_format=0.1")
+    assert [(f.name, f.weight) for f in fns] == [("exact_match", 1.0), ("answer_format", 0.1)]
+    user = tmp_path / "my_rewards.py"
+    user.write_text("def brevity(prompts, responses):\n    return [-len(r) for r in responses]\n")
+    (fn,) = host_rewards.load_functions(f"{user}:brevity=2")
+    assert fn.weight == 2.0 and fn.fn([""], ["abc"]) == [-3]
+    for text, message in [("nocolon", "is not 'module.path:function"),
+                          ("rlhf_jax.tasks.answers:exact_match=x", "weight 'x' is not a number"),
+                          ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz' .ModuleNotFoundError"),
+                          ("rlhf_jax.tasks.answers:nope", "has no function 'nope'"),
+                          ("rlhf_jax.tasks.answers:exact_match,rlhf_jax.tasks.answers:exact_match", "two functions")]:
+        with pytest.raises(host_rewards.RewardFunctionError, match=r"^config.rewards.functions: .*" + message):
+            host_rewards.load_functions(text)
+
+
+def _function(fn, name="f"):
+    return host_rewards.RewardFunction(name=name, spec=f"tests:{name}", weight=1.0, fn=fn)
+
+
+def test_bad_reward_functions_name_the_function_the_prompt_index_and_the_value():
+    prompts, responses, index = ["p0", "p1", "p2"], ["a 1", "b 7", "c"], np.array([10, 11, 12])
+    call = lambda fn, name: host_rewards.call_function(_function(fn, name), prompts, responses, {}, index)  # noqa
+    with pytest.raises(host_rewards.RewardFunctionError,
+                       match=r"reward function tests:boom raised KeyError: 'seven' on prompt index 11 \(response 'b 7'\)"):
+        call(raises_on_seven, "boom")
+    with pytest.raises(host_rewards.RewardFunctionError, match=r"tests:short returned 2 values for 3 responses"):
+        call(lambda p, r: [0.0, 1.0], "short")
+    with pytest.raises(host_rewards.RewardFunctionError, match=r"tests:text returned 'x' \(str\) for prompt index 12"):
+        call(lambda p, r: [0.0, 1.0, "x"], "text")
+    with pytest.raises(host_rewards.RewardFunctionError, match=r"tests:nan returned nan for prompt index 10: .*finite"):
+        call(lambda p, r: [float("nan"), 0.0, 0.0], "nan")
+    with pytest.raises(host_rewards.RewardFunctionError, match=r"tests:scalar returned float, expected a list of 3"):
+        call(lambda p, r: 1.0, "scalar")
+    np.testing.assert_array_equal(call(lambda p, r: np.array([1, 2, 3]), "ok"), [1.0, 2.0, 3.0])
+
+
+def test_host_reward_weights_fields_and_padding_rows():
+    rows = prompt_fields.PromptRows(["q0", "q1", "q2"], {"answer": ["5", "6", "7"]})
+    decode = lambda tokens, mask: [" ".join(str(t) for t, m in zip(r, mr) if m) for r, mr in zip(tokens, mask)]  # noqa
+    fns = [_function(words_equal_to_answer, "match"),
+           host_rewards.RewardFunction("length", "tests:length", -0.5, lambda p, r: [len(x.split()) for x in r])]
+    reward = host_rewards.HostReward(fns, rows, decode)
+    tokens = np.array([[5, 5, 9], [6, 1, 1], [7, 7, 7]])
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    out = reward(np.array([0, 1, -1]), tokens, mask)  # row 2 is padding: 0, not shown to the functions
+    np.testing.assert_allclose(out["match"], [2 + 0.3, 1 + 0.2, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(out["length"], [3, 2, 0])
+    np.testing.assert_allclose(out["score"], [2.3 - 1.5, 1.2 - 1.0, 0.0], rtol=1e-6)
