@@ -18,6 +18,7 @@ from rlhf_jax.tasks import answers, arithmetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GSM8K_SAMPLE = REPO / "experiments" / "data" / "gsm8k" / "sample.jsonl"
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # the trainer runs below share compiled programs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,3 +191,119 @@ def test_host_reward_weights_fields_and_padding_rows():
     np.testing.assert_allclose(out["match"], [2 + 0.3, 1 + 0.2, 0.0], rtol=1e-6)
     np.testing.assert_allclose(out["length"], [3, 2, 0])
     np.testing.assert_allclose(out["score"], [2.3 - 1.5, 1.2 - 1.0, 0.0], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The host-reward RL iteration
+# ----------------------------------------------------------------------------------------------
+TEST_REWARD = "tests.test_verifiable:words_equal_to_answer"
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    return arithmetic.export_arithmetic(tmp_path_factory.mktemp("arith"), n_sft=4, n_sft_eval=2, n_rl=64,
+                                        n_heldout=4, n_corpus=4, max_value=12)
+
+
+def rl_config(files, workdir_data, **overrides):
+    """Tiny scratch actor over the arithmetic tokenizer's vocabulary, GRPO on the test reward."""
+    config = ppo_configs.get_config("tiny,grpo")
+    config.fast_compile = True
+    config.actor.optim.decay_steps = 1000
+    config.model.vocab_size = 64
+    config.checkpoint.save_every = 2
+    config.rollout.update(batch_size=16, prompt_len=32, max_new_tokens=8)
+    config.rewards.rules.target_token.weight = 0.0
+    config.rewards.functions = f"{TEST_REWARD},rlhf_jax.tasks.answers:answer_format=0.5"
+    config.data.update(prompts=files["rl_prompts"], tokenizer=files["tokenizer"], cache_dir=str(workdir_data))
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def _pieces(config, mesh, workdir):
+    from rlhf_jax.trainers import host_step, ppo, setup
+
+    models = ppo.build_models(config)
+    optimizers = ppo.make_optimizers(config, models)
+    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=False)
+    state = ppo.initial_state(config, models, optimizers, state_sh)
+    settings = ppo.settings_from_config(config)
+    tokenizer = ppo.load_tokenizer(config, models)
+    reward = host_step.make_host_reward(config, tokenizer)
+    prompts, _ = ppo.make_data(config, str(workdir), tokenizer, ppo.group_size(config))
+    batches = ppo.iteration_batches(prompts, None, ppo.group_size(config))
+    step = host_step.host_reward_step(models, settings, optimizers, state_sh, mesh, False, reward,
+                                      setup.compiler_options(config))
+    return models, settings, state, reward, batches, step, tokenizer
+
+
+def test_reward_function_values_reach_the_advantages_exactly(task_files, tmp_path):
+    """Generate -> decode -> the functions -> rollout: scores equal Σ weight · f(decoded text) recomputed
+    here, and GRPO's advantages equal a NumPy (r − mean_g) / (std_g + 1e-6) on every valid token."""
+    from rlhf_jax import evaluation
+
+    config = rl_config(task_files, tmp_path / "data")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    models, settings, state, reward, batches, _, tokenizer = _pieces(config, mesh, tmp_path)
+    host = next(batches)
+    prompts = {k: jax.numpy.asarray(host["prompts"][k]) for k in ("prompt_ids", "prompt_mask")}
+    rng = algorithms.iteration_keys(state)[0]
+    responses = jax.device_get(algorithms.generate_responses(models, settings, state, prompts, rng))
+    values = reward(host["prompts"]["index"], responses["tokens"], responses["mask"])
+    experience, metrics = jax.jit(lambda s, p, r, h: algorithms.rollout(models, settings, s, p, rng, r, h))(
+        state, prompts, responses, {"sampled": values})
+
+    texts = evaluation.decode_responses(tokenizer, responses["tokens"], responses["mask"], config.rollout.eos_id)
+    rows = prompt_fields.read_prompt_rows(task_files["rl_prompts"])
+    gold = [rows.fields["answer"][i] for i in host["prompts"]["index"]]
+    expected = np.array(words_equal_to_answer(None, texts, answer=gold)) + 0.5 * np.array(
+        answers.answer_format(None, texts))
+    np.testing.assert_allclose(np.asarray(experience.scores), expected, rtol=1e-6, atol=1e-6)
+    assert np.std(expected) > 0  # the check below is not about all-equal groups
+    grouped = expected.reshape(-1, config.algorithm.group_size)
+    per_row = ((grouped - grouped.mean(1, keepdims=True)) / (grouped.std(1, ddof=1, keepdims=True) + 1e-6)).ravel()
+    mask = np.asarray(responses["mask"])
+    np.testing.assert_allclose(np.asarray(experience.advantages), np.where(mask > 0, per_row[:, None], 0.0),
+                               rtol=1e-5, atol=1e-5)
+    assert float(metrics[f"reward/words_equal_to_answer"]) == pytest.approx(np.mean(values["words_equal_to_answer"]))
+    # the same responses sampled inside one program (no host reward) are the ones program 1 made
+    inline, _ = jax.jit(lambda s, p: algorithms.rollout(models, settings, s, p, rng))(state, prompts)
+    np.testing.assert_array_equal(np.asarray(inline.tokens), responses["tokens"])
+
+
+def _train(config, workdir):
+    from rlhf_jax.trainers import ppo
+
+    result = ppo.train(config, str(workdir))
+    rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return result, [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+DETERMINISTIC = ("loss", "reward/mean", "reward/words_equal_to_answer", "reward/answer_format", "kl", "entropy",
+                 "policy/clipfrac", "response/length")
+
+
+def test_one_vs_eight_devices_and_exact_resume_with_a_python_reward(task_files, tmp_path):
+    """8 devices: 4 iterations straight == 2, then the same call resumed to 4 (metrics and the whole
+    state exactly); the first 2 iterations on one device equal the 8-device ones."""
+    config = rl_config(task_files, tmp_path / "data", num_steps=4)
+    full, full_rows = _train(config, tmp_path / "full")
+    assert [r["step"] for r in full_rows] == [1, 2, 3, 4]
+    assert all("reward/words_equal_to_answer" in r and "reward/answer_format" in r for r in full_rows)
+    half = config.copy_and_resolve_references()
+    half.num_steps = 2
+    _train(half, tmp_path / "resumed")
+    resumed, resumed_rows = _train(config, tmp_path / "resumed")
+    assert resumed_rows == full_rows
+    for a, b in zip(jax.tree.leaves(jax.device_get(full.state)), jax.tree.leaves(jax.device_get(resumed.state))):
+        np.testing.assert_array_equal(a, b)
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    from rlhf_jax.trainers import host_step
+
+    _, _, state, _, batches, step, _ = _pieces(config, mesh, tmp_path / "one")
+    for full_row in full_rows[:2]:
+        state, metrics, _ = step(state, host_step.place(next(batches), mesh))
+        for key in DETERMINISTIC:
+            np.testing.assert_allclose(float(metrics[key]), full_row[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        assert float(metrics["time/reward"]) > 0

@@ -1,0 +1,102 @@
+"""The RL iteration with host reward functions (`config.rewards.functions`): two jitted programs
+with the reward computed on the host in between.
+
+    responses = generate(state, prompts)                    program 1: sampling (KV cache)
+    scores    = host reward(decoded responses, fields)      host: rlhf_jax.host_rewards
+    state, metrics, outputs = iteration(state, batch + responses + scores)
+                                                            program 2: scoring, log-probs, advantages,
+                                                            the epochs x minibatches update
+
+Why two programs and not a callback inside one: measured by experiments/bench_host_reward.py (see
+the README's verifiable-rewards section): on the tiny and small presets the two are within noise of
+each other on CPU, while a callback inside the program needs the operands gathered to one device,
+runs where XLA puts it (with several processes: on every process, on its own shard, with no way to
+give it that process's prompt fields in the right order), and turns a Python exception in user code
+into a runtime error deep inside the compiled program. Two programs keep the reward in plain Python
+with ordinary errors, and the second program is the same `algorithms.iteration` as without host
+rewards (it receives the responses instead of sampling them, from the same RNG key), so the
+experience, the log-probs and an exact resume are unchanged.
+
+Several processes: each process decodes and scores its own rows (the prompts it loaded, whose
+indices it holds), and the scores are assembled into one global batch-sharded array exactly like
+the prompts (`sharding.shard_batch`). A reward function that raises stops the process that ran it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from rlhf_jax import algorithms, evaluation, host_rewards, sharding
+from rlhf_jax.algorithms import Models, Optimizers, RLSettings, RLState
+from rlhf_jax.data import prompt_fields, rollout_data
+
+
+def make_host_reward(config, tokenizer) -> Optional[host_rewards.HostReward]:
+    """The configured host reward (None when config.rewards.functions is empty): the functions, the
+    prompt files' texts and fields, and the evaluation's decoder with the rollout's EOS."""
+    functions = host_rewards.load_functions(config.rewards.functions)
+    if not functions:
+        return None
+    rows = prompt_fields.read_prompt_rows(config.data.prompts)
+    eos_id = config.rollout.eos_id
+
+    def decode(tokens, mask):
+        return evaluation.decode_responses(tokenizer, tokens, mask, eos_id)
+
+    return host_rewards.HostReward(functions, rows, decode)
+
+
+def local_rows(x: jax.Array, mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (all rows with one process), in the order
+    of the host batch it placed (`sharding.shard_batch` inverted)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(sharding.BATCH_AXES)))
+
+
+def place(host: dict, mesh) -> dict:
+    """The device batch plus the prompts' host `index` (which rows' fields the reward functions get)."""
+    return {**rollout_data.place_batch(host, mesh), "index": np.asarray(host["prompts"]["index"])}
+
+
+def host_reward_step(models: Models, settings: RLSettings, optimizers: Optimizers, state_sh: RLState, mesh,
+                     with_ptx: bool, reward: host_rewards.HostReward, options: Optional[dict] = None) -> Callable:
+    """`step(state, batch) -> (state, metrics, outputs)` for the loop, `batch` from `place`. Adds
+    `time/generate` (program 1, waited for) and `time/reward` (host: transfer, decode, the functions,
+    placing the scores), in seconds, to the metrics; `reward/<name>` come from program 2."""
+    batch_sh = sharding.batch_sharding(mesh)
+    prompt_sh = {k: batch_sh for k in rollout_data.PROMPT_KEYS}
+    generate = jax.jit(lambda s, p: algorithms.generate_responses(models, settings, s, p,
+                                                                  algorithms.iteration_keys(s)[0]),
+                       in_shardings=(state_sh, prompt_sh), out_shardings=batch_sh, compiler_options=options)
+    step = jax.jit(lambda s, b: algorithms.iteration(models, settings, optimizers, s, b, batch_sharding=batch_sh),
+                   in_shardings=(state_sh, {"prompts": prompt_sh, "ptx": batch_sh if with_ptx else None,
+                                            "responses": batch_sh, "host_scores": batch_sh}),
+                   out_shardings=(state_sh, sharding.replicated(mesh), batch_sh), donate_argnums=(0,),
+                   compiler_options=options)
+
+    def score(index, responses, prefix: str) -> dict:
+        values = reward(index, local_rows(responses[f"{prefix}tokens"], mesh), local_rows(responses[f"{prefix}mask"],
+                                                                                           mesh))
+        return sharding.shard_batch(values, mesh)
+
+    def run(state: RLState, batch: dict):
+        index = batch["index"]
+        t0 = time.perf_counter()
+        responses = jax.block_until_ready(generate(state, batch["prompts"]))
+        t1 = time.perf_counter()
+        host = {"sampled": score(index, responses, "")}
+        if "greedy_tokens" in responses:  # ReMax: the greedy baseline is scored by the same functions
+            host["greedy"] = score(index, responses, "greedy_")
+        t2 = time.perf_counter()
+        device_batch = {"prompts": batch["prompts"], "ptx": batch["ptx"], "responses": responses, "host_scores": host}
+        state, metrics, outputs = step(state, device_batch)
+        return state, {**metrics, "time/generate": t1 - t0, "time/reward": t2 - t1}, outputs
+
+    return run
