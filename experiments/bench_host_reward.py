@@ -59,7 +59,7 @@ def make_config(preset: dict, files: dict, cache_dir: str):
                           max_new_tokens=preset["response_len"])
     config.rewards.rules.target_token.weight = 0.0
     config.rewards.functions = FUNCTIONS
-    config.data.update(prompts=files["rl_prompts"], tokenizer=files["tokenizer"], cache_dir=cache_dir)
+    config.data.update(prompts=files["ppo_prompts"], tokenizer=files["tokenizer"], cache_dir=cache_dir)
     config.num_steps = 1000
     return config
 

@@ -215,7 +215,7 @@ def rl_config(files, workdir_data, **overrides):
     config.rollout.update(batch_size=16, prompt_len=32, max_new_tokens=8)
     config.rewards.rules.target_token.weight = 0.0
     config.rewards.functions = f"{TEST_REWARD},rlhf_jax.tasks.answers:answer_format=0.5"
-    config.data.update(prompts=files["rl_prompts"], tokenizer=files["tokenizer"], cache_dir=str(workdir_data))
+    config.data.update(prompts=files["ppo_prompts"], tokenizer=files["tokenizer"], cache_dir=str(workdir_data))
     config.update_from_flattened_dict(overrides)
     return config
 
@@ -254,7 +254,7 @@ def test_reward_function_values_reach_the_advantages_exactly(task_files, tmp_pat
         state, prompts, responses, {"sampled": values})
 
     texts = evaluation.decode_responses(tokenizer, responses["tokens"], responses["mask"], config.rollout.eos_id)
-    rows = prompt_fields.read_prompt_rows(task_files["rl_prompts"])
+    rows = prompt_fields.read_prompt_rows(task_files["ppo_prompts"])
     gold = [rows.fields["answer"][i] for i in host["prompts"]["index"]]
     expected = np.array(words_equal_to_answer(None, texts, answer=gold)) + 0.5 * np.array(
         answers.answer_format(None, texts))

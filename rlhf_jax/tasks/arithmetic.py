@@ -111,20 +111,20 @@ def export_arithmetic(out_dir: str | pathlib.Path, *, seed: int = 0, n_sft: int 
                       n_rl: int = 2000, n_heldout: int = 200, n_corpus: int = 4000, num_ops: Sequence[int] = (1, 2),
                       max_value: int = 20, error_rate: float = 0.2) -> dict[str, str]:
     """Write the task into `out_dir`; returns {name: path}: sft.jsonl / sft_eval.jsonl (demonstrations,
-    train / held-out problems), rl_prompts.jsonl and heldout.jsonl (correct solutions: the gold is the
+    train / held-out problems), ppo_prompts.jsonl and heldout.jsonl (correct solutions: the gold is the
     answer after "####"), corpus.txt (solved train problems, one per line) and tokenizer/."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(num_ops=num_ops, max_value=max_value)
     rng = np.random.default_rng([seed, 19])
     paths = {name: str(out / f) for name, f in (("sft", "sft.jsonl"), ("sft_eval", "sft_eval.jsonl"),
-                                                  ("rl_prompts", "rl_prompts.jsonl"), ("heldout", "heldout.jsonl"),
+                                                  ("ppo_prompts", "ppo_prompts.jsonl"), ("heldout", "heldout.jsonl"),
                                                   ("corpus", "corpus.txt"), ("tokenizer", "tokenizer"))}
     sft = sample_problems(n_sft, seed * 4, "train", **kw)
     _write_jsonl(out / "sft.jsonl", (p.record(demonstration(p, rng, error_rate, max_value)) for p in sft))
     sft_eval = sample_problems(n_sft_eval, seed * 4 + 1, "heldout", **kw)
     _write_jsonl(out / "sft_eval.jsonl", (p.record() for p in sft_eval))
-    _write_jsonl(out / "rl_prompts.jsonl", (p.record() for p in sample_problems(n_rl, seed * 4 + 2, "train", **kw)))
+    _write_jsonl(out / "ppo_prompts.jsonl", (p.record() for p in sample_problems(n_rl, seed * 4 + 2, "train", **kw)))
     _write_jsonl(out / "heldout.jsonl", (p.record() for p in sample_problems(n_heldout, seed * 4 + 3, "heldout", **kw)))
     corpus = sample_problems(n_corpus, seed * 4 + 5, "train", **kw)
     (out / "corpus.txt").write_text("".join(f"{p.question} {p.solution}\n" for p in corpus), encoding="utf-8")
