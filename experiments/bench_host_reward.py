@@ -8,8 +8,9 @@ functions (`rlhf_jax.tasks.answers`), three ways per preset:
   (decode + functions), then the rest of the iteration.
 - `device_only`: one jitted program with an on-device rule reward instead (the cost floor: what the
   iteration costs without any host step).
-Per iteration (the first, which compiles, left out): median wall seconds; for two_programs also the
-host reward step alone (`time/reward`: transfer, decode, the functions, placing the scores).
+Per iteration (the first, which compiles, left out): median wall seconds, the variants interleaved
+iteration by iteration on the same batches; for two_programs also the host reward step alone
+(`time/reward`: transfer, decode, the functions, placing the scores).
 
     python experiments/bench_host_reward.py                          # tiny and small presets
     python experiments/bench_host_reward.py --presets tiny --iterations 4
@@ -107,23 +108,30 @@ def device_only_step(config, models, optimizers, state_sh, mesh):
     return lambda state, batch: step(state, {"prompts": batch["prompts"], "ptx": None})[:2]
 
 
-def time_variant(name, step, config, models, optimizers, state_sh, batches, mesh, iterations: int) -> dict:
-    state = ppo.initial_state(config, models, optimizers, state_sh)
-    times, reward_times = [], []
+def time_variants(steps: dict, config, models, optimizers, state_sh, batches, mesh, iterations: int) -> list[dict]:
+    """Median wall seconds per iteration of each variant, the variants interleaved (one iteration of
+    each in turn, the same batch) so that load from other processes on the machine hits them alike."""
+    states = {name: ppo.initial_state(config, models, optimizers, state_sh) for name in steps}
+    times = {name: [] for name in steps}
+    reward_times = []
     for _ in range(iterations):
         batch = host_step.place(next(batches), mesh)
-        t0 = time.perf_counter()
-        state, metrics, *_ = step(state, batch)
-        jax.block_until_ready(state.step)
-        times.append(time.perf_counter() - t0)
-        if "time/reward" in metrics:
-            reward_times.append(float(metrics["time/reward"]))
-    out = {"variant": name, "iteration_s": statistics.median(times[1:])}
-    if reward_times:
-        out["reward_s"] = statistics.median(reward_times[1:])
-        out["reward_fraction"] = out["reward_s"] / out["iteration_s"]
-    logging.info("%s", out)
-    return out
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            states[name], metrics, *_ = step(states[name], batch)
+            jax.block_until_ready(states[name].step)
+            times[name].append(time.perf_counter() - t0)
+            if "time/reward" in metrics:
+                reward_times.append(float(metrics["time/reward"]))
+    rows = []
+    for name in steps:
+        row = {"variant": name, "iteration_s": statistics.median(times[name][1:])}
+        if name == "two_programs":
+            row["reward_s"] = statistics.median(reward_times[1:])
+            row["reward_fraction"] = row["reward_s"] / row["iteration_s"]
+        logging.info("%s", row)
+        rows.append(row)
+    return rows
 
 
 def bench_preset(name: str, preset: dict, iterations: int, directory: str) -> list[dict]:
@@ -138,11 +146,8 @@ def bench_preset(name: str, preset: dict, iterations: int, directory: str) -> li
                                                            reward),
                 "callback": callback_step(models, settings, optimizers, state_sh, mesh, reward),
                 "device_only": device_only_step(config, models, optimizers, state_sh, mesh)}
-    rows = []
-    for variant, step in variants.items():
-        row = time_variant(variant, step, config, models, optimizers, state_sh, batches, mesh, iterations)
-        rows.append({"preset": name, **row})
-    return rows
+    rows = time_variants(variants, config, models, optimizers, state_sh, batches, mesh, iterations)
+    return [{"preset": name, **row} for row in rows]
 
 
 def main(argv):

@@ -220,6 +220,20 @@ def rl_config(files, workdir_data, **overrides):
     return config
 
 
+def test_reward_function_config_errors_before_compiling(task_files, tmp_path):
+    from rlhf_jax.trainers import ppo
+
+    config = rl_config(task_files, tmp_path / "data")
+    ppo.validate_config(config, (8, 1, 1))
+    for overrides, message in [({"rewards.functions": "my_missing_module:f"}, "cannot import 'my_missing_module'"),
+                               ({"data.prompts": ""}, "needs config.data.prompts"),
+                               ({"profile_phases": True}, "with config.rewards.functions: the host-reward iteration")]:
+        bad = config.copy_and_resolve_references()
+        bad.update_from_flattened_dict(overrides)
+        with pytest.raises(ValueError, match=r"^config\.(rewards\.functions|profile_phases).*" + message):
+            ppo.validate_config(bad, (8, 1, 1))
+
+
 def _pieces(config, mesh, workdir):
     from rlhf_jax.trainers import host_step, ppo, setup
 
@@ -307,3 +321,39 @@ def test_one_vs_eight_devices_and_exact_resume_with_a_python_reward(task_files, 
         for key in DETERMINISTIC:
             np.testing.assert_allclose(float(metrics[key]), full_row[key], rtol=1e-4, atol=1e-6, err_msg=key)
         assert float(metrics["time/reward"]) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The arithmetic recipe's configuration and evaluation metrics
+# ----------------------------------------------------------------------------------------------
+def test_arithmetic_preset_and_task_checks():
+    from configs import pipeline as pipeline_configs
+    from rlhf_jax.pipeline import verifiable
+
+    config = pipeline_configs.get_config("arithmetic")
+    assert config.task == "arithmetic" and config.algorithm == "grpo"
+    assert config.ppo.rewards.functions == config.arithmetic.reward_functions and config.ppo.rewards.rm_weight == 0
+    verifiable.check_task(config)
+    tiny = pipeline_configs.get_config("tiny")
+    assert tiny.task == "instructions"
+    tiny.task = "arithmetic"
+    with pytest.raises(ValueError, match=r"^config.task='arithmetic' with the 'tiny' preset.*pipeline.py:arithmetic"):
+        verifiable.check_task(tiny)
+    tiny.task = "chess"
+    with pytest.raises(ValueError, match=r"^config.task='chess' \(allowed"):
+        verifiable.check_task(tiny)
+
+
+def test_policy_metrics_by_hand():
+    from rlhf_jax.pipeline import verifiable
+
+    texts = [["1 + 1 = 2 . #### 2", "#### 3", "#### 2", "no answer"],  # 2 of 4 right
+             ["#### 5", "#### 5", "#### 5", "#### 5"]]  # none right (gold 4)
+    greedy = [["#### 2"], ["#### 4"]]
+    out = verifiable.policy_metrics("sft", texts, greedy, ["2", "4"])
+    assert out["sft_accuracy"] == pytest.approx(2 / 8)
+    assert out["sft_pass@1"] == pytest.approx((0.5 + 0.0) / 2)
+    assert out["sft_pass@4"] == pytest.approx((1.0 + 0.0) / 2)
+    assert out["sft_greedy_accuracy"] == 1.0
+    assert out["sft_format"] == pytest.approx(7 / 8)
+    assert out["sft_length"] == pytest.approx((8 + 2 + 2 + 2 + 2 * 4) / 8)
