@@ -163,8 +163,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.log_every, c.ppo.checkpoint.save_every = 1, 50
 
     if preset == "smoke":
-        c.instructions.update(n_sft=128, n_sft_eval=16, n_rm_prompts=48, n_rm_heldout=16, n_ppo_prompts=64, n_heldout=16,
-                      n_corpus=200)
+        c.instructions.update(n_sft=128, n_sft_eval=16, n_rm_prompts=48, n_rm_heldout=16, n_ppo_prompts=64,
+                              n_heldout=16, n_corpus=200)
         c.rankings.update(candidates=8, batch_size=64)
         c.eval.update(num_samples=4, batch_size=64, num_report_samples=4)
         c.pretrain.update(num_steps=4, log_every=2)

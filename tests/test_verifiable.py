@@ -165,8 +165,8 @@ def _function(fn, name="f"):
 def test_bad_reward_functions_name_the_function_the_prompt_index_and_the_value():
     prompts, responses, index = ["p0", "p1", "p2"], ["a 1", "b 7", "c"], np.array([10, 11, 12])
     call = lambda fn, name: host_rewards.call_function(_function(fn, name), prompts, responses, {}, index)  # noqa
-    with pytest.raises(host_rewards.RewardFunctionError,
-                       match=r"reward function tests:boom raised KeyError: 'seven' on prompt index 11 \(response 'b 7'\)"):
+    message = r"reward function tests:boom raised KeyError: 'seven' on prompt index 11 \(response 'b 7'\)"
+    with pytest.raises(host_rewards.RewardFunctionError, match=message):
         call(raises_on_seven, "boom")
     with pytest.raises(host_rewards.RewardFunctionError, match=r"tests:short returned 2 values for 3 responses"):
         call(lambda p, r: [0.0, 1.0], "short")
@@ -279,7 +279,7 @@ def test_reward_function_values_reach_the_advantages_exactly(task_files, tmp_pat
     mask = np.asarray(responses["mask"])
     np.testing.assert_allclose(np.asarray(experience.advantages), np.where(mask > 0, per_row[:, None], 0.0),
                                rtol=1e-5, atol=1e-5)
-    assert float(metrics[f"reward/words_equal_to_answer"]) == pytest.approx(np.mean(values["words_equal_to_answer"]))
+    assert float(metrics["reward/words_equal_to_answer"]) == pytest.approx(np.mean(values["words_equal_to_answer"]))
     # the same responses sampled inside one program (no host reward) are the ones program 1 made
     inline, _ = jax.jit(lambda s, p: algorithms.rollout(models, settings, s, p, rng))(state, prompts)
     np.testing.assert_array_equal(np.asarray(inline.tokens), responses["tokens"])

@@ -35,7 +35,8 @@ class PromptRows:
     def take(self, index: Sequence[int]) -> tuple[list[str], dict[str, list]]:
         """(prompts, fields) of rows `index` (batch order)."""
         rows = [int(i) for i in np.asarray(index)]
-        return [self.prompts[i] for i in rows], {name: [values[i] for i in rows] for name, values in self.fields.items()}
+        fields = {name: [values[i] for i in rows] for name, values in self.fields.items()}
+        return [self.prompts[i] for i in rows], fields
 
 
 def _prompt_text(path: str, line: int, obj: dict) -> str:
