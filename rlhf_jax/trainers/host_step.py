@@ -65,11 +65,24 @@ def place(host: dict, mesh) -> dict:
     return {**rollout_data.place_batch(host, mesh), "index": np.asarray(host["prompts"]["index"])}
 
 
+def abstract_host_inputs(generate, reward: host_rewards.HostReward, batch_sh) -> dict:
+    """Shapes of program 2's extra inputs: the compiled generation's outputs and the host scores."""
+    responses = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+                 for k, v in generate.out_info.items()}
+    rows = responses["tokens"].shape[0]
+    scores = {name: jax.ShapeDtypeStruct((rows,), np.float32, sharding=batch_sh) for name in ("score",) + reward.names}
+    host = {"sampled": scores, **({"greedy": scores} if "greedy_tokens" in responses else {})}
+    return {"responses": responses, "host_scores": host}
+
+
 def host_reward_step(models: Models, settings: RLSettings, optimizers: Optimizers, state_sh: RLState, mesh,
-                     with_ptx: bool, reward: host_rewards.HostReward, options: Optional[dict] = None) -> Callable:
+                     with_ptx: bool, reward: host_rewards.HostReward, options: Optional[dict] = None,
+                     compile_for: Optional[tuple] = None) -> Callable:
     """`step(state, batch) -> (state, metrics, outputs)` for the loop, `batch` from `place`. Adds
     `time/generate` (program 1, waited for) and `time/reward` (host: transfer, decode, the functions,
-    placing the scores), in seconds, to the metrics; `reward/<name>` come from program 2."""
+    placing the scores), in seconds, to the metrics; `reward/<name>` come from program 2.
+    `compile_for=(abstract state, abstract batch)` (`rollout_data.abstract_batch`) compiles both
+    programs ahead of time, else they compile at the first call."""
     batch_sh = sharding.batch_sharding(mesh)
     prompt_sh = {k: batch_sh for k in rollout_data.PROMPT_KEYS}
     generate = jax.jit(lambda s, p: algorithms.generate_responses(models, settings, s, p,
@@ -80,6 +93,11 @@ def host_reward_step(models: Models, settings: RLSettings, optimizers: Optimizer
                                             "responses": batch_sh, "host_scores": batch_sh}),
                    out_shardings=(state_sh, sharding.replicated(mesh), batch_sh), donate_argnums=(0,),
                    compiler_options=options)
+
+    if compile_for is not None:
+        target, batch = compile_for
+        generate = generate.lower(target, batch["prompts"]).compile()
+        step = step.lower(target, {**batch, **abstract_host_inputs(generate, reward, batch_sh)}).compile()
 
     def score(index, responses, prefix: str) -> dict:
         values = reward(index, local_rows(responses[f"{prefix}tokens"], mesh), local_rows(responses[f"{prefix}mask"],

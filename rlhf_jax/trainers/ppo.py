@@ -285,10 +285,11 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     # ---- compile once, ahead of time --------------------------------------------------------------
     t0 = time.perf_counter()
     place = functools.partial(place_batch, mesh=mesh)
-    if host_reward is not None:  # two programs with the host reward between them (compiled at the first step)
+    if host_reward is not None:  # two programs with the host reward between them
         step_fn = host_step.host_reward_step(models, settings, optimizers, state_sh, mesh, ptx_it is not None,
-                                             host_reward, options)
+                                             host_reward, options, (target, abstract_batch(config, mesh)))
         place = functools.partial(host_step.place, mesh=mesh)
+        logging.info("Generation and iteration compiled in %.1fs", time.perf_counter() - t0)
     elif config.profile_phases:
         step_fn = timed_phases(models, settings, optimizers, mesh, options)
     else:
