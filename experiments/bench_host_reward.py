@@ -141,7 +141,7 @@ def bench_preset(name: str, preset: dict, iterations: int, directory: str) -> li
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     models, optimizers, state_sh, tokenizer, batches = setup_run(config, mesh, directory)
     settings = ppo.settings_from_config(config)
-    reward = host_step.make_host_reward(config, tokenizer)
+    reward = host_step.make_host_reward(config, tokenizer, settings.sampling.eos_id)
     variants = {"two_programs": host_step.host_reward_step(models, settings, optimizers, state_sh, mesh, False,
                                                            reward),
                 "callback": callback_step(models, settings, optimizers, state_sh, mesh, reward),

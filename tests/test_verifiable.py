@@ -243,7 +243,7 @@ def _pieces(config, mesh, workdir):
     state = ppo.initial_state(config, models, optimizers, state_sh)
     settings = ppo.settings_from_config(config)
     tokenizer = ppo.load_tokenizer(config, models)
-    reward = host_step.make_host_reward(config, tokenizer)
+    reward = host_step.make_host_reward(config, tokenizer, settings.sampling.eos_id)
     prompts, _ = ppo.make_data(config, str(workdir), tokenizer, ppo.group_size(config))
     batches = ppo.iteration_batches(prompts, None, ppo.group_size(config))
     step = host_step.host_reward_step(models, settings, optimizers, state_sh, mesh, False, reward,

@@ -38,14 +38,14 @@ from rlhf_jax.algorithms import Models, Optimizers, RLSettings, RLState
 from rlhf_jax.data import prompt_fields, rollout_data
 
 
-def make_host_reward(config, tokenizer) -> Optional[host_rewards.HostReward]:
+def make_host_reward(config, tokenizer, eos_id) -> Optional[host_rewards.HostReward]:
     """The configured host reward (None when config.rewards.functions is empty): the functions, the
-    prompt files' texts and fields, and the evaluation's decoder with the rollout's EOS."""
+    prompt files' texts and fields, and the evaluation's decoder stopping at `eos_id` (the rollout's
+    stop token, `settings.sampling.eos_id`)."""
     functions = host_rewards.load_functions(config.rewards.functions)
     if not functions:
         return None
     rows = prompt_fields.read_prompt_rows(config.data.prompts)
-    eos_id = config.rollout.eos_id
 
     def decode(tokens, mask):
         return evaluation.decode_responses(tokenizer, tokens, mask, eos_id)

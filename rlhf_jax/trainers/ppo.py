@@ -255,7 +255,7 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     options = setup.compiler_options(config)
 
     tokenizer = load_tokenizer(config, models) if (config.data.prompts or config.data.ptx) else None
-    host_reward = host_step.make_host_reward(config, tokenizer)  # None without config.rewards.functions
+    host_reward = host_step.make_host_reward(config, tokenizer, settings.sampling.eos_id)  # None without functions
     prompts_it, ptx_it = make_data(config, workdir, tokenizer, group_size(config))
     prompts_it, ptx_it = prompt_source or prompts_it, ptx_source or ptx_it
 
