@@ -1,6 +1,6 @@
 """The rankings stage: K distinct SFT samples per RM prompt, gold-scored and ranked by a
 simulated labeler (Plackett-Luce at `rankings.labeler_temperature`); the last
-`task.n_rm_heldout` prompts are held out for the RM's accuracy."""
+`instructions.n_rm_heldout` prompts are held out for the RM's accuracy."""
 from __future__ import annotations
 
 from typing import Callable
@@ -36,7 +36,7 @@ def label_rankings(examples: list, responses: list[list[str]], temperature: floa
 
 def collect_ranking_data(config, layout: Layout, echo: Callable[[str], None] = print) -> dict:
     """Sample `rankings.candidates` SFT responses per RM prompt, keep the first K distinct ones,
-    let a simulated labeler rank them; the last `task.n_rm_heldout` prompts are held out.
+    let a simulated labeler rank them; the last `instructions.n_rm_heldout` prompts are held out.
 
     Returns the stage facts: counts and the labelers' agreement / Bayes accuracy on the held-out
     rankings (the ceiling the RM is compared to).
