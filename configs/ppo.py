@@ -97,6 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rewards = ml_collections.ConfigDict(dict(
         rm_weight=0.0,  # weight of the (normalised) reward-model score; needs reward.init
         score_clip=0.0,  # clip the total score to ±score_clip before KL shaping; 0 = off
+        functions="",  # host reward functions on decoded text (rlhf_jax/host_rewards.py), comma-separated
+        #               "pkg.module:function=weight" (weight 1 if left out), e.g.
+        #               "rlhf_jax.tasks.answers:exact_match,rlhf_jax.tasks.answers:answer_format=0.1"
         rules=dict(  # rule-based rewards (rlhf_jax/rewards.py); weight 0 = off
             target_token=dict(weight=1.0, token=3),  # +weight per emitted `token`
             length=dict(weight=0.0, target=4),  # −weight·|length − target|

@@ -15,6 +15,9 @@ Accepted JSONL lines (files may be gzipped: *.gz). Blank lines are skipped; extr
   `ranking` lists indices into `responses`, BEST FIRST (a permutation); every line of a file must
   have the same number K >= 2 of responses (ranking batches have a fixed K).
 - prompts: {"prompt": str} or {"messages": [...]} not ending with an assistant turn.
+- GSM8K (Cobbe et al. 2021): {"question": str, "answer": str} is a demonstration (the question as
+  the user turn, the worked solution ending in "#### <final answer>" as the response) and a
+  prompt (the question; `rlhf_jax.data.prompt_fields` gives reward functions the gold after "####").
 - hh: Anthropic HH-RLHF {"chosen": str, "rejected": str}, two full transcripts of
   "\\n\\nHuman: ..." / "\\n\\nAssistant: ..." turns. The transcripts share everything up to the
   last "\\n\\nAssistant:" marker inside their common prefix: that shared dialogue is the
@@ -134,6 +137,8 @@ def _prompt_turns(row: _Row) -> list[dict]:
         if turns[-1]["role"] == "assistant":
             raise row.error("messages", "a prompt must not end with an assistant message")
         return turns
+    if "prompt" not in row.obj and "question" in row.obj:  # GSM8K
+        return [{"role": "user", "content": row.get("question", str)}]
     return [{"role": "user", "content": row.get("prompt", str, " (or 'messages')")}]
 
 
@@ -146,6 +151,8 @@ def parse_demonstration(row: _Row):
         if turns[-1]["role"] != "assistant":
             raise row.error("messages", "the last message must be from the assistant (the response)")
         return turns[:-1], [turns[-1]["content"]], [0]
+    if "prompt" not in row.obj and "question" in row.obj:  # GSM8K: the worked solution is the response
+        return [{"role": "user", "content": row.get("question", str)}], [row.get("answer", str)], [0]
     prompt = row.get("prompt", str, " (or 'messages')")
     return [{"role": "user", "content": prompt}], [row.get("response", str)], [0]
 

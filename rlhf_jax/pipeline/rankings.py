@@ -1,6 +1,6 @@
 """The rankings stage: K distinct SFT samples per RM prompt, gold-scored and ranked by a
 simulated labeler (Plackett-Luce at `rankings.labeler_temperature`); the last
-`task.n_rm_heldout` prompts are held out for the RM's accuracy."""
+`instructions.n_rm_heldout` prompts are held out for the RM's accuracy."""
 from __future__ import annotations
 
 from typing import Callable
@@ -36,7 +36,7 @@ def label_rankings(examples: list, responses: list[list[str]], temperature: floa
 
 def collect_ranking_data(config, layout: Layout, echo: Callable[[str], None] = print) -> dict:
     """Sample `rankings.candidates` SFT responses per RM prompt, keep the first K distinct ones,
-    let a simulated labeler rank them; the last `task.n_rm_heldout` prompts are held out.
+    let a simulated labeler rank them; the last `instructions.n_rm_heldout` prompts are held out.
 
     Returns the stage facts: counts and the labelers' agreement / Bayes accuracy on the held-out
     rankings (the ceiling the RM is compared to).
@@ -54,14 +54,14 @@ def collect_ranking_data(config, layout: Layout, echo: Callable[[str], None] = p
     examples = [prompts.examples[r] for r in rows]
     records, gold_sets = label_rankings(examples, responses, cfg.labeler_temperature, seed=config.seed)
 
-    n_train_prompts = len(prompts) - config.task.n_rm_heldout
+    n_train_prompts = len(prompts) - config.instructions.n_rm_heldout
     train = [rec for r, rec in zip(rows, records) if r < n_train_prompts]
     heldout = [rec for r, rec in zip(rows, records) if r >= n_train_prompts]
     heldout_gold = [g for r, g in zip(rows, gold_sets) if r >= n_train_prompts]
     if not train or not heldout:
         raise ValueError(f"rankings: {len(train)} train / {len(heldout)} held-out prompts have "
                          f"{cfg.num_responses} distinct SFT samples out of {cfg.candidates}; raise "
-                         f"config.rankings.candidates or config.task.n_rm_prompts / n_rm_heldout")
+                         f"config.rankings.candidates or config.instructions.n_rm_prompts / n_rm_heldout")
     tasks.write_rankings(layout.rankings_train, train)
     tasks.write_rankings(layout.rankings_heldout, heldout)
     info = {"train_prompts": len(train), "heldout_prompts": len(heldout),

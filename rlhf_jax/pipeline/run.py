@@ -14,6 +14,7 @@ from rlhf_jax.algorithms.catalog import ALGORITHMS
 from rlhf_jax.pipeline.evaluate import evaluate
 from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs, stage_info
 from rlhf_jax.pipeline.rankings import collect_ranking_data
+from rlhf_jax.pipeline import verifiable
 from rlhf_jax.pipeline.sampling import read_prompt_ids
 from rlhf_jax.data import chat
 from rlhf_jax.trainers import rl_config, rm, setup, sft
@@ -59,7 +60,7 @@ def _trained(name: str, result) -> dict:
 def export_stage(config, layout: Layout) -> dict:
     """The task files, plus `sft_eval.jsonl` (demonstrations of held-out prompts, for the SFT eval
     loss; a different seed stream than the final evaluation's prompts)."""
-    t = config.task
+    t = config.instructions
     paths = tasks.export_task(layout.task, seed=config.seed, n_sft=t.n_sft,
                               n_rm_prompts=t.n_rm_prompts, n_ppo_prompts=t.n_ppo_prompts,
                               n_heldout=t.n_heldout, n_corpus=t.n_corpus, error_rate=t.error_rate,
@@ -108,6 +109,7 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
     layout = Layout(pathlib.Path(workdir).absolute())
     algorithm = config.get("algorithm", "ppo")
     check_algorithm(algorithm)
+    verifiable.check_task(config)
     setup.claim_workdir(layout.root, "pipeline")
     rl_dir, eval_dir, out_dir = policy_dirs(layout, algorithm)
     if out_dir != layout.root:  # DIR/<algorithm> belongs to this pipeline's algorithm run, not a pipeline
@@ -119,17 +121,21 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
         setup.record_config(config, layout.root)
     if out_dir != layout.root and policy_pending:
         setup.record_config(config, out_dir)
+    if config.task == "arithmetic":  # verifiable rewards: no rankings, no RM (rlhf_jax/pipeline/verifiable.py)
+        verifiable.run_arithmetic(config, layout, (rl_dir, eval_dir, out_dir), echo)
+        echo(f"pipeline: {time.perf_counter() - start:.0f}s in this run; report in {out_dir / 'report.md'}")
+        return json.loads((out_dir / "summary.json").read_text())
     cfgs = stage_configs(config, layout)
     seeded = lambda section: {"seed": config.seed, **section.to_dict()}  # noqa: E731
     records = {"task": run_stage("task", layout.task, lambda: export_stage(config, layout), echo,
-                                 seeded(config.task))}
+                                 seeded(config.instructions))}
     check_special_tokens(config, loading.load_tokenizer(layout.tokenizer))
     for name in ("pretrain", "sft"):
         records[name] = run_stage(name, layout.stage(name), lambda: _trained(
             name, sft.train(cfgs[name], str(layout.stage(name)))), echo, cfgs[name].to_dict())
     records["rankings"] = run_stage("rankings", layout.stage("rankings"),
                                     lambda: collect_ranking_data(config, layout, echo), echo,
-                                    {**seeded(config.rankings), "n_rm_heldout": config.task.n_rm_heldout,
+                                    {**seeded(config.rankings), "n_rm_heldout": config.instructions.n_rm_heldout,
                                      "rollout": config.ppo.rollout.to_dict()})
     records["rm"] = run_stage("rm", layout.stage("rm"), lambda: _trained(
         "rm", rm.train(cfgs["rm"], str(layout.stage("rm")))), echo, cfgs["rm"].to_dict())

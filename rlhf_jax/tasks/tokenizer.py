@@ -12,6 +12,7 @@ Chat format (word-level, so the spaces are cosmetic):
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -44,9 +45,9 @@ def format_dialogue(prompt: str, response: str) -> str:
     return f"{format_prompt(prompt)} {response} {EOS}"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """WordLevel tokenizer: special tokens, then `task_words()` in sorted order (vocab ~140)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + task_words())}
+def build_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """WordLevel tokenizer: special tokens, then `words` (default `task_words()`, vocab ~140) in order."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(task_words() if words is None else words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
@@ -58,8 +59,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def save_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Build the tokenizer and `save_pretrained` it into `directory`; returns it."""
-    tokenizer = build_tokenizer()
+def save_tokenizer(directory: str | os.PathLike, words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """Build the tokenizer (over `words`, default the instruction task's) and `save_pretrained` it into
+    `directory`; returns it."""
+    tokenizer = build_tokenizer(words)
     tokenizer.save_pretrained(os.fspath(directory))
     return tokenizer

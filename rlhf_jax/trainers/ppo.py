@@ -30,7 +30,7 @@ from rlhf_jax.algorithms import Models, Optimizers, RLSettings, RLState
 from rlhf_jax.data import rollout_data
 from rlhf_jax.data.rollout_data import abstract_batch, iteration_batches, make_data, place_batch
 from rlhf_jax.models import Transformer, lm_params_to_scalar
-from rlhf_jax.trainers import loop, rl_config, setup
+from rlhf_jax.trainers import host_step, loop, rl_config, setup
 from rlhf_jax.trainers.rl_config import (  # noqa: F401 (validate_config, settings_from_config: also ppo.*)
     group_size, penalty_coef, reference_init, settings_from_config, uses_critic, validate_config, validate_models)
 
@@ -277,6 +277,7 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     options = setup.compiler_options(config)
 
     tokenizer = load_tokenizer(config, models) if (config.data.prompts or config.data.ptx) else None
+    host_reward = host_step.make_host_reward(config, tokenizer, settings.sampling.eos_id)  # None without functions
     prompts_it, ptx_it = make_data(config, workdir, tokenizer, group_size(config),
                                    report=functools.partial(setup.report_data, workdir))
     prompts_it, ptx_it = prompt_source or prompts_it, ptx_source or ptx_it
@@ -315,7 +316,13 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
 
     # ---- compile once, ahead of time --------------------------------------------------------------
     t0 = time.perf_counter()
-    if config.profile_phases:
+    place = functools.partial(place_batch, mesh=mesh)
+    if host_reward is not None:  # two programs with the host reward between them
+        step_fn = host_step.host_reward_step(models, settings, optimizers, state_sh, mesh, ptx_it is not None,
+                                             host_reward, options, (target, abstract_batch(config, mesh)))
+        place = functools.partial(host_step.place, mesh=mesh)
+        logging.info("Generation and iteration compiled in %.1fs", time.perf_counter() - t0)
+    elif config.profile_phases:
         step_fn = timed_phases(models, settings, optimizers, mesh, options)
     else:
         step_fn = jit_iteration(models, settings, optimizers, state_sh, mesh, ptx_it is not None, options)
@@ -343,7 +350,7 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     try:
         batches = iteration_batches(prompts_it, ptx_it, group_size(config))
         result = loop.train_loop(config, state=state, step_fn=step_fn, batches=batches,
-                                 place=lambda host: place_batch(host, mesh), checkpointer=checkpointer,
+                                 place=place, checkpointer=checkpointer,
                                  writer=writer, meta_fn=meta_fn, items_fn=items_fn, on_step=on_step,
                                  desc=config.algorithm.name,
                                  what="PPO iterations")

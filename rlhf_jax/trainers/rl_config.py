@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 
 import jax
 
-from rlhf_jax import algorithms, generation, loading
+from rlhf_jax import algorithms, generation, host_rewards, loading
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax.algorithms import Models, RLSettings
 from rlhf_jax.data import chat
@@ -63,8 +63,15 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     if config.rewards.rm_weight and not has_rm:
         fail(f"config.rewards.rm_weight={config.rewards.rm_weight} but config.reward.init.source='none': set the RM "
              "(config.reward.init) or --config.rewards.rm_weight=0 (rule rewards only)")
-    if not config.rewards.rm_weight and not rewards_lib.active_rules(config.rewards.rules):
-        fail("config.rewards: no reward at all (rm_weight=0 and every rule weight is 0)")
+    functions = host_rewards.load_functions(config.rewards.functions)  # imports them: errors before compiling
+    if not config.rewards.rm_weight and not rewards_lib.active_rules(config.rewards.rules) and not functions:
+        fail("config.rewards: no reward at all (rm_weight=0, every rule weight is 0 and no reward functions)")
+    if functions and not config.data.prompts:
+        fail(f"config.rewards.functions={config.rewards.functions!r} needs config.data.prompts (the functions see "
+             "the prompt texts and the prompt file's fields)")
+    if functions and config.profile_phases:
+        fail("config.profile_phases with config.rewards.functions: the host-reward iteration is already two "
+             "programs and logs time/generate and time/reward; set profile_phases=False")
     if not config.data.prompts and config.actor.init.source != "scratch":
         fail("config.data.prompts is empty: synthetic prompts are only for a from-scratch actor "
              "(config.actor.init.source='scratch')")
