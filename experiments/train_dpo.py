@@ -22,26 +22,15 @@ from absl import app, flags  # noqa: E402
 
 from rlhf_jax import cli  # noqa: E402
 from rlhf_jax.trainers import dpo  # noqa: E402
-from rlhf_jax.trainers.setup import EXIT_PREEMPTED, one_line_errors  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/dpo.py:tiny", "DPO config file[:preset[,variant]].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.quiet_script_logging()
-    with one_line_errors():
-        result = dpo.train(_CONFIG.value, _WORKDIR.value)
-    if result.preempted:
-        sys.exit(EXIT_PREEMPTED)
-    if not result.last_row:
-        print(f"Nothing to do: {_WORKDIR.value} is already at step {result.step} (raise --config.num_steps to continue).")
-        return
-    print(f"{_CONFIG.value.variant.upper()} finished at step {result.step}: " + ", ".join(
-        f"{k}={result.last_row[k]:.4g}" for k in ("loss", "rewards/accuracy", "eval/loss", "eval/rewards/accuracy")
-        if k in result.last_row))
+    config = _CONFIG.value
+    cli.run_trainer(argv, dpo.train, config, _WORKDIR.value, config.variant.upper(),
+                    ("loss", "rewards/accuracy", "eval/loss", "eval/rewards/accuracy"))
 
 
 if __name__ == "__main__":

@@ -28,22 +28,15 @@ from absl import app, flags  # noqa: E402
 
 from rlhf_jax import cli  # noqa: E402
 from rlhf_jax.trainers import ppo  # noqa: E402
-from rlhf_jax.trainers.setup import EXIT_PREEMPTED, one_line_errors  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/ppo.py:tiny", "PPO config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.quiet_script_logging()
-    with one_line_errors():
-        result = ppo.train(_CONFIG.value, _WORKDIR.value)
-    if result.preempted:
-        sys.exit(EXIT_PREEMPTED)
-    print(f"{_CONFIG.value.algorithm.name.upper()} finished at step {result.step}: " + ", ".join(
-        f"{k}={result.last_row[k]:.4g}" for k in ("reward/mean", "kl", "kl_coef") if k in result.last_row))
+    config = _CONFIG.value
+    cli.run_trainer(argv, ppo.train, config, _WORKDIR.value, config.algorithm.name.upper(),
+                    ("reward/mean", "kl", "kl_coef"))
 
 
 if __name__ == "__main__":

@@ -22,26 +22,14 @@ from absl import app, flags  # noqa: E402
 
 from rlhf_jax import cli  # noqa: E402
 from rlhf_jax.trainers import rm  # noqa: E402
-from rlhf_jax.trainers.setup import EXIT_PREEMPTED, one_line_errors  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/rm.py:tiny", "RM config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.quiet_script_logging()
-    with one_line_errors():
-        result = rm.train(_CONFIG.value, _WORKDIR.value)
-    if result.preempted:
-        sys.exit(EXIT_PREEMPTED)
-    if not result.last_row:
-        print(f"Nothing to do: {_WORKDIR.value} is already at step {result.step} (raise --config.num_steps to continue).")
-        return
-    print(f"RM finished at step {result.step}: " + ", ".join(
-        f"{k}={result.last_row[k]:.4g}" for k in ("loss", "eval/loss", "eval/accuracy", "reward_norm/mean")
-        if k in result.last_row))
+    cli.run_trainer(argv, rm.train, _CONFIG.value, _WORKDIR.value, "RM",
+                    ("loss", "eval/loss", "eval/accuracy", "reward_norm/mean"))
 
 
 if __name__ == "__main__":

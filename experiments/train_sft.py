@@ -20,26 +20,15 @@ from absl import app, flags  # noqa: E402
 
 from rlhf_jax import cli  # noqa: E402
 from rlhf_jax.trainers import sft  # noqa: E402
-from rlhf_jax.trainers.setup import EXIT_PREEMPTED, one_line_errors  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/sft.py:tiny", "SFT config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).", required=True)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.quiet_script_logging()
-    with one_line_errors():
-        result = sft.train(_CONFIG.value, _WORKDIR.value)
-    if result.preempted:
-        sys.exit(EXIT_PREEMPTED)
-    if not result.last_row:
-        print(f"Nothing to do: {_WORKDIR.value} is already at step {result.step} (raise --config.num_steps to continue).")
-        return
-    stage = "Pretraining" if _CONFIG.value.data.kind == "text" else "SFT"
-    print(f"{stage} finished at step {result.step}: " + ", ".join(
-        f"{k}={result.last_row[k]:.4g}" for k in ("loss", "eval/loss", "eval/accuracy") if k in result.last_row))
+    config = _CONFIG.value
+    cli.run_trainer(argv, sft.train, config, _WORKDIR.value, "Pretraining" if config.data.kind == "text" else "SFT",
+                    ("loss", "eval/loss", "eval/accuracy"))
 
 
 if __name__ == "__main__":

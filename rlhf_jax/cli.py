@@ -243,3 +243,26 @@ def quiet_script_logging() -> None:
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+
+
+def run_trainer(argv: list[str], train, config, workdir: str, name: str, keys: tuple[str, ...]) -> None:
+    """The body of every experiments/train_*.py `main`: quiet logging, expected errors as one FATAL
+    line (`trainers.setup.one_line_errors`), exit status `EXIT_PREEMPTED` (75) when a signal stopped
+    the run after saving, else a last line "`name` finished at step N: key=value, ..." over `keys`
+    of the final metrics row (or "Nothing to do" when the workdir was already at num_steps)."""
+    from absl import app
+
+    from rlhf_jax.trainers.setup import EXIT_PREEMPTED, one_line_errors
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_script_logging()
+    with one_line_errors():
+        result = train(config, workdir)
+    if result.preempted:
+        sys.exit(EXIT_PREEMPTED)
+    if not result.last_row:
+        print(f"Nothing to do: {workdir} is already at step {result.step} (raise --config.num_steps to continue).")
+        return
+    print(f"{name} finished at step {result.step}: " + ", ".join(
+        f"{k}={result.last_row[k]:.4g}" for k in keys if k in result.last_row))
