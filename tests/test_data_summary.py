@@ -66,7 +66,9 @@ def test_dropped_rows_by_reason_and_the_summary_file(tokenizer, tmp_path, capsys
     workdir.mkdir()
     setup.report_data(workdir, "train", split, "config.data.max_len")
     setup.report_data(workdir, "eval", split, "config.data.max_len")
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert captured.err.splitlines()[0] == f"WARNING data[train]: {split.warnings('config.data.max_len')[0]}"
     assert out[0] == (f"data[train] {path}: 10 rows read, 9 kept, dropped: tied_responses 1; truncated prompts 0.0%, "
                       "responses 0.0%; template default; unknown tokens 0.0%")
     recorded = json.loads((workdir / "data_summary.json").read_text())

@@ -241,7 +241,7 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 def report_data(workdir: str | pathlib.Path, name: str, split, length_keys: str) -> dict:
     """The data summary of one split (`TokenizedSplit.summary`): one line on stdout, each problem
-    (`split.warnings(length_keys)`) as a warning, and the summary stored under `name` in
+    (`split.warnings(length_keys)`) as a "WARNING data[name]: ..." line on stderr, and the summary stored under `name` in
     WORKDIR/data_summary.json (this run's file: it describes the data the run is using now)."""
     summary, problems = split.summary(), split.warnings(length_keys)
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary["dropped"].items())) or "none"
@@ -250,8 +250,8 @@ def report_data(workdir: str | pathlib.Path, name: str, split, length_keys: str)
               f"kept, dropped: {dropped}; truncated prompts {summary['prompts_truncated_pct']}%, responses "
               f"{summary['responses_truncated_pct']}%; template {summary['template']}; unknown tokens "
               f"{summary['unk_pct']}%", flush=True)
-        for line in problems:
-            logging.warning("data[%s]: %s", name, line)
+        for line in problems:  # a plain line, not an absl log record: scripts keep absl quiet
+            print(f"WARNING data[{name}]: {line}", file=sys.stderr, flush=True)
         path = pathlib.Path(workdir) / "data_summary.json"
         recorded = _json(path) or {}
         _write_atomic(path, json.dumps({**recorded, name: {**summary, "warnings": problems}}, indent=2) + "\n")
