@@ -7,12 +7,17 @@ parse flags. The flags defined here count as the calling script's own, so its `-
 from __future__ import annotations
 
 import io
+import os
 import pathlib
 import re
 import sys
 import tokenize
 
 from absl import flags
+
+# transformers' advisory notes (e.g. "PyTorch was not found": torch is only needed to load exports in
+# transformers) would open every script's output; set before any module imports transformers.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 flags.disclaim_key_flags()  # flags defined below belong to the script that asks for them (its --help shows them)
 

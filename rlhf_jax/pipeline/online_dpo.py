@@ -76,8 +76,8 @@ def sample_and_rank(config, layout: Layout, policy_dir, round_index: int, out_pa
     records = rank_round(prompts.examples, texts, scores, o.ranker, o.num_responses, labeler_rng,
                          config.rankings.labeler_temperature)
     if not records:
-        raise ValueError(f"online_dpo round {round_index}: no prompt had {o.num_responses} distinct samples out of "
-                         f"{o.candidates}; raise config.online_dpo.candidates")
+        raise ValueError(f"config.online_dpo.candidates={o.candidates}: in round {round_index} no prompt had "
+                         f"{o.num_responses} distinct samples; raise it")
     tasks.write_rankings(out_path, records)
     sample_gold = np.concatenate([tasks.gold_scores([e] * len(t), t) for e, t in zip(prompts.examples, texts)])
     return {"ranked_prompts": len(records), "sample_gold": float(sample_gold.mean())}
@@ -112,6 +112,10 @@ def run_rounds(config, layout: Layout, dpo_config, workdir: pathlib.Path, echo=p
         def one_round(round_dir=round_dir, start=policy, r=r):
             facts = sample_and_rank(config, layout, start, r, round_dir / "rankings.jsonl")
             cfg = round_config(dpo_config, layout, round_dir / "rankings.jsonl", start, o.steps_per_round)
+            if facts["ranked_prompts"] < cfg.batch_size:  # the DPO run would have an empty epoch
+                raise ValueError(f"config.dpo.batch_size={cfg.batch_size} is larger than the {facts['ranked_prompts']} "
+                                 f"prompts ranked in online DPO round {r} (those with {o.num_responses} distinct "
+                                 "samples): raise config.online_dpo.prompts_per_round or lower config.dpo.batch_size")
             result = dpo.train(cfg, str(round_dir / "dpo"))
             if result.preempted:
                 from rlhf_jax.pipeline.run import StageInterrupted
