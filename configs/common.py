@@ -109,12 +109,10 @@ def lora_config(**fields) -> ml_collections.ConfigDict:
         rank=0,  # adapter rank r; 0 = LoRA off (every parameter is trained)
         alpha=16.0,  # the update is scaled by alpha / rank
         dropout=0.0,  # dropout on the adapters' input, training steps only
-        # regex over a projection's module path ("layers/attn/q", "layers/mlp/down"); default: all
-        # attention (q, k, v, o) and MLP (gate, up, down) projections
-        target_modules=r"(layers/)?(attn/(q|k|v|o)|mlp/(gate|up|down))",
-        # top-level parameter groups trained in full next to the adapters (PEFT's modules_to_save), comma-
-        # separated: "embed", "pos_embed", "final_norm", "lm_head" (the RM / a shared critic add "value_head")
-        modules_to_save="",
+        target_modules=r"(layers/)?(attn/(q|k|v|o)|mlp/(gate|up|down))",  # regex over a projection's path
+        #   ("layers/attn/q", "layers/mlp/down"); default: every attention (q, k, v, o) and MLP projection
+        modules_to_save="",  # parameter groups trained in full next to the adapters (PEFT's term), comma-
+        #   separated: "embed", "pos_embed", "final_norm", "lm_head" (the RM / a shared critic add "value_head")
     )
     base.update(fields)
     return ml_collections.ConfigDict(base)

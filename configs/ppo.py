@@ -79,9 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         temperature=1.0,  # sampling temperature; the policy trained is the temperature-scaled one
         top_k=0,  # must stay 0: RL trains the unfiltered policy (a filter is refused)
         top_p=1.0,  # must stay 1 (as top_k)
-        # stop token id, or a list of them (e.g. Llama-3 chat: [128001, 128009]); -1 = none. Must equal the
-        # tokenizer's stop set (its eos_token plus generation_config.json's eos_token_id list)
-        eos_id=ml_collections.FieldReference(1, field_type=object),
+        # Must equal the tokenizer's stop set (its eos_token plus generation_config.json's eos_token_id list)
+        eos_id=ml_collections.FieldReference(1, field_type=object),  # stop token id or a list of them; -1 = none
         pad_id=0,  # padding token
     ))
     c.data = ml_collections.ConfigDict(dict(

@@ -166,14 +166,19 @@ def describe_config(config, config_file: str | pathlib.Path) -> str:
             by_name.setdefault(name, set()).add(text)
     by_name = {name: texts.pop() for name, texts in by_name.items() if len(texts) == 1}
     helpers = [m for m in comments if m != root and m not in nested.values()]
+    # sections built by a helper under another name, e.g. `c.data = common.ranking_data_config()`
+    built_by = dict(re.findall(r"^\s*c\.(\w+) = \w+\.(\w+)_config\(", "\n".join(
+        (pathlib.Path(config_file).parent / f"{m}.py").read_text() for m in comments
+        if (pathlib.Path(config_file).parent / f"{m}.py").is_file()), re.M))
     lines = []
 
     def lookup(key: list[str]) -> str:
         module, inner = (nested[key[0]], key[1:]) if key[0] in nested and len(key) > 1 else (root, key)
         section, name = (inner[-2] if len(inner) > 1 else ""), inner[-1]
         for candidate in [module] + helpers:
-            if (section, name) in comments.get(candidate, {}):
-                return comments[candidate][(section, name)]
+            for where in (section, built_by.get(section)):
+                if (where, name) in comments.get(candidate, {}):
+                    return comments[candidate][(where, name)]
         return by_name.get(name, "")
 
     def walk(node, path):

@@ -215,7 +215,9 @@ def test_config_help_lists_every_field_with_its_value_and_comment():
     assert printed["algorithm.name"].startswith("algorithm.name = 'grpo'  # ")
     assert printed["num_steps"].endswith("# PPO iterations (rollout + update) to run in total")
     assert printed["actor.optim.b2"] == "actor.optim.b2 = 0.95  # Adam beta2"
-    assert printed["rewards.rules.missing_eos.eos_id"].endswith("# −weight when the response has no EOS")
+    assert printed["rewards.rules.missing_eos.weight"].endswith("# −weight when the response has no stop token "
+                                                                "(rollout.eos_id)")
+    assert printed["rollout.eos_id"] == "rollout.eos_id = 1  # stop token id or a list of them; -1 = none"
     assert printed["wandb.mode"].startswith("wandb.mode = 'offline'  # \"offline\": files under WORKDIR/wandb")
 
 
