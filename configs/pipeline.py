@@ -236,7 +236,7 @@ def arithmetic_stages(c: ml_collections.ConfigDict, smoke: bool) -> None:
     c.ppo.critic.init.source = "actor"
     c.ppo.rewards.rm_weight = 0.0
     c.ppo.rewards.functions = c.arithmetic.reward_functions
-    c.ppo.rollout.update(batch_size=256, prompt_len=24, max_new_tokens=16, temperature=1.0)
+    c.ppo.rollout.update(batch_size=256, prompt_len=26, max_new_tokens=16, temperature=1.0)  # <bos> + 25 at most
     c.ppo.algorithm.update(group_size=4, kl_in="")  # GRPO's own placement (the loss), β = kl.coef
     c.ppo.kl.coef = 0.0
     c.ppo.ppo.update(epochs=1, num_minibatches=4)
