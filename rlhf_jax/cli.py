@@ -267,7 +267,10 @@ def run_trainer(argv: list[str], train, config, workdir: str, name: str, keys: t
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     quiet_script_logging()
+    from rlhf_jax.metrics import check_wandb
+
     with one_line_errors():
+        check_wandb(config)  # before data loading and compilation
         result = train(config, workdir)
     if result.preempted:
         sys.exit(EXIT_PREEMPTED)

@@ -45,6 +45,21 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 WANDB_MODES = ("offline", "online")
 
 
+
+def check_wandb(config, key: str = "config") -> None:
+    """Before anything runs: ValueError naming `key`.wandb when `config.wandb.enabled` but the mode
+    is unknown or the wandb package is not installed (a config without a wandb section passes)."""
+    section = config.get("wandb") if hasattr(config, "get") else None
+    if section is None or not section.enabled:
+        return
+    if section.mode not in WANDB_MODES:
+        raise ValueError(f"{key}.wandb.mode={section.mode!r} (allowed: {', '.join(map(repr, WANDB_MODES))})")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{key}.wandb.enabled=True but the wandb package is not installed: pip install wandb "
+                         f"(or --{key}.wandb.enabled=False)") from None
+
 class MetricWriter:
     """Append `{"step": s, name: value, ...}` rows to DIR/metrics.jsonl and TensorBoard events
     (DIR/tensorboard), texts (sample responses) to TensorBoard's Text tab, and, after
@@ -111,13 +126,9 @@ class MetricWriter:
         section = config.get("wandb") if hasattr(config, "get") else None
         if not self.enabled or section is None or not section.enabled or self._wandb is not None:
             return
-        if section.mode not in WANDB_MODES:
-            raise ValueError(f"config.wandb.mode={section.mode!r} (allowed: {', '.join(map(repr, WANDB_MODES))})")
-        try:
-            import wandb
-        except ImportError:
-            raise ValueError("config.wandb.enabled=True but the wandb package is not installed: pip install wandb "
-                             "(or --config.wandb.enabled=False)") from None
+        check_wandb(config)
+        import wandb
+
         workdir = self.path.parent
         run_file = workdir / "run.json"
         run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None

@@ -276,6 +276,21 @@ def test_wandb_logging_starts_offline_with_the_run_id_and_logs_every_row(tmp_pat
     metrics.MetricWriter(tmp_path / "off").start_wandb(disabled)  # off: wandb is never imported
 
 
+def test_missing_wandb_stops_a_script_before_training_starts(monkeypatch, capsys):
+    """config.wandb.enabled without the package: one FATAL line before data loading or compiling
+    (the train function is never called), naming the pipeline stage's key."""
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    config = ml_collections.ConfigDict({"wandb": {"enabled": True, "mode": "offline", "project": "p", "name": ""}})
+    called = []
+    with pytest.raises(SystemExit) as stop:
+        cli.run_trainer(["train_sft.py"], lambda *args: called.append(args), config, "/nonexistent", "SFT", ())
+    assert stop.value.code == 1 and not called
+    assert capsys.readouterr().err == ("FATAL config error: config.wandb.enabled=True but the wandb package is not "
+                                       "installed: pip install wandb (or --config.wandb.enabled=False)\n")
+    with pytest.raises(ValueError, match=r"^config.sft.wandb.enabled=True .* \(or --config.sft.wandb.enabled=False\)"):
+        metrics.check_wandb(config, "config.sft")
+
+
 def test_config_help_covers_the_pipeline_with_each_stages_own_comments():
     """The pipeline nests the stage configs: their fields carry the stage file's comments."""
     text = cli.describe_config(cli.load_config_file(str(REPO / "configs" / "pipeline.py")), REPO / "configs" / "pipeline.py")

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from rlhf_jax import evaluation, loading, preference, tasks
+from rlhf_jax.metrics import check_wandb
 from rlhf_jax.algorithms.catalog import ALGORITHMS
 from rlhf_jax.pipeline.evaluate import evaluate
 from rlhf_jax.pipeline.layout import Layout, run_stage, stage_configs, stage_info
@@ -110,6 +111,9 @@ def run_pipeline(config, workdir: str | pathlib.Path, echo: Callable[[str], None
     algorithm = config.get("algorithm", "ppo")
     check_algorithm(algorithm)
     verifiable.check_task(config)
+    for section in ("pretrain", "sft", "rm", "ppo", "dpo"):
+        if section in config:
+            check_wandb(config[section], f"config.{section}")
     setup.claim_workdir(layout.root, "pipeline")
     rl_dir, eval_dir, out_dir = policy_dirs(layout, algorithm)
     if out_dir != layout.root:  # DIR/<algorithm> belongs to this pipeline's algorithm run, not a pipeline
