@@ -27,7 +27,7 @@ _KL_COEFS = flags.DEFINE_list("kl_coefs", ["0.01", "0.05", "0.2"], "KL coefficie
 _SET = flags.DEFINE_multi_string("set", [], "Override a pipeline config field for every run: key=value "
                                  "(e.g. ppo.num_steps=200); repeatable.")
 _NAME = flags.DEFINE_string("name", "", "Sub-directory of DIR/sweep for this sweep (default: 'base', or "
-                            "derived from the --set overrides).")
+                            "the --set overrides themselves, e.g. 'ppo.num_steps=200').")
 
 
 def main(argv):

@@ -199,6 +199,19 @@ def test_sweep_overrides_are_typed_and_checked():
         pipeline.parse_override("ppo.num_steps")
 
 
+def test_sweep_directory_names_say_what_was_overridden():
+    from rlhf_jax.pipeline.sweep import sweep_name
+
+    assert sweep_name([]) == "base"
+    assert sweep_name(["ppo.ppo.epochs=4", "ppo.actor.optim.learning_rate=3e-4"]) == \
+        "ppo.actor.optim.learning_rate=3e-4,ppo.ppo.epochs=4"  # sorted: the same set, the same directory
+    odd = sweep_name(["ppo.rollout.eos_id=[1, 2]"])  # "[", " " cannot stay: replaced, and a hash keeps it unique
+    assert odd.startswith("ppo.rollout.eos_id=_1,_2_-") and len(odd) == len("ppo.rollout.eos_id=_1,_2_-") + 8
+    assert odd != sweep_name(["ppo.rollout.eos_id=[1 ,2]"])
+    long = sweep_name([f"ppo.actor.optim.learning_rate={i}e-4" for i in range(5)])
+    assert len(long) == 80 + 1 + 8
+
+
 def test_eval_temperature_defaults_to_the_trained_policy():
     import ml_collections
 

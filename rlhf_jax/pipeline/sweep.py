@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import re
 from typing import Any, Callable
 
 import ml_collections
@@ -81,10 +82,18 @@ class SweepResult:
     table: str
 
 
-def _sweep_name(overrides: list[str]) -> str:
+def sweep_name(overrides: list[str]) -> str:
+    """The sub-directory of DIR/sweep/ for a list of `--set` overrides when `--name` is not given:
+    "base" for none, else the overrides themselves ("ppo.actor.optim.learning_rate=0.0003,ppo.ppo.epochs=4",
+    sorted); characters outside [A-Za-z0-9._=+,-] become "_" and a name over 80 characters is cut, with
+    8 hex digits of a hash of the exact overrides appended in both cases so distinct sets never share one."""
     if not overrides:
         return "base"
-    return "set-" + hashlib.blake2b("\n".join(sorted(overrides)).encode(), digest_size=4).hexdigest()
+    text = ",".join(sorted(overrides))
+    slug = re.sub(r"[^A-Za-z0-9._=+,-]", "_", text)
+    if slug == text and len(slug) <= 80:
+        return slug
+    return slug[:80] + "-" + hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
 def run_sweep(workdir: str | pathlib.Path, kl_coefs: list[float], overrides: list[str] = (), name: str = "",
@@ -100,7 +109,7 @@ def run_sweep(workdir: str | pathlib.Path, kl_coefs: list[float], overrides: lis
         raise ValueError(f"--kl_coefs must be finite numbers >= 0, got {kl_coefs}")
     base = apply_overrides(load_pipeline_config(layout.root), list(overrides))
     labeler_agreement = stage_info(layout.stage("rankings"))["info"]["labeler_agreement"]
-    directory = layout.root / "sweep" / (name or _sweep_name(list(overrides)))
+    directory = layout.root / "sweep" / (name or sweep_name(list(overrides)))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "overrides.json").write_text(json.dumps(list(overrides), indent=2) + "\n")
 
