@@ -49,6 +49,40 @@ def script_env(compilation_cache):
     return env
 
 
+MULTIPROCESS = os.environ.get("RLHF_JAX_MULTIPROCESS_TEST") == "1"
+multiprocess_test = pytest.mark.skipif(
+    not MULTIPROCESS, reason="extra JAX processes compile their own programs (~1 min each on 2 shared cores); "
+                             "run with RLHF_JAX_MULTIPROCESS_TEST=1")
+
+
+@pytest.fixture(scope="session")
+def run_processes(script_env):
+    """`run_processes(args, workdir, n)`: runs experiments/train_ppo.py as `n` local JAX processes (one
+    CPU device each, gloo collectives, `--config.distributed.*` as in train_ppo.py's docstring) on one
+    coordinator port; fails with a process's stderr when one exits non-zero."""
+    import socket
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "train_ppo.py"
+
+    def run(args: list[str], workdir: pathlib.Path, n: int = 2) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**script_env(1), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+        procs = [subprocess.Popen(
+            [sys.executable, str(script), f"--workdir={workdir}", *args, "--config.distributed.initialize=True",
+             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+             f"--config.distributed.num_processes={n}", f"--config.distributed.process_id={pid}"],
+            cwd=script.parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for pid in range(n)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+    return run
+
+
 @pytest.fixture
 def sigterm_after_step(monkeypatch):
     """`sigterm_after_step(k)`: the trainer process sends itself SIGTERM right after it logs step k

@@ -14,7 +14,6 @@ import math
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -30,6 +29,8 @@ from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.data import synthetic
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
 from rlhf_jax.trainers import loop, ppo, setup
+
+from conftest import multiprocess_test
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_ppo.py"
@@ -416,34 +417,13 @@ def test_kl_blowup_is_flagged_and_logged(tmp_path, caplog):
     assert ppo.kl_blew_up(float("nan"), 50.0) and not ppo.kl_blew_up(49.0, 50.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(os.environ.get("RLHF_JAX_MULTIPROCESS_TEST") != "1",
-                    reason="two extra JAX processes compile their own program (~1 min on 2 shared cores); "
-                           "run with RLHF_JAX_MULTIPROCESS_TEST=1")
-def test_two_process_distributed_cpu_run(compilation_cache, tmp_path):
+@multiprocess_test
+def test_two_process_distributed_cpu_run(run_processes, tmp_path):
     """2 local processes (1 CPU device each, gloo collectives) complete 2 PPO steps on a data=2 mesh
     (the commands are the ones in experiments/train_ppo.py's docstring)."""
-    port = _free_port()
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     workdir = tmp_path / "multi"
-    procs = []
-    for pid in range(2):
-        cmd = [sys.executable, str(SCRIPT), f"--workdir={workdir}", "--config.num_steps=2", "--config.fast_compile=True",
-               "--config.actor.optim.decay_steps=1000", "--config.critic.optim.decay_steps=1000",
-               "--config.distributed.initialize=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-               "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    run_processes(["--config.num_steps=2", "--config.fast_compile=True", "--config.actor.optim.decay_steps=1000",
+                   "--config.critic.optim.decay_steps=1000"], workdir)
     rows = metrics_lib.read_metrics(workdir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)

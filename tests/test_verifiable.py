@@ -13,8 +13,12 @@ import pytest
 
 from configs import ppo as ppo_configs
 from rlhf_jax import algorithms, host_rewards, sharding
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.data import formats, prompt_fields
 from rlhf_jax.tasks import answers, arithmetic
+
+from conftest import multiprocess_test
+from reward_functions import raises_on_seven, words_equal_to_answer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GSM8K_SAMPLE = REPO / "experiments" / "data" / "gsm8k" / "sample.jsonl"
@@ -131,17 +135,6 @@ def test_gsm8k_reader_on_the_sample(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Host reward functions: loading and errors
 # ----------------------------------------------------------------------------------------------
-def words_equal_to_answer(prompts, responses, *, answer):
-    """Test reward: how many words of the response equal the gold answer, plus 0.1 per word."""
-    return [sum(w == a for w in r.split()) + 0.1 * len(r.split()) for r, a in zip(responses, answer)]
-
-
-def raises_on_seven(prompts, responses, **fields):
-    if any("7" in r for r in responses):
-        raise KeyError("seven")
-    return [0.0] * len(responses)
-
-
 def test_reward_function_specs_and_load_errors(tmp_path):
     fns = host_rewards.load_functions("rlhf_jax.tasks.answers:exact_match, rlhf_jax.tasks.answers:answer_format=0.1")
     assert [(f.name, f.weight) for f in fns] == [("exact_match", 1.0), ("answer_format", 0.1)]
@@ -196,7 +189,7 @@ def test_host_reward_weights_fields_and_padding_rows():
 # ----------------------------------------------------------------------------------------------
 # The host-reward RL iteration
 # ----------------------------------------------------------------------------------------------
-TEST_REWARD = "tests.test_verifiable:words_equal_to_answer"
+TEST_REWARD = "tests.reward_functions:words_equal_to_answer"  # a module the scripts can import too
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +314,31 @@ def test_one_vs_eight_devices_and_exact_resume_with_a_python_reward(task_files, 
         for key in DETERMINISTIC:
             np.testing.assert_allclose(float(metrics[key]), full_row[key], rtol=1e-4, atol=1e-6, err_msg=key)
         assert float(metrics["time/reward"]) > 0
+
+
+@multiprocess_test
+def test_two_processes_score_their_own_rows_like_one_process(task_files, run_processes, script_env, tmp_path):
+    """A Python reward with 2 JAX processes (each decodes and scores the rows it loaded, with its own
+    prompt-file fields) gives the metrics of 1 process holding both devices: same mesh, same rows."""
+    import subprocess
+    import sys
+
+    args = ["--config=configs/ppo.py:tiny,grpo", "--config.fast_compile=True", "--config.num_steps=2",
+            "--config.actor.optim.decay_steps=1000", "--config.model.vocab_size=64", "--config.rollout.batch_size=16",
+            "--config.rollout.prompt_len=32", "--config.rollout.max_new_tokens=8",
+            "--config.rewards.rules.target_token.weight=0",
+            f"--config.rewards.functions={TEST_REWARD},rlhf_jax.tasks.answers:answer_format=0.5",
+            f"--config.data.prompts={task_files['ppo_prompts']}", f"--config.data.tokenizer={task_files['tokenizer']}",
+            f"--config.data.cache_dir={tmp_path / 'data'}"]
+    run_processes(args, tmp_path / "two")
+    one = subprocess.run([sys.executable, "experiments/train_ppo.py", f"--workdir={tmp_path / 'one'}", *args],
+                         cwd=REPO, env=script_env(2), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_rows, one_rows = (metrics_lib.read_metrics(tmp_path / name) for name in ("two", "one"))
+    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == [1, 2]
+    for a, b in zip(two_rows, one_rows):
+        for key in DETERMINISTIC:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ import logging
 import os
 import re
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 from etils import epath
 
 from rlhf_jax.data import formats
@@ -98,15 +100,35 @@ def config_for(kind: str, paths: list[str], text_separator: str = "blank_line") 
 
 def prepare_source(kind: str, paths: str | list[str], data_dir: str | None = None,
                    text_separator: str = "blank_line"):
-    """Builds (once) and opens the array_record dataset of `paths`; bad or empty input raises DataError."""
+    """Builds (once) and opens the array_record dataset of `paths`; bad or empty input raises DataError.
+
+    With several JAX processes every process must call it (same arguments, same order): process 0
+    builds first and the others wait for it (a barrier), then open the cache when `data_dir` is shared
+    or build their own copy when it is not; without the barrier two processes on one file system
+    race to rename the same TFDS build directory (FileExistsError)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ValueError("no data files given")
-    with quiet_tfds():
-        builder = LocalFiles(config=config_for(kind, [str(p) for p in paths], text_separator),
-                             data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
-        builder.download_and_prepare()
-    return builder.as_data_source()["train"]
+    config = config_for(kind, [str(p) for p in paths], text_separator)
+
+    def prepared() -> LocalFiles:
+        with quiet_tfds():
+            builder = LocalFiles(config=config, data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
+            builder.download_and_prepare()
+        return builder
+
+    if jax.process_count() == 1:
+        return prepared().as_data_source()["train"]
+    builder, error = None, None
+    if jax.process_index() == 0:
+        try:
+            builder = prepared()
+        except Exception as e:  # raised after the barrier, so the other processes do not wait forever
+            error = e  # (they meet the same bad input themselves)
+    multihost_utils.sync_global_devices(f"rlhf_jax data cache {config.name}")
+    if error is not None:
+        raise error
+    return (builder or prepared()).as_data_source()["train"]
 
 
 class _DropCustomConfigWarning(logging.Filter):
