@@ -9,6 +9,7 @@ only: no weights are made or read.
 
     python experiments/plan_memory.py --devices 8,64 --models llama2-7b,qwen2-7b --json plan.json
     python experiments/plan_memory.py --devices 8 --models tiny --programs sft,grpo     # quick check
+    python experiments/plan_memory.py --devices 8 --programs ppo,grpo --lora_rank 8     # LoRA actor
 
 Each device count runs in a subprocess (the simulated device count is fixed when JAX starts).
 """
@@ -29,6 +30,8 @@ flags.DEFINE_list("devices", ["8", "64"], "Simulated device counts.")
 flags.DEFINE_list("models", ["llama2-7b", "qwen2-7b"], "Model shapes (see MODELS).")
 flags.DEFINE_list("programs", ["sft", "ppo", "grpo"], "Which programs to compile.")
 flags.DEFINE_list("tensor", ["1", "8"], "Tensor-parallel sizes to try (fsdp = devices / tensor).")
+flags.DEFINE_integer("lora_rank", 0, "LoRA rank of the RL actor (config.actor.lora; alpha = 2 x rank, every "
+                     "projection); 0 = full fine-tuning. SFT is compiled without LoRA either way.")
 flags.DEFINE_string("json", "", "Write the rows to this JSON file.")
 flags.DEFINE_integer("worker", 0, "Internal: run as the worker for this many devices.")
 
@@ -70,6 +73,7 @@ def rl_config(model: str, algorithm: str, mesh: dict, reward_dir: str, shapes: d
                      max_new_tokens=shapes["response_len"])
     c.ppo.update(epochs=1, num_minibatches=4)
     c.mesh.update(**mesh)
+    c.actor.lora.update(rank=FLAGS.lora_rank, alpha=2.0 * FLAGS.lora_rank)
     return c
 
 
@@ -139,7 +143,10 @@ def worker(devices: int) -> list[dict]:
                     continue
                 mesh = {"data": 1, "fsdp": devices // tensor, "tensor": tensor}
                 for program in FLAGS.programs:
-                    row = {"model": model, "devices": devices, "mesh": mesh, "program": program}
+                    if program == "sft" and FLAGS.lora_rank:
+                        continue
+                    row = {"model": model, "devices": devices, "mesh": mesh, "program": program,
+                           "lora_rank": FLAGS.lora_rank}
                     try:
                         row.update(compile_sft(model, mesh, shapes) if program == "sft"
                                    else compile_rl(model, program, mesh, reward_dir, shapes))
@@ -160,7 +167,8 @@ def main(argv):
     for devices in (int(d) for d in FLAGS.devices):
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
         args = [sys.executable, os.path.abspath(__file__), f"--worker={devices}", f"--models={','.join(FLAGS.models)}",
-                f"--programs={','.join(FLAGS.programs)}", f"--tensor={','.join(FLAGS.tensor)}"]
+                f"--programs={','.join(FLAGS.programs)}", f"--tensor={','.join(FLAGS.tensor)}",
+                f"--lora_rank={FLAGS.lora_rank}"]
         out = subprocess.run(args, env=env, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"worker for {devices} devices failed:\n{out.stderr[-3000:]}")

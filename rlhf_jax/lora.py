@@ -94,8 +94,10 @@ class _Provider(qwix.LoraProvider):
         return super().get_intercept_map() | {"rlhf_jax.models.matmul.matmul": self._matmul}
 
     def _matmul(self, x, w, out_dtype=None):
+        """As `matmul`: the result in `out_dtype`, else x's dtype (the fp32 adapters would otherwise
+        promote a bf16 model's activations to fp32 and break `nn.scan`'s carry)."""
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        return self.dot_general(x, w, dims, preferred_element_type=out_dtype)
+        return self.dot_general(x, w, dims, preferred_element_type=out_dtype).astype(out_dtype or x.dtype)
 
 
 def lora_model(model: Transformer, spec: LoraSpec, *, train: bool = True) -> Transformer:

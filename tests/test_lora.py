@@ -192,3 +192,18 @@ def test_merged_and_peft_exports_load_with_the_lora_logits(setup, tmp_path):
     np.testing.assert_allclose(peft_logits[real], expected[real], atol=1e-4)
     with pytest.raises(ValueError, match="save_peft: Llama-family language models only"):
         lora.save_peft(tr.Transformer(CFG, heads=("value",)), adapters, SPEC, tmp_path / "x")
+
+
+def test_a_bfloat16_lora_model_keeps_its_compute_dtype(setup):
+    """bf16 compute: the fp32 adapters do not promote the activations (nn.scan's carry would reject
+    it), and the logits stay within bf16 rounding of the merged model's."""
+    import dataclasses
+
+    _, _, base, adapters = setup
+    model = tr.Transformer(dataclasses.replace(CFG, dtype="bfloat16"))
+    lmodel = lora.lora_model(model, SPEC)
+    full = lora.combine(adapters, base)
+    ours, merged = logits(lmodel, full), logits(model, lora.merge(full, SPEC))
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(merged, np.float32), atol=0.05)
+    fresh = jax.jit(lambda b: lora.init_adapters(lmodel, b, jax.random.PRNGKey(1)))(base)  # init traces the scan too
+    assert {x.dtype for x in jax.tree.leaves(fresh)} == {jnp.dtype(jnp.float32)}
