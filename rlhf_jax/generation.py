@@ -9,7 +9,7 @@ Conventions
 - Prompts `[B, P]` are LEFT-padded, so every row's last prompt token sits in slot P-1 and new
   tokens go to slots P, P+1, ... of the KV cache.
 - The decode loop runs the model in the decode layout of `rlhf_jax.models.decode` (per-layer
-  parameters with q/k/v and gate/up fused into one product each, and a KV cache), computes logits only where a token is drawn, and, when the cache is
+  parameters and KV cache), computes logits only where a token is drawn, and, when the cache is
   large next to the parameters, runs in segments whose cache grows (`segment_ends`) so attention
   reads about the live slots, not all P + N (measurements: docs/benchmarks.md).
 - `logprobs` are log-probs of the sampled tokens under the temperature-scaled, UNFILTERED softmax
@@ -242,7 +242,7 @@ def sample(model: Transformer, params, prompt_ids: jax.Array, prompt_mask: jax.A
     """
     batch, prompt_len = prompt_ids.shape
     n_new = config.max_new_tokens
-    params = decode.fuse_projections(decode.unstack_layers(params))  # the decode layout, once, outside the loop
+    params = decode.unstack_layers(params)  # the decode layout, once, outside the loop
     ends = segment_ends(model, params, batch, prompt_len, n_new)
     prompt_mask = prompt_mask.astype(jnp.int32)
     attention_mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, ends[0]), jnp.int32)], axis=1)

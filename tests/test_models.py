@@ -66,12 +66,10 @@ def test_left_padding_gives_the_unpadded_logits(name):
     np.testing.assert_allclose(padded[:, 3:], unpadded, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_kv_cache_decoding_equals_full_forward(name, fused):
-    """The decode path `generate` uses (decode layout: per-layer parameters, optionally with q/k/v and
-    gate/up fused, and caches): prefill 5 left-padded slots, then feed 3 tokens one at a time; the
-    logits equal one plain full pass."""
+def test_kv_cache_decoding_equals_full_forward(name):
+    """The decode path `generate` uses (decode layout: per-layer parameters and caches): prefill 5
+    left-padded slots, then feed 3 tokens one at a time; the logits equal one plain full pass."""
     cfg = CONFIGS[name]
     model = Transformer(cfg)
     params = _random_params(model, seed=2)
@@ -79,12 +77,6 @@ def test_kv_cache_decoding_equals_full_forward(name, fused):
     assert len(per_layer["layers"]) == cfg.n_layers
     np.testing.assert_array_equal(per_layer["layers"][1]["attn"]["q"]["kernel"],
                                   params["layers"]["attn"]["q"]["kernel"][1])
-    if fused:
-        per_layer = decode.fuse_projections(per_layer)
-        attn, mlp = per_layer["layers"][1]["attn"], per_layer["layers"][1]["mlp"]
-        assert set(attn) == {"qkv", "o"} and set(mlp) == ({"gate_up", "down"} if cfg.mlp == "swiglu" else {"up", "down"})
-        np.testing.assert_array_equal(attn["qkv"]["kernel"], np.concatenate(
-            [params["layers"]["attn"][p]["kernel"][1] for p in "qkv"], axis=-1))
     ids = np.random.RandomState(3).randint(1, VOCAB, (2, 8))
     mask = np.ones((2, 8), np.int32)
     mask[1, :2] = 0
@@ -110,18 +102,6 @@ def test_kv_cache_decoding_equals_full_forward(name, fused):
     np.testing.assert_allclose(incremental[real], full[real], atol=1e-5)
     with pytest.raises(ValueError, match="unstack_layers"):  # stacked parameters with a cache
         model.apply({"params": params}, ids[:, :5], cache_mask, positions[:, :5], cache=decode.init_cache(cfg, 2, 8))
-
-
-def test_fuse_projections_leaves_lora_parameters_alone():
-    """A LoRA model's adapters hang on the separate q/k/v, gate/up: its decode tree is not fused."""
-    kernel = lambda n: np.zeros((4, n), np.float32)
-    layer = {"attn": {p: {"kernel": kernel(4)} for p in "qkvo"},
-             "mlp": {"gate": {"kernel": kernel(8)}, "up": {"kernel": kernel(8)}, "down": {"kernel": kernel(4)}}}
-    plain = decode.fuse_projections({"layers": (layer,)})
-    assert set(plain["layers"][0]["attn"]) == {"qkv", "o"} and plain["layers"][0]["mlp"]["gate_up"]["kernel"].shape == (4, 16)
-    lora_layer = {**layer, "attn": {**layer["attn"], "q": {"kernel": kernel(4), "kernel_lora_a": kernel(2)}}}
-    params = {"layers": (lora_layer,)}
-    assert decode.fuse_projections(params) is params
 
 
 def test_heads_from_gives_the_full_pass_heads_at_those_slots():

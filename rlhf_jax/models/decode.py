@@ -4,9 +4,7 @@
 below; that is the only switch between the plain model and this code. The decode layout:
 
 - parameters: `unstack_layers(params)` turns the scanned `params["layers"]` (leading layer axis)
-  into a tuple of per-layer trees (do it once, outside the decode loop); `fuse_projections` then
-  optionally concatenates each layer's q/k/v kernels into one `qkv` product and gate/up into one
-  `gate_up` (the stored parameters keep their layout; this is a per-call copy for decoding);
+  into a tuple of per-layer trees (do it once, outside the decode loop);
 - cache: `init_cache(config, batch, slots)`, one `{"k", "v"}` of head-major
   `[batch, kv_heads, slots, head_dim]` arrays per layer, in the compute dtype;
 - `attention_mask [B, slots]` covers every cache slot; the T new tokens are written at slots
@@ -22,10 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.transformer import (MLP, Dense, Norm, TransformerConfig, allowed_keys, arrange_qkv,
-                                         masked_scores, qkv_projections)
-
-FUSED = {"attn": (("q", "k", "v"), "qkv"), "mlp": (("gate", "up"), "gate_up")}  # module: (parts, fused name)
+from rlhf_jax.models.transformer import (MLP, Dense, Norm, TransformerConfig, allowed_keys, masked_scores,
+                                         qkv_projections)
 
 
 def init_cache(config: TransformerConfig, batch_size: int, slots: int) -> tuple:
@@ -45,52 +41,17 @@ def unstack_layers(params: dict) -> dict:
     return {**params, "layers": tuple(jax.tree_util.tree_map(lambda p: p[i], stacked) for i in range(n_layers))}
 
 
-def _fuse(module: dict, parts: tuple, name: str) -> dict:
-    """`module`'s `parts` (each `{"kernel" [in, n_i](, "bias" [n_i])}`) as one `name` whose kernel
-    (and bias) are theirs concatenated along the output axis, in `parts` order."""
-    fused = {key: jnp.concatenate([module[p][key] for p in parts], axis=-1) for key in module[parts[0]]}
-    return {**{k: v for k, v in module.items() if k not in parts}, name: fused}
-
-
-def fuse_projections(params: dict, modules: tuple = ("attn", "mlp")) -> dict:
-    """Decode-layout `params` (from `unstack_layers`) with each layer's `attn/{q,k,v}` fused into
-    `attn/qkv` (kernel `[d_model, (H + 2·KVH)·D]`) and, for SwiGLU, `mlp/{gate,up}` into
-    `mlp/gate_up` (`[d_model, 2·d_ff]`): one matrix product instead of three / two per step, same
-    values. The parameters of a LoRA model (adapter leaves `*_lora_a` / `*_lora_b` anywhere: its
-    adapters hang on the separate projections) come back unchanged. `modules`: which of the two to
-    fuse. Costs one copy of those kernels per call."""
-    if any("_lora_" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)):
-        return params
-    layers = []
-    for layer in params["layers"]:
-        layer = dict(layer)
-        for module in modules:
-            parts, name = FUSED[module]
-            sub = layer.get(module, {})
-            if all(p in sub and set(sub[p]) == set(sub[parts[0]]) for p in parts):
-                layer[module] = _fuse(sub, parts, name)
-        layers.append(layer)
-    return {**params, "layers": tuple(layers)}
-
-
 class CachedAttention(nn.Module):
-    """`Attention` with a KV cache: same parameters (q, k, v, o, or q/k/v fused into `qkv` by
-    `fuse_projections`) and the same values."""
+    """`Attention` with a KV cache: same parameters (q, k, v, o) and the same values."""
 
     config: TransformerConfig
-    fused: bool = False  # the layer's parameters have `qkv` instead of q, k, v
 
     @nn.compact
     def __call__(self, x, cache, key_mask, rope, cache_index):
         cfg = self.config
         dt = cfg.compute_dtype
         batch, q_len, _ = x.shape
-        if self.fused:
-            h, kvh, d = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head, cfg.dim_per_head
-            qkv = Dense(h + 2 * kvh, ("embed", "heads"), cfg.attn_bias or cfg.qkv_bias, dt, name="qkv")(x)
-            q, k, v = arrange_qkv(cfg, qkv[..., :h], qkv[..., h:h + kvh], qkv[..., h + kvh:], rope)
-        else:
-            q, k, v = qkv_projections(cfg, x, rope)
+        q, k, v = qkv_projections(cfg, x, rope)
         query_slot = cache_index + jnp.arange(q_len)[:, None]
         new_slot = cache_index + jnp.arange(q_len)[None, :]
         new_mask = jax.lax.dynamic_slice_in_dim(key_mask, cache_index, q_len, 1)
@@ -119,35 +80,18 @@ class CachedAttention(nn.Module):
         return out, cache
 
 
-class FusedSwiGLU(nn.Module):
-    """`MLP` (SwiGLU) with gate and up as one `gate_up` product (`fuse_projections`)."""
-
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        dt = cfg.compute_dtype
-        gate_up = Dense(2 * cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, dt, name="gate_up")(x)
-        hidden = nn.silu(gate_up[..., :cfg.d_ff]) * gate_up[..., cfg.d_ff:]
-        return Dense(cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, dt, "embed", name="down")(hidden)
-
-
 class CachedBlock(nn.Module):
     """`Block` with a KV cache (no dropout: decoding is deterministic)."""
 
     config: TransformerConfig
-    fused_qkv: bool = False  # parameters from `fuse_projections`: attn/qkv ...
-    fused_mlp: bool = False  # ... and mlp/gate_up
 
     @nn.compact
     def __call__(self, x, cache, key_mask, rope, cache_index):
         cfg = self.config
-        attn_out, cache = CachedAttention(cfg, self.fused_qkv, name="attn")(Norm(cfg, name="attn_norm")(x), cache,
-                                                                            key_mask, rope, cache_index)
+        attn_out, cache = CachedAttention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), cache, key_mask, rope,
+                                                            cache_index)
         x = x + attn_out
-        mlp = FusedSwiGLU(cfg, name="mlp") if self.fused_mlp else MLP(cfg, name="mlp")
-        x = x + mlp(Norm(cfg, name="mlp_norm")(x))
+        x = x + MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
         return x, cache
 
 
@@ -165,8 +109,7 @@ def cached_layers(model: nn.Module, x, cache: tuple, key_mask, rope, cache_index
                          f"config.n_layers={model.config.n_layers}")
     new_cache = []
     for params, layer_cache in zip(layer_params, cache):
-        fused_qkv, fused_mlp = "qkv" in params.get("attn", {}), "gate_up" in params.get("mlp", {})
-        x, layer_cache = CachedBlock(model.config, fused_qkv, fused_mlp, parent=None).apply(
+        x, layer_cache = CachedBlock(model.config, parent=None).apply(
             {"params": params}, x, layer_cache, key_mask, rope, cache_index)
         new_cache.append(layer_cache)
     return x, tuple(new_cache)

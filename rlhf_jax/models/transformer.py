@@ -192,17 +192,10 @@ def qkv_projections(cfg: TransformerConfig, x: Array, rope) -> tuple:
     `v [B, KVH, T, D]`."""
     dt, h, kvh, d = cfg.compute_dtype, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     bias = cfg.attn_bias or cfg.qkv_bias
-    q = Dense(h * d, ("embed", "heads"), bias, dt, name="q")(x)
-    k = Dense(kvh * d, ("embed", "kv"), bias, dt, name="k")(x)
-    v = Dense(kvh * d, ("embed", "kv"), bias, dt, name="v")(x)
-    return arrange_qkv(cfg, q, k, v, rope)
-
-
-def arrange_qkv(cfg: TransformerConfig, q: Array, k: Array, v: Array, rope) -> tuple:
-    """Projected `q [B, T, H·D]`, `k`, `v [B, T, KVH·D]` -> the `qkv_projections` layout, with RoPE."""
-    dt, h, kvh, d = cfg.compute_dtype, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-    batch, q_len, _ = q.shape
-    q, k, v = q.reshape(batch, q_len, h, d), k.reshape(batch, q_len, kvh, d), v.reshape(batch, q_len, kvh, d)
+    batch, q_len, _ = x.shape
+    q = Dense(h * d, ("embed", "heads"), bias, dt, name="q")(x).reshape(batch, q_len, h, d)
+    k = Dense(kvh * d, ("embed", "kv"), bias, dt, name="k")(x).reshape(batch, q_len, kvh, d)
+    v = Dense(kvh * d, ("embed", "kv"), bias, dt, name="v")(x).reshape(batch, q_len, kvh, d)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k, v = k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3).astype(dt)
