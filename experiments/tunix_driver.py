@@ -26,8 +26,9 @@ Minibatches: in Tunix a global step (one iteration here) walks the full batch in
 `mini_batch_size` pieces, and each piece is generated, scored and then trained on for
 `num_iterations` (= epochs) passes. So `epochs x minibatches` optimizer steps of `batch /
 minibatches` responses each, as ours, but generation runs `minibatches` times on the smaller batch.
-Iteration time: between consecutive calls of the learner's `_run_global_step` (the last one ends
-when the actor's parameters are ready).
+Iteration time: between consecutive calls of the learner's `_run_global_step` (the loop makes one
+more call that finds the data exhausted; without it the last iteration ends when the actor's
+parameters are ready).
 """
 from __future__ import annotations
 
