@@ -16,6 +16,8 @@ the cache write) is measured in docs/benchmarks.md, "Why the model code looks li
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,13 +65,14 @@ class CachedAttention(nn.Module):
             old_mask = key_mask.astype(bool) & (old_slot < cache_index)
             parts.insert(0, (cache["k"], cache["v"], allowed_keys(query_slot, old_slot, old_mask, cfg.sliding_window)))
 
+        # Softmax over both parts without concatenating them: one shared max and normaliser.
         scores = [masked_scores(q, keys, allowed) for keys, _, allowed in parts]
-        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dt)
-        out, offset = 0.0, 0
-        for (_, values, _), part in zip(parts, scores):
-            width = part.shape[-1]
-            out = out + jnp.einsum("bhkd,bhgqk->bqhgd", values, probs[..., offset:offset + width])
-            offset += width
+        top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
+        weights = [jnp.exp(s - top) for s in scores]
+        total = functools.reduce(jnp.add, [w.sum(axis=-1, keepdims=True) for w in weights])
+        out = 0.0
+        for (_, values, _), w in zip(parts, weights):
+            out = out + jnp.einsum("bhkd,bhgqk->bqhgd", values, (w / total).astype(dt))
         out = out.reshape(batch, q_len, -1)
         # Write the new keys and values after the reads above: the zero term makes the written values
         # depend on the attention output, so the in-place update is ordered after the reads.
