@@ -150,7 +150,8 @@ def test_adapter_shardings_follow_the_kernel_axes(setup):
 def test_bad_config_names_the_key():
     import ml_collections
 
-    cfg = ml_collections.ConfigDict(dict(rank=4, alpha=-1.0, dropout=0.0, target_modules=".*", modules_to_save=""))
+    cfg = ml_collections.ConfigDict(dict(rank=4, alpha=-1.0, dropout=0.0, target_modules=".*", modules_to_save="",
+                                         quantize="none", quantize_block=64))
     with pytest.raises(ValueError, match=r"^config.lora.alpha=-1.0"):
         lora.LoraSpec.from_config(cfg)
     cfg.update(alpha=8.0, modules_to_save="embed, layers")

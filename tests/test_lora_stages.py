@@ -114,6 +114,24 @@ def test_merged_export_loads_in_transformers_with_the_lora_logits(files, referen
     assert float(jnp.abs(plain - expected).max()) > 1e-3  # training moved the adapters away from zero
 
 
+def test_qlora_sft_trains_on_the_quantised_base_and_loads_merged(files, tmp_path):
+    """config.lora.quantize='nf4': the loss falls, the checkpoint holds adapters only, and loading
+    merges them into the dequantised base: the logits of the LoRA model on the nf4 base."""
+    config = lora_config(files, **{"lora.quantize": "nf4", "lora.quantize_block": 16, "num_steps": 4})
+    result = sft.train(config, str(tmp_path))
+    rows = metrics.read_metrics(tmp_path)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert all(lora.is_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(result.state.params)[0])
+    assert checkpoint.read_meta(tmp_path)["lora"]["quantize"] == "nf4"
+    model, merged = loading.load_model(str(tmp_path))
+    _, base = from_pretrained(str(files / "base"))
+    lmodel = lora.lora_model(model, lora.LoraSpec(rank=4, alpha=8.0, quantize="nf4", quantize_block=16), train=False)
+    full = lora.combine(jax.device_get(result.state.params), lora.quantize_base(lmodel, base))
+    ids = jnp.asarray([[5, 9, 13, 17, 21, 25]])
+    expected = lmodel.apply({"params": full}, ids).logits
+    np.testing.assert_allclose(model.apply({"params": merged}, ids).logits, expected, atol=1e-5)
+
+
 def test_lora_on_a_fresh_model_is_refused(files, tmp_path):
     config = lora_config(files)
     config.init.update(source="scratch", path="")
