@@ -171,10 +171,11 @@ def test_lora_on_a_fresh_model_is_refused(files, tmp_path):
         sft.train(config, str(tmp_path))
 
 
-def test_reward_model_trains_adapters_and_head_and_loads_merged(files, tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_reward_model_trains_adapters_and_head_and_loads_merged(files, tmp_path, quantize):
     config = rm_configs.get_config("tiny")
     config.init.update(source="hf", path=str(files / "base"))
-    config.lora.update(rank=4, alpha=8.0)
+    config.lora.update(rank=4, alpha=8.0, quantize=quantize, quantize_block=16)
     config.data.update(train=str(files / "rankings.jsonl"), eval="", tokenizer=str(files / "tokenizer"), max_len=32,
                        cache_dir=str(files / "tfds_rm"))
     config.update(num_steps=6, batch_size=8, log_every=1, fast_compile=True)
@@ -189,7 +190,8 @@ def test_reward_model_trains_adapters_and_head_and_loads_merged(files, tmp_path)
     _, base = from_pretrained(str(files / "base"))
     base = {k: v for k, v in base.items() if k != "lm_head"}
     ids = jnp.asarray([[5, 9, 13, 17, 21, 25]])
-    spec = lora.LoraSpec(rank=4, alpha=8.0, modules_to_save=("value_head",))
-    expected = lora.lora_model(model, spec, train=False).apply(
-        {"params": lora.combine(jax.device_get(result.state.params), base)}, ids).values
+    spec = lora.LoraSpec(rank=4, alpha=8.0, modules_to_save=("value_head",), quantize=quantize, quantize_block=16)
+    lmodel = lora.lora_model(model, spec, train=False)
+    base = lora.quantize_base(lmodel, base) if spec.quantized else base
+    expected = lmodel.apply({"params": lora.combine(jax.device_get(result.state.params), base)}, ids).values
     np.testing.assert_allclose(model.apply({"params": merged}, ids).values, expected, atol=1e-5)
