@@ -3,8 +3,9 @@ AdamW-state bytes per device, the compiled SFT step's memory analysis, and the S
 
 Per-device bytes come from the shardings the trainers use (`rlhf_jax.sharding` rules on a
 data=1, fsdp=N mesh of N fake CPU devices) applied to abstract shapes: nothing is materialised,
-so the Qwen2-0.5B shape needs no weights. 4-bit codes (nf4) count half a byte, their nominal width;
-XLA:CPU's buffers give each one a byte (`lora_state.memory_report` shows those real bytes). Step time and the compiled program's memory analysis
+so the Qwen2-0.5B shape needs no weights. 4-bit codes (nf4) count half a byte, their nominal
+width; XLA:CPU's buffers give each one a byte (`lora_state.memory_report` shows those real bytes).
+Step time and the compiled program's memory analysis
 (XLA:CPU's, arguments/temporaries) are measured for the models small enough to run here.
 
     python experiments/bench_lora.py                      # tiny preset + Qwen2-0.5B shape, fsdp=8

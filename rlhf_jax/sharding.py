@@ -2,8 +2,8 @@
 
 One `Mesh` with axes ("data", "fsdp", "tensor") comes from the config (`mesh.data`, `mesh.fsdp`,
 `mesh.tensor`; -1 = all remaining devices). Model parameters carry logical axis names (`vocab`,
-`embed`, `heads`, `kv`, `mlp`, `layers`, and LoRA's `lora_rank`); `DEFAULT_RULES` maps each name to mesh axes in one place
-(MaxText style). A dimension that the mapped mesh axes do not divide evenly is replicated instead,
+`embed`, `heads`, `kv`, `mlp`, `layers`, and LoRA's `lora_rank`); `DEFAULT_RULES` maps each name
+to mesh axes in one place (MaxText style). A dimension that the mapped mesh axes do not divide evenly is replicated instead,
 so any model runs on any mesh. Batches are split over ("data", "fsdp") along their leading axis:
 with FSDP every device sees a different slice of the batch and gathers parameters on use (ZeRO-3).
 """

@@ -144,7 +144,8 @@ def test_lora_critic_trains_adapters_and_value_head_over_the_actor_base():
         assert np.isfinite(float(metrics["value/loss"]))
     after = jax.device_get(state)
     jax.tree.map(np.testing.assert_array_equal, after.ref, before.ref)
-    changed = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after.critic), jax.tree.leaves(before.critic))]
+    changed = [float(np.abs(a - b).max())
+               for a, b in zip(jax.tree.leaves(after.critic), jax.tree.leaves(before.critic))]
     assert min(changed) > 0
 
     # Independent expectation of the values: the plain value model on the merged weights.

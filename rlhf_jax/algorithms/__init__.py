@@ -21,6 +21,6 @@ from rlhf_jax.algorithms.types import (Experience, Models, Optimizers, RLSetting
 from rlhf_jax.algorithms.update import iteration, iteration_keys, minibatch_indices, next_kl_coef, update
 
 __all__ = ["ALGORITHMS", "Algorithm", "Experience", "Models", "Optimizers", "RLSettings", "RLState", "abstract_state",
-           "actor_params", "create_state", "generate_responses", "iteration", "iteration_keys", "minibatch_indices",
+           "actor_params", "create_state", "critic_params", "generate_responses", "iteration", "iteration_keys", "minibatch_indices",
            "next_kl_coef", "rollout",
            "state_shardings", "update"]

@@ -58,11 +58,12 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     if config.critic.lora.rank and algorithm.critic != "none":
         lora.LoraSpec.from_config(config.critic.lora, "config.critic.lora")
         if config.critic.type == "shared":
-            fail(f"config.critic.lora.rank={config.critic.lora.rank} with config.critic.type='shared': the shared value "
-                 "head sits on the actor's trunk, whose adapters are config.actor.lora's (set critic.lora.rank=0)")
+            fail(f"config.critic.lora.rank={config.critic.lora.rank} with config.critic.type='shared': the shared "
+                 "value head sits on the actor's trunk, whose adapters are config.actor.lora's (set critic.lora.rank=0)")
         if config.critic.init.source not in ("reward", "actor"):
-            fail(f"config.critic.lora.rank={config.critic.lora.rank} needs config.critic.init.source 'reward' or 'actor' "
-                 f"(the frozen base is that role's weights, read in place), got {config.critic.init.source!r}")
+            fail(f"config.critic.lora.rank={config.critic.lora.rank} needs config.critic.init.source 'reward' or "
+                 f"'actor' (the frozen base is that role's weights, read in place), got "
+                 f"{config.critic.init.source!r}")
         if config.critic.init.source == "actor" and config.reference.init.source != "actor":
             fail(f"config.critic.lora.rank={config.critic.lora.rank} with config.critic.init.source='actor' needs "
                  "config.reference.init.source='actor' (the critic's frozen base is the reference's copy of the "
