@@ -302,7 +302,9 @@ def save_peft(model: Transformer, adapters: dict, spec: LoraSpec, path, base_mod
     r, lora_alpha, target_modules) + `adapter_model.safetensors` with fp32
     `base_model.model.model.layers.{i}.<module>.lora_A.weight [r, in]` and `lora_B.weight [out, r]`.
     Llama-family LMs (Llama, Qwen2, Mistral) only: ValueError for GPT-2 (its fused c_attn has one
-    adapter for q|k|v) or a model with a value head (use `save_merged` there)."""
+    adapter for q|k|v) or a model with a value head (use `save_merged` there). QLoRA adapters were
+    trained on the quantised base: on the fp32 base they differ by the quantisation error
+    (`save_merged` writes the dequantised merge exactly)."""
     import json
     import pathlib
 
