@@ -113,6 +113,10 @@ def lora_config(**fields) -> ml_collections.ConfigDict:
         #   ("layers/attn/q", "layers/mlp/down"); default: every attention (q, k, v, o) and MLP projection
         modules_to_save="",  # parameter groups trained in full next to the adapters (PEFT's term), comma-
         #   separated: "embed", "pos_embed", "final_norm", "lm_head" (the RM / a shared critic add "value_head")
+        quantize="none",  # QLoRA: store the frozen adapted kernels as "int8" or "nf4" (4-bit NormalFloat,
+        #   Dettmers et al. 2023), dequantised on the fly; "none" = fp32
+        quantize_block=64,  # inputs per absmax scale of the quantised kernels (must divide d_model and d_ff;
+        #   0 = one scale per output channel)
     )
     base.update(fields)
     return ml_collections.ConfigDict(base)

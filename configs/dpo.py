@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---- model and where it starts (the policy; the frozen reference is the same starting model) ----
     c.model = common.model_config()  # architecture for init.source="scratch"; dtype/remat/dropout always
     c.init = common.init_config("scratch")  # "checkpoint": an SFT run (policy and reference) | "hf"
+    c.lora = common.lora_config()  # rank > 0: train adapters only; the reference is the adapter-free policy
 
     # ---- data: the RM's ranking data (every ordered pair of a K-way ranking is one DPO pair) ----------
     c.data = common.ranking_data_config()

@@ -49,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init=common.init_config("actor"),  # critic trunk (+ a fresh value head when it has none): "actor" |
         #                                    "reward" (a copy of the starting weights of that role) | "checkpoint" | "hf"
         optim=common.optim_config(learning_rate=3e-3, **PPO_OPTIM),  # AdamW of a separate critic
+        lora=common.lora_config(),  # rank > 0 (separate critic, init "reward" or "actor"): train adapters + the
+        #   value head over that role's frozen weights, read in place (a shared critic uses actor.lora)
     ))
     c.reward = ml_collections.ConfigDict(dict(
         init=common.init_config("none"),  # frozen reward model: "none" (rule rewards only) | "checkpoint"

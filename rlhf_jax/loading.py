@@ -130,7 +130,7 @@ def param_shapes(model: Transformer) -> Any:
 def load_checkpoint_params(path: str, model: Transformer, param_sh: Any) -> Any:
     """The "params" item of an rlhf_jax checkpoint at `path`, restored onto `param_sh`. A LoRA
     checkpoint (metadata "lora") holds adapters and heads only: they are merged into the base its
-    metadata points at (`rlhf_jax.lora.merge`), giving plain weights of `model`."""
+    metadata points at (`rlhf_jax.lora.merge`; a QLoRA base dequantised), giving plain weights of `model`."""
     lora_meta = checkpoint_lib.read_meta(path).get("lora")
     if lora_meta is None:
         return checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(param_shapes(model), param_sh))
@@ -138,8 +138,7 @@ def load_checkpoint_params(path: str, model: Transformer, param_sh: Any) -> Any:
 
     from rlhf_jax import lora
 
-    spec = lora.LoraSpec(lora_meta["rank"], lora_meta["alpha"], 0.0, lora_meta["target_modules"],
-                         tuple(lora_meta["modules_to_save"]))
+    spec = lora.LoraSpec.from_meta(lora_meta)
     base_init = SimpleNamespace(**lora_meta["base"])
     if base_init.source == "scratch":
         raise ValueError(f"{path}: LoRA adapters of a freshly initialised (init.source='scratch') model; that base "
@@ -150,6 +149,8 @@ def load_checkpoint_params(path: str, model: Transformer, param_sh: Any) -> Any:
     shapes, shardings = lora.split(param_shapes(lmodel), spec)[0], lora.split(
         sharding.param_shardings(lmodel, mesh), spec)[0]
     trainable = checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(shapes, shardings))
+    if spec.quantized:  # QLoRA: the adapters were trained on the quantised base; merge into its dequantised form
+        base = jax.jit(lambda b: lora.quantize_base(lmodel, b))(base)
     return sharding.shard_params(lora.merge(lora.combine(trainable, base), spec), param_sh)
 
 

@@ -20,10 +20,20 @@ The pieces every trainer uses (SFT, RM, the RL actor; a DPO trainer can call the
 `split` / `combine` (trainable adapters + heads vs the frozen base), `merge` (W + (alpha/r)·A·B,
 for export: `save_merged`). The adapter-free forward is the plain model applied to the base
 tree (`split(params)[1]`): that is the reference model of RL and DPO, with no second copy.
+
+QLoRA (Dettmers et al. 2023): `LoraSpec.quantize` "int8" or "nf4" stores the frozen kernels of the
+adapted projections quantised, through qwix's own mechanism (`LoraProvider` extends its PTQ
+provider): `quantize_base` turns each such fp32 `kernel [.., in, out]` into qwix's
+`WithAux(QArray(qvalue [.., in, out] int8 | uint4 (nf4 codes), scale [.., in / block, out] fp32))`,
+one absmax scale per `quantize_block` inputs of each output (64 = the QLoRA paper's block; 0 =
+one per output channel), and the projection dequantises on the fly, `y = x·deq(W) + (alpha/r)·x·A·B`
+(A, B fp32). Embeddings, norms, biases and heads stay fp32. The adapter-free model of a quantised
+base is `base_model(model, spec)` (the same quantised kernels, no adapters).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import flax.linen as nn
@@ -38,6 +48,7 @@ ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 # layout, the bare form the per-layer decode layout (rlhf_jax.models.decode).
 DEFAULT_TARGETS = r"(layers/)?(attn/(q|k|v|o)|mlp/(gate|up|down))"
 SAVABLE_MODULES = ("embed", "pos_embed", "final_norm", "lm_head", "value_head")
+QTYPES = {"none": None, "int8": jnp.int8, "nf4": "nf4"}  # config.lora.quantize -> qwix weight_qtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +57,17 @@ class LoraSpec:
     (training only); target_modules: regex that must match a projection's whole module path
     (e.g. "layers/attn/q"); modules_to_save: top-level parameter groups trained in full alongside
     the adapters (PEFT's term): the trainers add "value_head" for a reward model or a shared critic;
-    `config.lora.modules_to_save` may add "embed", "pos_embed", "final_norm", "lm_head"."""
+    `config.lora.modules_to_save` may add "embed", "pos_embed", "final_norm", "lm_head";
+    quantize: storage of the frozen adapted kernels, "none" (fp32) | "int8" | "nf4" (QLoRA);
+    quantize_block: inputs per absmax scale (0 = one scale per output channel)."""
 
     rank: int
     alpha: float
     dropout: float = 0.0
     target_modules: str = DEFAULT_TARGETS
     modules_to_save: tuple = ()
+    quantize: str = "none"
+    quantize_block: int = 64
 
     @property
     def scale(self) -> float:
@@ -78,17 +93,44 @@ class LoraSpec:
         if unknown:
             raise ValueError(f"{key}.modules_to_save={cfg.modules_to_save!r}: unknown {unknown} (allowed: "
                              f"{', '.join(SAVABLE_MODULES)})")
+        if cfg.quantize not in QTYPES:
+            raise ValueError(f"{key}.quantize={cfg.quantize!r} must be one of {', '.join(QTYPES)}")
+        if cfg.quantize_block < 0:
+            raise ValueError(f"{key}.quantize_block={cfg.quantize_block} must be >= 0 (0 = per output channel)")
         return cls(int(cfg.rank), float(cfg.alpha), float(cfg.dropout), cfg.target_modules,
-                   tuple(dict.fromkeys(tuple(modules_to_save) + extra)))
+                   tuple(dict.fromkeys(tuple(modules_to_save) + extra)), cfg.quantize, int(cfg.quantize_block))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "LoraSpec":
+        """Inverse of `meta` (no dropout: loading and merging)."""
+        return cls(meta["rank"], meta["alpha"], 0.0, meta["target_modules"], tuple(meta["modules_to_save"]),
+                   meta.get("quantize", "none"), meta.get("quantize_block", 64))
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize != "none"
 
     def meta(self) -> dict:
         """JSON-able description (checkpoint metadata)."""
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": self.target_modules, "modules_to_save": list(self.modules_to_save)}
+                "target_modules": self.target_modules, "modules_to_save": list(self.modules_to_save),
+                "quantize": self.quantize, "quantize_block": self.quantize_block}
+
+    def rule_fields(self, model: Transformer, key: str = "config.lora") -> dict:
+        """qwix rule fields of the base quantisation (`weight_qtype`, `tile_size`); ValueError naming
+        `key`.quantize_block when the block does not divide a projection's input size."""
+        if not self.quantized:
+            return {}
+        cfg = model.config
+        for size in sorted({cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.d_ff}):
+            if self.quantize_block and size % self.quantize_block:
+                raise ValueError(f"{key}.quantize_block={self.quantize_block} does not divide the projection input "
+                                 f"size {size} (d_model {cfg.d_model}, d_ff {cfg.d_ff}); use a divisor or 0")
+        return {"weight_qtype": QTYPES[self.quantize], "tile_size": self.quantize_block or None}
 
 
-class _Provider(qwix.LoraProvider):
-    """`qwix.LoraProvider` that also takes over `rlhf_jax.models.matmul.matmul` (see module doc)."""
+class _MatmulIntercept:
+    """Mixin for a qwix provider: also take over `rlhf_jax.models.matmul.matmul` (see module doc)."""
 
     def get_intercept_map(self):
         return super().get_intercept_map() | {"rlhf_jax.models.matmul.matmul": self._matmul}
@@ -100,13 +142,65 @@ class _Provider(qwix.LoraProvider):
         return self.dot_general(x, w, dims, preferred_element_type=out_dtype).astype(out_dtype or x.dtype)
 
 
+class _Provider(_MatmulIntercept, qwix.LoraProvider):
+    pass
+
+
+class _QuantProvider(_MatmulIntercept, qwix.PtqProvider):
+    pass
+
+
 def lora_model(model: Transformer, spec: LoraSpec, *, train: bool = True) -> Transformer:
     """`model` with LoRA on the projections whose path matches `spec.target_modules`; its params are
-    the base tree plus `*_lora_a [.., in, r]` / `*_lora_b [.., r, out]` fp32 leaves. `train=False`
-    drops the adapter dropout (evaluation, generation). Raises ValueError if nothing matches."""
+    the base tree plus `*_lora_a [.., in, r]` / `*_lora_b [.., r, out]` fp32 leaves (the adapted
+    kernels quantised when `spec.quantized`: `quantize_base`). `train=False` drops the adapter
+    dropout (evaluation, generation). Raises ValueError if nothing matches."""
     rule = qwix.LoraRule(module_path=spec.target_modules, rank=spec.rank, alpha=spec.alpha,
-                         dropout=spec.dropout if train else 0.0)
+                         dropout=spec.dropout if train else 0.0, **spec.rule_fields(model))
     return qwix.apply_lora_to_model(model, _Provider([rule]))
+
+
+def base_model(model: Transformer, spec: LoraSpec) -> Transformer:
+    """The adapter-free model whose params are `split(params, spec)[1]`: `model` itself, or for a
+    quantised base the same projections dequantising qwix's stored kernels (no adapters)."""
+    if not spec.quantized:
+        return model
+    rule = qwix.QuantizationRule(module_path=spec.target_modules, **spec.rule_fields(model))
+    return qwix.quantize_model(model, _QuantProvider([rule]))
+
+
+def is_quantized(x) -> bool:
+    """A qwix-quantised kernel (`WithAux` of a `QArray`), which the tree helpers keep whole."""
+    return type(x).__name__ == "WithAux" and hasattr(x, "array")
+
+
+def quantize_base(model: Transformer, base: dict) -> dict:
+    """`base` (fp32 plain params, or the frozen tree of `split`) with every kernel that the LoRA
+    `model` (from `lora_model`) quantises replaced by qwix's quantised form (module doc); the
+    scanned layers are quantised layer by layer, as qwix would inside the scan. Jit-able."""
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+
+    def walk(node, shapes, scanned):
+        out = {}
+        for key, value in node.items():
+            shape = shapes.get(key) if shapes is not None else None
+            if isinstance(value, dict):
+                out[key] = walk(value, shape, scanned or key == "layers")
+            elif is_quantized(shape):
+                how = shape.how
+                quantize = functools.partial(qwix.quantize, qtype=how.qtype, channelwise_axes=how.channelwise_axes,
+                                             tiled_axes=how.tiled_axes, calibration_method=how.calibration_method)
+                out[key] = shape.replace(array=jax.vmap(quantize)(value) if scanned else quantize(value))
+            else:
+                out[key] = value
+        return out
+    return walk(base, abstract, False)
+
+
+def dequantize(x):
+    """fp32 array of a kernel (`quantize_base`'s quantised form or an array, returned as is)."""
+    return qwix.dequantize(x.array) if is_quantized(x) else x
 
 
 def _name(path) -> str:
@@ -123,7 +217,7 @@ def _trainable(path, spec: LoraSpec) -> bool:
 
 def split(params: dict, spec: LoraSpec) -> tuple[dict, dict]:
     """(trainable, frozen) nested dicts: adapters and `spec.modules_to_save` vs the base weights."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
     trainable, frozen = {}, {}
     for path, leaf in flat:
         node = trainable if _trainable(path, spec) else frozen
@@ -147,7 +241,8 @@ def init_adapters(model: Transformer, base: dict, rng: jax.Array, seq_len: int =
     ids = jnp.zeros((1, seq_len), jnp.int32)
     _, variables = model.apply({"params": base}, ids, rngs={"params": rng}, mutable=["params"])
     params = nn.meta.unbox(variables["params"])
-    adapters = jax.tree_util.tree_map_with_path(lambda p, x: x if is_adapter(p) else None, params)
+    adapters = jax.tree_util.tree_map_with_path(lambda p, x: x if is_adapter(p) else None, params,
+                                                is_leaf=is_quantized)
     adapters = _prune(adapters)
     if not adapters:
         raise ValueError("config.lora.target_modules matched no projection of the model "
@@ -163,8 +258,9 @@ def _prune(tree):
 
 
 def merge(params: dict, spec: LoraSpec) -> dict:
-    """Base-only params with every adapted kernel replaced by `W + (alpha / r)·A·B` (fp32):
-    the plain model on them computes what the LoRA model computes on `params` (up to rounding)."""
+    """Base-only params with every adapted kernel replaced by `W + (alpha / r)·A·B` (fp32; W
+    dequantised for QLoRA, every quantised kernel too): the plain model on them computes what the
+    LoRA model computes on `params` (up to rounding)."""
     def walk(node):
         out = {}
         for key, value in node.items():
@@ -175,16 +271,18 @@ def merge(params: dict, spec: LoraSpec) -> dict:
             elif key + "_lora_a" in node:
                 a, b = node[key + "_lora_a"], node[key + "_lora_b"]
                 delta = jnp.einsum("...ir,...ro->...io", a, b, preferred_element_type=jnp.float32)
-                out[key] = (value + spec.scale * delta).astype(value.dtype)
+                out[key] = (dequantize(value) + spec.scale * delta).astype(a.dtype)
             else:
-                out[key] = value
+                out[key] = dequantize(value)
         return out
     return walk(params)
 
 
 def count(tree) -> int:
-    """Number of parameters (elements) in a pytree of arrays or ShapeDtypeStructs."""
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
+    """Number of parameters (elements) in a pytree of arrays or ShapeDtypeStructs (a quantised
+    kernel counts its weights, not its scales)."""
+    leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
+    return sum(int(x.array.qvalue.size if is_quantized(x) else x.size) for x in leaves)
 
 
 def save_merged(model: Transformer, params: dict, spec: LoraSpec, path, **kwargs) -> None:
@@ -206,7 +304,9 @@ def save_peft(model: Transformer, adapters: dict, spec: LoraSpec, path, base_mod
     r, lora_alpha, target_modules) + `adapter_model.safetensors` with fp32
     `base_model.model.model.layers.{i}.<module>.lora_A.weight [r, in]` and `lora_B.weight [out, r]`.
     Llama-family LMs (Llama, Qwen2, Mistral) only: ValueError for GPT-2 (its fused c_attn has one
-    adapter for q|k|v) or a model with a value head (use `save_merged` there)."""
+    adapter for q|k|v) or a model with a value head (use `save_merged` there). QLoRA adapters were
+    trained on the quantised base: on the fp32 base they differ by the quantisation error
+    (`save_merged` writes the dequantised merge exactly)."""
     import json
     import pathlib
 

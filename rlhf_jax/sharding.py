@@ -2,8 +2,8 @@
 
 One `Mesh` with axes ("data", "fsdp", "tensor") comes from the config (`mesh.data`, `mesh.fsdp`,
 `mesh.tensor`; -1 = all remaining devices). Model parameters carry logical axis names (`vocab`,
-`embed`, `heads`, `kv`, `mlp`, `layers`); `DEFAULT_RULES` maps each name to mesh axes in one place
-(MaxText style). A dimension that the mapped mesh axes do not divide evenly is replicated instead,
+`embed`, `heads`, `kv`, `mlp`, `layers`, and LoRA's `lora_rank`); `DEFAULT_RULES` maps each name
+to mesh axes in one place (MaxText style). A dimension that the mapped mesh axes do not divide evenly is replicated instead,
 so any model runs on any mesh. Batches are split over ("data", "fsdp") along their leading axis:
 with FSDP every device sees a different slice of the batch and gathers parameters on use (ZeRO-3).
 """
@@ -29,7 +29,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("length", None),
+    ("lora_rank", None),  # LoRA's rank r (8-64): replicated, its A [in, r] / B [r, out] follow in / out
 )
+LORA_RANK_DIM = {"_lora_a": -1, "_lora_b": -2}  # where an adapter's rank axis sits (rlhf_jax.lora)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,12 +113,29 @@ def logical_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules=DEFAULT
         logical_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def param_logical_axes(model) -> Any:
+    """`transformer.param_logical_axes(model)` with the rank axis of LoRA adapters (qwix leaves it
+    unnamed: A `(.., <in>, None)`, B `(.., None, <out>)`) named "lora_rank"."""
+    from rlhf_jax.models import transformer
+
+    def name_rank(path, spec):
+        key = getattr(path[-1], "key", "")
+        dim = next((d for suffix, d in LORA_RANK_DIM.items() if str(key).endswith(suffix)), None)
+        if dim is None:
+            return spec
+        names = list(spec)
+        names[dim] = "lora_rank"
+        return PartitionSpec(*names)
+    return jax.tree_util.tree_map_with_path(name_rank, transformer.param_logical_axes(model),
+                                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     """Shardings of `init_params(model, ...)`'s tree, from `param_logical_axes(model)`."""
     from rlhf_jax.models import transformer
 
     shapes = jax.eval_shape(lambda: transformer.init_params(model, jax.random.PRNGKey(0)))
-    return logical_shardings(transformer.param_logical_axes(model), shapes, mesh, rules)
+    return logical_shardings(param_logical_axes(model), shapes, mesh, rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -138,19 +138,31 @@ def test_heads_are_trainable_when_asked():
 
 
 def test_adapter_shardings_follow_the_kernel_axes(setup):
+    """A `[layers, in, r]` and B `[layers, r, out]` take the kernel's in / out names, the rank axis is
+    "lora_rank", replicated by the default rules (and sharded if a rules table says so)."""
     _, lmodel, _, _ = setup
-    axes = tr.param_logical_axes(lmodel)["layers"]["mlp"]["up"]
-    assert tuple(axes["kernel_lora_a"]) == ("layers", "embed", None)
-    assert tuple(axes["kernel_lora_b"]) == ("layers", None, "mlp")
+    axes = sharding.param_logical_axes(lmodel)["layers"]
+    assert tuple(axes["mlp"]["up"]["kernel_lora_a"]) == ("layers", "embed", "lora_rank")
+    assert tuple(axes["mlp"]["up"]["kernel_lora_b"]) == ("layers", "lora_rank", "mlp")
+    assert tuple(axes["attn"]["o"]["kernel_lora_a"]) == ("layers", "heads", "lora_rank")
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    sh = sharding.param_shardings(lmodel, mesh)["layers"]["mlp"]["up"]
-    assert sh["kernel_lora_b"].spec[-1] == sh["kernel"].spec[-1] == "tensor"
+    sh = sharding.param_shardings(lmodel, mesh)["layers"]
+    P = jax.sharding.PartitionSpec
+    assert sh["mlp"]["up"]["kernel"].spec == P(None, "fsdp", "tensor")
+    assert sh["mlp"]["up"]["kernel_lora_a"].spec == P(None, "fsdp", None)
+    assert sh["mlp"]["up"]["kernel_lora_b"].spec == P(None, None, "tensor")
+    assert sh["attn"]["o"]["kernel_lora_a"].spec == P(None, "tensor", None)
+    assert sh["attn"]["o"]["kernel_lora_b"].spec == P(None, None, "fsdp")
+    rules = tuple((k, "tensor" if k == "lora_rank" else v) for k, v in sharding.DEFAULT_RULES)
+    custom = sharding.param_shardings(lmodel, mesh, rules)["layers"]["mlp"]["up"]
+    assert custom["kernel_lora_a"].spec == P(None, "fsdp", "tensor")
 
 
 def test_bad_config_names_the_key():
     import ml_collections
 
-    cfg = ml_collections.ConfigDict(dict(rank=4, alpha=-1.0, dropout=0.0, target_modules=".*", modules_to_save=""))
+    cfg = ml_collections.ConfigDict(dict(rank=4, alpha=-1.0, dropout=0.0, target_modules=".*", modules_to_save="",
+                                         quantize="none", quantize_block=64))
     with pytest.raises(ValueError, match=r"^config.lora.alpha=-1.0"):
         lora.LoraSpec.from_config(cfg)
     cfg.update(alpha=8.0, modules_to_save="embed, layers")

@@ -98,11 +98,13 @@ def test_lora_actor_needs_the_actor_as_reference(tmp_path):
 
 
 def test_sigterm_then_rerun_resumes_exactly_without_the_base_in_the_checkpoint(tmp_path, sigterm_after_step):
-    """The checkpoint holds the adapters and the optimizer state, not the frozen base (re-read from
-    the actor's init on resume); a run stopped after iteration 2 ends where the straight run ends."""
+    """The checkpoint holds the actor's and the critic's adapters and the optimizer state, not the
+    frozen base (re-read from the actor's init on resume); a run stopped after iteration 2 ends where
+    the straight run ends."""
     from rlhf_jax import metrics
 
-    config = lora_ppo_config(**{"num_steps": 4, "checkpoint.save_every": 2, "log_every": 1})
+    config = lora_ppo_config(**{"num_steps": 4, "checkpoint.save_every": 2, "log_every": 1,
+                                "critic.lora.rank": 4, "critic.lora.alpha": 8.0})  # the critic's adapters too
     straight = ppo.train(config, str(tmp_path / "straight"))
     assert ppo.state_items(straight.state, with_ref=False)["train"].ref is None
     sigterm_after_step(1)
@@ -114,3 +116,57 @@ def test_sigterm_then_rerun_resumes_exactly_without_the_base_in_the_checkpoint(t
     rows = [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "resumed")]
     assert rows == [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "straight")]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state), jax.device_get(straight.state))
+
+
+# ---- a LoRA critic (config.critic.lora) --------------------------------------------------------
+def test_lora_critic_trains_adapters_and_value_head_over_the_actor_base():
+    """critic.lora with critic.init 'actor': the state's critic is its adapters + value head (moments
+    for those only), its values are the merged critic's, and iterations move adapters and head while
+    the shared base (the reference) stays bit-equal."""
+    config = lora_ppo_config(**{"critic.lora.rank": 4, "critic.lora.alpha": 8.0})
+    mesh = sharding.make_mesh(config.mesh)
+    models = ppo.build_models(config)
+    optimizers = ppo.make_optimizers(config, models)
+    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=False)
+    state = ppo.initial_state(config, models, optimizers, state_sh)
+    assert set(state.critic) == {"layers", "value_head"}
+    assert all(lora.is_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.critic["layers"])[0])
+    moments = [x for x in jax.tree.leaves(state.critic_opt) if np.ndim(x) > 0]
+    assert sum(np.size(x) for x in moments) == 2 * lora.count(state.critic)
+
+    settings = ppo.settings_from_config(config)
+    step = ppo.jit_iteration(models, settings, optimizers, state_sh, mesh, with_ptx=False,
+                             options=setup.compiler_options(config))
+    batches = ppo.iteration_batches(*ppo.make_data(config, "unused", group_size=1), group_size=1)
+    before = jax.device_get(state)
+    for _ in range(2):
+        state, metrics, _ = step(state, ppo.place_batch(next(batches), mesh))
+        assert np.isfinite(float(metrics["value/loss"]))
+    after = jax.device_get(state)
+    jax.tree.map(np.testing.assert_array_equal, after.ref, before.ref)
+    changed = [float(np.abs(a - b).max())
+               for a, b in zip(jax.tree.leaves(after.critic), jax.tree.leaves(before.critic))]
+    assert min(changed) > 0
+
+    # Independent expectation of the values: the plain value model on the merged weights.
+    prompts = next(batches)["prompts"]
+    prompts = {k: jnp.asarray(prompts[k]) for k in ("prompt_ids", "prompt_mask")}
+    experience, _ = jax.jit(lambda s, p: algorithms.rollout(models, settings, s, p, jax.random.PRNGKey(0)))(
+        state, prompts)
+    prompt_len = prompts["prompt_ids"].shape[1]
+    merged = lora.merge(lora.combine(after.critic, after.ref), models.critic_lora)
+    plain = Transformer(models.critic.config, heads=("value",))
+    expected = jax.jit(lambda p: plain.apply({"params": p}, experience.seq_ids, experience.seq_mask,
+                                             heads_from=prompt_len - 1).values[:, :-1])(
+        {k: v for k, v in merged.items() if k != "lm_head"})
+    valid = np.asarray(experience.mask) > 0
+    np.testing.assert_allclose(np.asarray(experience.values)[valid], np.asarray(expected)[valid], atol=1e-5)
+
+
+def test_lora_critic_config_errors_name_the_key(tmp_path):
+    config = lora_ppo_config(**{"critic.lora.rank": 4, "critic.type": "shared"})
+    with pytest.raises(ValueError, match=r"^config.critic.lora.rank=4 with config.critic.type='shared'"):
+        ppo.train(config, str(tmp_path / "a"))
+    config = lora_ppo_config(**{"actor.lora.quantize": "nf4"})
+    with pytest.raises(ValueError, match=r"^config.actor.lora.quantize='nf4': QLoRA is for SFT, RM and DPO"):
+        ppo.train(config, str(tmp_path / "b"))

@@ -17,10 +17,10 @@ Each piece is jittable on its own (profiling) and inside `iteration` (training):
 from rlhf_jax.algorithms.rollout import generate_responses, rollout
 from rlhf_jax.algorithms.catalog import ALGORITHMS, Algorithm
 from rlhf_jax.algorithms.types import (Experience, Models, Optimizers, RLSettings, RLState, abstract_state,
-                                       actor_params, create_state, state_shardings)
+                                       actor_params, create_state, critic_params, state_shardings)
 from rlhf_jax.algorithms.update import iteration, iteration_keys, minibatch_indices, next_kl_coef, update
 
 __all__ = ["ALGORITHMS", "Algorithm", "Experience", "Models", "Optimizers", "RLSettings", "RLState", "abstract_state",
-           "actor_params", "create_state", "generate_responses", "iteration", "iteration_keys", "minibatch_indices",
+           "actor_params", "create_state", "critic_params", "generate_responses", "iteration", "iteration_keys", "minibatch_indices",
            "next_kl_coef", "rollout",
            "state_shardings", "update"]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import generation, losses, rl
-from rlhf_jax.algorithms.types import Experience, Models, RLSettings, RLState, actor_params
+from rlhf_jax.algorithms.types import Experience, Models, RLSettings, RLState, actor_params, critic_params
 from rlhf_jax.models import Transformer
 from rlhf_jax.models import reward as reward_lib
 
@@ -164,8 +164,8 @@ def rollout(models: Models, settings: RLSettings, state: RLState, prompts: Mappi
     if settings.critic == "shared":
         token_values = jnp.where(mask > 0, shared_values, 0.0)
     elif settings.critic == "separate":
-        token_values = jnp.where(mask > 0, critic_values(models.critic, state.critic, seq_ids, seq_mask, prompt_len),
-                                 0.0)
+        critic = critic_params(models, state.critic, state)  # LoRA: adapters + head over the frozen base
+        token_values = jnp.where(mask > 0, critic_values(models.critic, critic, seq_ids, seq_mask, prompt_len), 0.0)
 
     # ---- rewards with the KL leash, advantages ------------------------------------------------------
     advantages, values, returns, value_mask = estimate_advantages(settings, scores, logprobs, ref_logprobs,

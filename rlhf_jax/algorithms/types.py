@@ -114,6 +114,12 @@ class Models:
     # adapters (and a shared value head) only, and the frozen rest is `RLState.ref`: the reference
     # is the adapter-free actor, with no second copy of the base weights (`actor_params`).
     actor_lora: Optional[lora.LoraSpec] = None
+    # LoRA critic (config.critic.lora, a separate critic): `critic` is a `lora.lora_model`,
+    # `RLState.critic` holds its adapters and value head only, over the frozen weights it started
+    # from, read in place: `critic_base` "reward" (`RLState.reward`) or "ref" (`RLState.ref`, the
+    # actor's starting weights; the unused LM head is ignored): `critic_params`.
+    critic_lora: Optional[lora.LoraSpec] = None
+    critic_base: str = ""
 
 
 def actor_params(models: Models, trainable: Any, ref: Any) -> Any:
@@ -124,6 +130,19 @@ def actor_params(models: Models, trainable: Any, ref: Any) -> Any:
 def actor_trained(models: Models, tree: Any) -> Any:
     """The part of an actor-shaped tree (shapes, shardings) that `RLState.actor` holds."""
     return tree if models.actor_lora is None else lora.split(tree, models.actor_lora)[0]
+
+
+def critic_params(models: Models, trainable: Any, state: "RLState") -> Any:
+    """The critic's whole parameter tree: `trainable`, or with LoRA the adapters and value head over
+    the frozen base (`Models.critic_base`)."""
+    if models.critic_lora is None:
+        return trainable
+    return lora.combine(trainable, state.reward if models.critic_base == "reward" else state.ref)
+
+
+def critic_trained(models: Models, tree: Any) -> Any:
+    """The part of a critic-shaped tree (shapes, shardings) that `RLState.critic` holds."""
+    return tree if models.critic_lora is None else lora.split(tree, models.critic_lora)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,14 +201,14 @@ def state_shardings(models: Models, optimizers: Optimizers, mesh, ema: bool, pen
     """RLState of NamedShardings: params by their logical axes, optimizer moments alike, scalars replicated."""
     rep = sharding.replicated(mesh)
     actor_sh = actor_trained(models, sharding.param_shardings(models.actor, mesh))
-    critic_sh = None if models.critic is None else sharding.param_shardings(models.critic, mesh)
+    critic_sh = None if models.critic is None else critic_trained(models, sharding.param_shardings(models.critic, mesh))
     return RLState(
         step=rep, actor=actor_sh,
         actor_opt=optim.opt_state_shardings(optimizers.actor, actor_trained(models, loading.param_shapes(models.actor)),
                                             actor_sh, mesh),
         critic=critic_sh,
         critic_opt=None if critic_sh is None else optim.opt_state_shardings(
-            optimizers.critic, loading.param_shapes(models.critic), critic_sh, mesh),
+            optimizers.critic, critic_trained(models, loading.param_shapes(models.critic)), critic_sh, mesh),
         ref=sharding.param_shardings(models.ref, mesh),
         reward=None if models.reward is None else sharding.param_shardings(models.reward, mesh),
         ema=actor_sh if ema else None, kl_coef=rep, rng=rep, nonfinite_steps=rep, nonfinite_streak=rep,
@@ -213,5 +232,6 @@ def abstract_state(models: Models, optimizers: Optimizers, state_sh: RLState, kl
     shapes = lambda model: None if model is None else loading.param_shapes(model)  # noqa: E731
     shaped = jax.eval_shape(
         lambda a, c, r, w: create_state(a, c, r, w, optimizers, kl_coef, jax.random.PRNGKey(0), ema, penalty_coef),
-        actor_trained(models, shapes(models.actor)), shapes(models.critic), shapes(models.ref), shapes(models.reward))
+        actor_trained(models, shapes(models.actor)), None if models.critic is None else critic_trained(
+            models, shapes(models.critic)), shapes(models.ref), shapes(models.reward))
     return checkpoint_lib.abstract_tree(shaped, state_sh)

@@ -18,7 +18,8 @@ import optax
 
 from rlhf_jax import losses, optim, rl
 from rlhf_jax.algorithms.rollout import critic_values, policy_forward, rollout
-from rlhf_jax.algorithms.types import Experience, Models, Optimizers, RLSettings, RLState, actor_params
+from rlhf_jax.algorithms.types import (Experience, Models, Optimizers, RLSettings, RLState, actor_params,
+                                      critic_params)
 
 
 def minibatch_indices(rng: jax.Array, batch_size: int, epochs: int, num_minibatches: int) -> jax.Array:
@@ -126,7 +127,7 @@ def update(models: Models, settings: RLSettings, optimizers: Optimizers, state: 
         metrics = {**metrics, "loss": loss, "policy/grad_norm": optax.tree.norm(grads)}
         if settings.critic == "separate":
             (c_loss, c_metrics), c_grads = jax.value_and_grad(
-                lambda p: critic_loss(models, settings, p, mb), has_aux=True)(critic)
+                lambda p: critic_loss(models, settings, critic_params(models, p, state), mb), has_aux=True)(critic)
             critic, critic_state, c_finite = optim.guarded_update(optimizers.critic, critic, critic_state, c_grads,
                                                                   c_loss)
             finite = finite & c_finite

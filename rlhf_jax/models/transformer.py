@@ -138,7 +138,9 @@ class Dense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
                             (x.shape[-1], self.features), jnp.float32)
-        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+        # jnp.asarray, not .astype: a QLoRA base kernel is qwix's quantised WithAux, which qwix casts
+        # through its jnp.asarray interception (rlhf_jax.lora); for an array the two are the same.
+        y = matmul(x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    (self.bias_axis or self.axes[-1],)),

@@ -19,6 +19,12 @@ or once for the whole training set before step 1 (`"precompute"`, single process
 reference. Metrics: `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/margin`,
 `rewards/accuracy` (a zero margin counts 1/2, as the RM counts ties), `logps/chosen`,
 `logps/rejected` (the form the loss gets), and `eval/` versions on the held-out rankings.
+
+LoRA (`config.lora.rank > 0`; QLoRA with `config.lora.quantize`): the state holds the adapters
+(and `modules_to_save`) only, as in SFT (`trainers.lora_state`). The reference is the policy with its
+adapters off: `lora.base_model` on the frozen base the policy reads (the fp32 or quantised kernels,
+plus the starting values of any `modules_to_save`), with no second copy of the base; a
+`dpo.reference_path` reference is read as a separate plain model.
 """
 from __future__ import annotations
 
@@ -30,10 +36,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import loading, preference, sharding
+from rlhf_jax import loading, lora, preference, sharding
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.rl import masked_mean, masked_sum
-from rlhf_jax.trainers import loop, ranking_data, setup
+from rlhf_jax.trainers import lora_state, loop, ranking_data, setup
 from rlhf_jax.trainers import state as state_lib
 
 REFERENCE_MODES = ("in_step", "precompute")
@@ -64,6 +70,7 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
         raise ValueError(f"config.dpo.reference={config.dpo.reference!r} (allowed: "
                          f"{', '.join(map(repr, REFERENCE_MODES))})")
     setup.validate_paths(config.dpo, ("reference_path",), prefix="config.dpo")
+    lora_state.validate(config)
     if config.dpo.reference == "precompute" and jax.process_count() > 1:
         raise ValueError("config.dpo.reference='precompute' runs on one process; use 'in_step' with several")
 
@@ -100,31 +107,50 @@ def with_reference(model, ref_params, batch) -> dict:
     return {**batch, "ref_logps": jax.lax.stop_gradient(ref_logps)}
 
 
-def make_step(model, settings: dict, built: state_lib.StageState, config, mesh, ref_params, options):
+def make_step(model, settings: dict, built: state_lib.StageState, config, mesh, reference, options,
+              adapted: lora_state.LoraStage | None = None):
     """The loop's `step(state, batch)`: the guarded train step, with reference log-probs added inside
-    the same jitted program (in_step) or read from the batch (precompute, SimPO)."""
-    base = state_lib.make_train_step(make_loss_fn(model, settings), built.optimizer, built.schedule,
-                                     grad_accum=config.grad_accum, weight_fn=valid_pairs)
+    the same jitted program (in_step) or read from the batch (precompute, SimPO). `reference`:
+    (ref_model, ref_params) or None; `adapted`: the LoRA view (the policy is then
+    `adapted.model` on `combine(state.params, adapted.frozen)`, the frozen base an argument)."""
+    ref_model, ref_params = reference if reference and config.dpo.reference == "in_step" else (None, None)
+    policy, frozen = (adapted.model, adapted.frozen) if adapted else (model, None)
+    loss_fn = make_loss_fn(policy, settings)
+
+    def step(state, batch, ref, frozen):
+        fn = loss_fn if frozen is None else lambda p, b, rng: loss_fn(lora.combine(p, frozen), b, rng)  # noqa: E731
+        train = state_lib.make_train_step(fn, built.optimizer, built.schedule, grad_accum=config.grad_accum,
+                                          weight_fn=valid_pairs)
+        return train(state, batch if ref is None else with_reference(ref_model, ref, batch))
+
     batch_sh = sharding.batch_sharding(mesh)
-    if ref_params is None or config.dpo.reference == "precompute":
-        return state_lib.jit_train_step(base, built.state_sh, batch_sh, options)
-    step = jax.jit(lambda state, batch, ref: base(state, with_reference(model, ref, batch)),
-                   in_shardings=(built.state_sh, batch_sh, built.param_sh),
-                   out_shardings=(built.state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
-                   compiler_options=options)
-    return lambda state, batch: step(state, batch, ref_params)
+    jitted = jax.jit(step, in_shardings=(built.state_sh, batch_sh, shardings_of(ref_params), shardings_of(frozen)),
+                     out_shardings=(built.state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
+                     compiler_options=options)
+    return lambda state, batch: jitted(state, batch, ref_params, frozen)
 
 
-def make_stats_step(model, settings: dict, mesh, param_sh, options=None):
+def shardings_of(tree):
+    """The shardings of a pytree of placed arrays (None for None: an absent argument)."""
+    return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
+
+
+def make_stats_step(model, settings: dict, mesh, param_sh, options=None, ref_model=None, ref_sh=None):
     """Jitted sums over one ranking batch (replicated): loss and METRICS summed over valid pairs, and
-    `pairs`. The reference log-probs are computed in the same program (none for SimPO)."""
+    `pairs`. The reference log-probs (`ref_model`, default `model`, on `ref_sh`, default `param_sh`)
+    are computed in the same program (none for SimPO)."""
+    ref_model = model if ref_model is None else ref_model
+
     def stats(params, ref_params, batch):
         if ref_params is not None:
-            batch = with_reference(model, ref_params, batch)
+            batch = with_reference(ref_model, ref_params, batch)
         pair_losses, aux, valid = batch_pairs(model, settings, params, batch)
         sums = {f"{k}_sum": masked_sum(aux[k], valid) for k in METRICS}
         return {**sums, "loss_sum": masked_sum(pair_losses, valid), "pairs": jnp.sum(valid)}
-    ref_sh = None if settings["loss_type"] == "simpo" else param_sh  # SimPO: ref_params is None
+    if settings["loss_type"] == "simpo":  # SimPO: ref_params is None
+        ref_sh = None
+    elif ref_sh is None:
+        ref_sh = param_sh
     return jax.jit(stats, in_shardings=(param_sh, ref_sh, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh), compiler_options=options)
 
@@ -144,6 +170,21 @@ def make_eval_fn(config, stats_step, eval_split, mesh, ref_params):
         pairs = max(totals["pairs"], 1.0)
         return {f"eval/{k}": totals[f"{k}_sum"] / pairs for k in ("loss", *METRICS)}
     return eval_fn
+
+
+def reference_of(config, model, mesh, adapted: lora_state.LoraStage | None, options=None):
+    """(ref_model, ref_params) of the frozen reference: the starting weights read again (the state may
+    be resumed) or `dpo.reference_path`'s; with LoRA and no reference_path, the adapter-free policy
+    (`lora.base_model` on the frozen base + the starting `modules_to_save`: no copy of the base)."""
+    if adapted is not None and not config.dpo.reference_path:
+        return lora.base_model(model, adapted.spec), lora.combine(adapted.initial_saved, adapted.frozen)
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # as build_state: same fresh init
+    ref_init, key = config.init, "config.init"
+    if config.dpo.reference_path:
+        ref_init = ml_collections.ConfigDict({"source": "checkpoint", "path": config.dpo.reference_path})
+        key = "config.dpo.reference"
+    param_sh = sharding.param_shardings(model, mesh)
+    return model, loading.initial_params(ref_init, model, param_sh, init_rng, options, key=key)
 
 
 def precompute_reference(model, ref_params, param_sh, split, batch_size: int, mesh, options=None) -> None:
@@ -177,31 +218,38 @@ def train(config, workdir: str) -> loop.LoopResult:
     # ---- policy state (resumed when WORKDIR/checkpoints has one), frozen reference ------------------
     model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))
     loading.check_vocab(model, tokenizer)
-    built = state_lib.build_state(config, model, mesh, workdir, num_steps, options)
-    ref_params = None
-    if settings["loss_type"] != "simpo":  # the starting weights, read again (the state may be resumed)
-        init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # as build_state: same fresh init
-        ref_init, key = config.init, "config.init"
-        if config.dpo.reference_path:
-            ref_init = ml_collections.ConfigDict({"source": "checkpoint", "path": config.dpo.reference_path})
-            key = "config.dpo.reference"
-        ref_params = loading.initial_params(ref_init, model, built.param_sh, init_rng, options, key=key)
+    adapted = lora_state.setup(config, model, mesh, options, keep_initial=True)  # None unless config.lora.rank > 0
+    built = state_lib.build_state(config, adapted.model if adapted else model, mesh, workdir, num_steps, options,
+                                  trainable=adapted.trainable if adapted else None)
+    lora_state.memory_report(built.state, adapted.frozen if adapted else None)
+    reference = None
+    if settings["loss_type"] != "simpo":
+        reference = reference_of(config, model, mesh, adapted, options)
         if config.dpo.reference == "precompute":
-            precompute_reference(model, ref_params, built.param_sh, train_split, config.eval.batch_size, mesh, options)
+            precompute_reference(*reference, shardings_of(reference[1]), train_split, config.eval.batch_size, mesh,
+                                 options)
     batches = train_split.iterator(config.batch_size, seed=config.seed)
     if built.resumed is not None:
         batches.set_state(built.meta["data"])
 
     # ---- jitted step, eval, loop ----------------------------------------------------------------------
-    train_step = make_step(model, settings, built, config, mesh, ref_params, options)
+    train_step = make_step(model, settings, built, config, mesh, reference, options, adapted)
     eval_fn = None
     if eval_split is not None:
-        stats_step = make_stats_step(model, settings, mesh, built.param_sh, options)
-        eval_fn = make_eval_fn(config, stats_step, eval_split, mesh, ref_params)
+        ref_model, ref_params = reference or (None, None)
+        if adapted is None:
+            stats_step = make_stats_step(model, settings, mesh, built.param_sh, options, ref_model,
+                                         shardings_of(ref_params))
+            eval_fn = make_eval_fn(config, stats_step, eval_split, mesh, ref_params)
+        else:
+            stats_step = make_stats_step(adapted.eval_model, settings, mesh, adapted.full_sh, options, ref_model,
+                                         shardings_of(ref_params))
+            full_eval = make_eval_fn(config, stats_step, eval_split, mesh, ref_params)
+            eval_fn = lambda state: full_eval(adapted.full(state))  # noqa: E731
     writer = metrics_lib.MetricWriter(workdir, resume_step=built.resumed)
     meta_fn = lambda state: {"data": batches.get_state(), "model": loading.model_meta(model),  # noqa: E731
                              "tokenizer": str(pathlib.Path(workdir, "tokenizer").absolute()), "stage": "dpo",
-                             "dpo": settings}
+                             "dpo": settings, **({"lora": adapted.meta} if adapted else {})}
     try:
         result = loop.train_loop(config, state=built.state, step_fn=train_step, batches=batches,
                                  place=lambda batch: sharding.shard_batch(batch, mesh),

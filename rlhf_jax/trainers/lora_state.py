@@ -5,7 +5,9 @@ item) is the trainable tree only: the adapters plus `modules_to_save` (the RM's 
 frozen base is read from `config.init` at every start (fresh or resumed; the checkpoint metadata
 points at it under "lora"/"base"), lives on device once, and enters the jitted step as an
 argument that is neither donated nor differentiated. `loading.load_checkpoint_params` merges such
-a checkpoint back into plain weights for later stages, `rlhf_jax.load` and export.
+a checkpoint back into plain weights for later stages, `rlhf_jax.load` and export. With
+`config.lora.quantize` (QLoRA) the frozen base is held quantised (`lora.quantize_base`); the
+memory report counts its int8 / nf4 bytes.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pathlib
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -35,7 +38,9 @@ class LoraStage:
     """spec; model: LoRA model of the training step (adapter dropout on); eval_model: without
     dropout (evaluation, sampling); frozen / frozen_sh: the base weights on device and their
     shardings; full_sh: shardings of `lora.combine(trainable, frozen)`; trainable: (shapes,
-    shardings, init_fn) for `state.build_state`; meta: checkpoint metadata entry."""
+    shardings, init_fn) for `state.build_state`; meta: checkpoint metadata entry; initial_saved:
+    the starting values of `spec.modules_to_save` (`setup(keep_initial=True)`, for a reference
+    model; else {})."""
 
     spec: lora.LoraSpec
     model: Transformer
@@ -45,6 +50,7 @@ class LoraStage:
     full_sh: Any
     trainable: tuple
     meta: dict
+    initial_saved: Any = dataclasses.field(default_factory=dict)
 
     def full(self, state: state_lib.TrainState) -> state_lib.TrainState:
         """`state` with the whole LoRA parameter tree (for evaluation and sampling; no copies)."""
@@ -52,7 +58,7 @@ class LoraStage:
 
 
 def setup(config, model: Transformer, mesh, options: dict | None = None,
-          modules_to_save: tuple = ()) -> LoraStage | None:
+          modules_to_save: tuple = (), keep_initial: bool = False) -> LoraStage | None:
     """`None` when `config.lora.rank == 0`; else the LoRA view of the stage with the frozen base
     loaded from `config.init` onto `mesh` (the same rng as a full fine-tune's init, so a fresh
     scalar head is the same too)."""
@@ -67,16 +73,21 @@ def setup(config, model: Transformer, mesh, options: dict | None = None,
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # as state.build_state's
     base = loading.initial_params(config.init, model, sharding.param_shardings(model, mesh), init_rng, options)
     heads, frozen = lora.split(base, spec)
+    del base
+    if spec.quantized:  # QLoRA: the frozen kernels stored quantised (the fp32 copy is dropped here)
+        frozen = jax.jit(lambda f: lora.quantize_base(lmodel, f), out_shardings=frozen_sh,
+                         compiler_options=options)(frozen)
 
     def init_fn(rng):
         adapters = jax.jit(lambda b: lora.init_adapters(lmodel, b, jax.random.fold_in(rng, 1)),
-                           compiler_options=options)(base)
+                           compiler_options=options)(lora.combine(heads, frozen))
         return sharding.shard_params(lora.combine(adapters, heads), train_sh)
 
     path = config.init.path
     meta = {**spec.meta(), "base": {"source": config.init.source,
                                     "path": str(pathlib.Path(path).absolute()) if path else ""}}
-    return LoraStage(spec, lmodel, eval_model, frozen, frozen_sh, full_sh, (train_shapes, train_sh, init_fn), meta)
+    return LoraStage(spec, lmodel, eval_model, frozen, frozen_sh, full_sh, (train_shapes, train_sh, init_fn), meta,
+                     jax.tree.map(jnp.copy, heads) if keep_initial else {})  # a copy: the state is donated
 
 
 def jit_train_step(stage: LoraStage, loss_fn: Callable, built: state_lib.StageState, batch_sh: Any,

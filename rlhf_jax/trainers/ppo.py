@@ -62,11 +62,18 @@ def build_models(config) -> Models:
             critic = Transformer((reward if source == "reward" else actor_lm).config, heads=("value",))
         else:
             critic = arch(config.critic.init, heads=("value",), key="config.critic.init")
+    critic_spec, critic_base = None, ""
+    if critic is not None:
+        critic_spec = lora.LoraSpec.from_config(config.critic.lora, "config.critic.lora", ("value_head",))
+    if critic_spec is not None:  # adapters + value head over the frozen RM or the actor's starting weights
+        critic = lora.lora_model(critic, critic_spec, train=False)
+        critic_base = "reward" if config.critic.init.source == "reward" else "ref"
     heads = ("lm", "value") if uses_critic(config) and config.critic.type == "shared" else ("lm",)
     actor, spec = Transformer(actor_lm.config, heads=heads), actor_lora_spec(config)
     if spec is not None:
         actor = lora.lora_model(actor, spec, train=False)  # no adapter dropout: rollout and update agree
-    return Models(actor=actor, ref=ref, critic=critic, reward=reward, actor_lora=spec)
+    return Models(actor=actor, ref=ref, critic=critic, reward=reward, actor_lora=spec, critic_lora=critic_spec,
+                  critic_base=critic_base)
 
 
 def actor_lora_spec(config) -> lora.LoraSpec | None:
@@ -119,7 +126,14 @@ def initial_state(config, models: Models, optimizers: Optimizers, state_sh: RLSt
     else:
         actor = jit(copy, out_shardings=state_sh.actor)(start)
     critic = None
-    if models.critic is not None:
+    if models.critic_lora is not None:  # adapters + value head (the RM's, or fresh) only; the base is read in place
+        def lora_critic(base):
+            full = {**base, "value_head": copy(base["value_head"]) if "value_head" in base else
+                    scalar_model(base)["value_head"]}
+            adapters = lora.init_adapters(models.critic, full, jax.random.fold_in(head_rng, 2))
+            return lora.split(lora.combine(adapters, full), models.critic_lora)[0]
+        critic = jit(lora_critic, out_shardings=state_sh.critic)(reward if models.critic_base == "reward" else ref)
+    elif models.critic is not None:
         source = config.critic.init.source
         if source == "reward":
             critic = jit(copy, out_shardings=state_sh.critic)(reward)

@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 
 import jax
 
-from rlhf_jax import algorithms, generation, host_rewards, loading
+from rlhf_jax import algorithms, generation, host_rewards, loading, lora
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax.algorithms import Models, RLSettings
 from rlhf_jax.data import chat
@@ -51,6 +51,23 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     if config.actor.lora.rank and config.reference.init.source != "actor":
         fail(f"config.actor.lora.rank={config.actor.lora.rank} needs config.reference.init.source='actor' (the "
              f"reference is the adapter-free actor), got {config.reference.init.source!r}")
+    for role in ("actor", "critic"):
+        if config[role].lora.rank and config[role].lora.quantize != "none":
+            fail(f"config.{role}.lora.quantize={config[role].lora.quantize!r}: QLoRA is for SFT, RM and DPO; the RL "
+                 "roles keep an fp32 base (set it to 'none')")
+    if config.critic.lora.rank and algorithm.critic != "none":
+        lora.LoraSpec.from_config(config.critic.lora, "config.critic.lora")
+        if config.critic.type == "shared":
+            fail(f"config.critic.lora.rank={config.critic.lora.rank} with config.critic.type='shared': the shared "
+                 "value head sits on the actor's trunk, whose adapters are config.actor.lora's (set critic.lora.rank=0)")
+        if config.critic.init.source not in ("reward", "actor"):
+            fail(f"config.critic.lora.rank={config.critic.lora.rank} needs config.critic.init.source 'reward' or "
+                 f"'actor' (the frozen base is that role's weights, read in place), got "
+                 f"{config.critic.init.source!r}")
+        if config.critic.init.source == "actor" and config.reference.init.source != "actor":
+            fail(f"config.critic.lora.rank={config.critic.lora.rank} with config.critic.init.source='actor' needs "
+                 "config.reference.init.source='actor' (the critic's frozen base is the reference's copy of the "
+                 f"actor's starting weights), got {config.reference.init.source!r}")
     for role, allowed in INIT_SOURCES.items():
         if role != "critic" or algorithm.critic != "none":
             loading.check_init(config[role].init, f"config.{role}.init", allowed)
