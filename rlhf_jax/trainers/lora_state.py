@@ -18,7 +18,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from rlhf_jax import loading, lora, sharding
 from rlhf_jax.models import Transformer
@@ -121,8 +120,9 @@ def memory_report(state: state_lib.TrainState, frozen: Any = None) -> dict:
     report = {"params": lora.count(state.params) + lora.count(frozen), "trainable_params": lora.count(state.params),
               "params_MiB_per_device": (per_device_bytes(state.params) + per_device_bytes(frozen)) / 2**20,
               "opt_state_MiB_per_device": per_device_bytes(state.opt_state) / 2**20}
-    logging.info("memory: %s parameters (%s trainable, %.2f%%); per device: parameters %.1f MiB, optimizer "
-                 "state %.1f MiB", f"{report['params']:,}", f"{report['trainable_params']:,}",
-                 100.0 * report["trainable_params"] / max(report["params"], 1),
-                 report["params_MiB_per_device"], report["opt_state_MiB_per_device"])
+    if jax.process_index() == 0:  # a start-up line on stdout like the data summary (scripts keep absl quiet)
+        print(f"memory: {report['params']:,} parameters ({report['trainable_params']:,} trainable, "
+              f"{100.0 * report['trainable_params'] / max(report['params'], 1):.2f}%); per device: parameters "
+              f"{report['params_MiB_per_device']:.1f} MiB, optimizer state {report['opt_state_MiB_per_device']:.1f} MiB",
+              flush=True)
     return {k: float(np.round(v, 3)) if isinstance(v, float) else v for k, v in report.items()}
