@@ -27,7 +27,7 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("devices", ["8", "64"], "Simulated device counts.")
-flags.DEFINE_list("models", ["llama2-7b", "qwen2-7b"], "Model shapes (see MODELS).")
+flags.DEFINE_list("models", ["llama2-7b", "qwen2-7b"], "Model shapes: llama2-7b, qwen2-7b, tiny.")
 flags.DEFINE_list("programs", ["sft", "ppo", "grpo"], "Which programs to compile.")
 flags.DEFINE_list("tensor", ["1", "8"], "Tensor-parallel sizes to try (fsdp = devices / tensor).")
 flags.DEFINE_integer("lora_rank", 0, "LoRA rank of the RL actor (config.actor.lora; alpha = 2 x rank, every "
@@ -163,6 +163,13 @@ def main(argv):
     if FLAGS.worker:
         worker(FLAGS.worker)
         return
+    unknown = sorted(set(FLAGS.models) - set(MODELS))
+    if unknown:
+        raise app.UsageError(f"--models: unknown {unknown} (choose from {', '.join(MODELS)})")
+    for devices in (int(d) for d in FLAGS.devices):
+        skipped = [t for t in FLAGS.tensor if devices % int(t)]
+        if skipped:
+            print(f"--tensor {','.join(skipped)}: skipped on {devices} devices (does not divide {devices})")
     rows = []
     for devices in (int(d) for d in FLAGS.devices):
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
