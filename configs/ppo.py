@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init=common.init_config("scratch"),  # the SFT policy: "scratch" | "checkpoint" (SFT run dir) | "hf"
         optim=common.optim_config(learning_rate=3e-3, **PPO_OPTIM),  # AdamW (+ a shared value head)
         lora=common.lora_config(),  # rank > 0: train adapters only; the reference is the adapter-free actor
+        #   (quantize int8 / nf4: the base and so the reference held quantised, QLoRA)
     ))
     c.reference = ml_collections.ConfigDict(dict(
         init=common.init_config("actor"),  # frozen reference: "actor" (the actor's starting weights) |
@@ -50,7 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         #                                    "reward" (a copy of the starting weights of that role) | "checkpoint" | "hf"
         optim=common.optim_config(learning_rate=3e-3, **PPO_OPTIM),  # AdamW of a separate critic
         lora=common.lora_config(),  # rank > 0 (separate critic, init "reward" or "actor"): train adapters + the
-        #   value head over that role's frozen weights, read in place (a shared critic uses actor.lora)
+        #   value head over that role's frozen weights, read in place (a shared critic uses actor.lora);
+        #   quantize over "reward": the RM scores through the quantised base; over "actor": as actor.lora's
     ))
     c.reward = ml_collections.ConfigDict(dict(
         init=common.init_config("none"),  # frozen reward model: "none" (rule rewards only) | "checkpoint"

@@ -10,6 +10,7 @@ only: no weights are made or read.
     python experiments/plan_memory.py --devices 8,64 --models llama2-7b,qwen2-7b --json plan.json
     python experiments/plan_memory.py --devices 8 --models tiny --programs sft,grpo     # quick check
     python experiments/plan_memory.py --devices 8 --programs ppo,grpo --lora_rank 8     # LoRA actor
+    python experiments/plan_memory.py --devices 8 --programs ppo,grpo --lora_rank 8 --lora_quantize nf4  # QLoRA
 
 Each device count runs in a subprocess (the simulated device count is fixed when JAX starts).
 """
@@ -32,8 +33,10 @@ flags.DEFINE_list("programs", ["sft", "ppo", "grpo"], "Which programs to compile
 flags.DEFINE_list("tensor", ["1", "8"], "Tensor-parallel sizes to try (fsdp = devices / tensor).")
 flags.DEFINE_integer("lora_rank", 0, "LoRA rank of the RL actor (config.actor.lora; alpha = 2 x rank, every "
                      "projection); 0 = full fine-tuning. SFT is compiled without LoRA either way.")
+flags.DEFINE_enum("lora_quantize", "none", ["none", "int8", "nf4"], "QLoRA: the actor's frozen base (and so the "
+                  "reference) stored int8 / nf4, block 64 (config.actor.lora.quantize); needs --lora_rank.")
 flags.DEFINE_string("json", "", "Write the rows to this JSON file.")
-flags.DEFINE_integer("worker", 0, "Internal: run as the worker for this many devices.")
+WORKER_ENV = "RLHF_JAX_PLAN_MEMORY_WORKER"  # set for the per-device-count subprocesses (not a user flag)
 
 # configs/common.model_config fields. Llama-2-7B: 32 layers, d 4096, 32 heads, SwiGLU 11008, vocab 32000.
 # Qwen2-7B: 28 layers, d 3584, 28 heads / 4 KV heads, SwiGLU 18944, vocab 152064, qkv bias, untied.
@@ -50,7 +53,9 @@ TINY_SHAPES = {"rl_batch": 8, "prompt_len": 16, "response_len": 16, "sft_batch":
 
 
 def gib(n: float) -> float:
-    return round(n / 2 ** 30, 2)
+    """GiB to 2 decimals; below 0.01 GiB (the tiny model) 2 significant digits, not 0.0."""
+    value = n / 2 ** 30
+    return round(value, 2) if value >= 0.01 else float(f"{value:.2g}")
 
 
 def analysis(compiled) -> dict:
@@ -73,7 +78,7 @@ def rl_config(model: str, algorithm: str, mesh: dict, reward_dir: str, shapes: d
                      max_new_tokens=shapes["response_len"])
     c.ppo.update(epochs=1, num_minibatches=4)
     c.mesh.update(**mesh)
-    c.actor.lora.update(rank=FLAGS.lora_rank, alpha=2.0 * FLAGS.lora_rank)
+    c.actor.lora.update(rank=FLAGS.lora_rank, alpha=2.0 * FLAGS.lora_rank, quantize=FLAGS.lora_quantize)
     return c
 
 
@@ -146,7 +151,7 @@ def worker(devices: int) -> list[dict]:
                     if program == "sft" and FLAGS.lora_rank:
                         continue
                     row = {"model": model, "devices": devices, "mesh": mesh, "program": program,
-                           "lora_rank": FLAGS.lora_rank}
+                           "lora_rank": FLAGS.lora_rank, "lora_quantize": FLAGS.lora_quantize}
                     try:
                         row.update(compile_sft(model, mesh, shapes) if program == "sft"
                                    else compile_rl(model, program, mesh, reward_dir, shapes))
@@ -160,9 +165,12 @@ def worker(devices: int) -> list[dict]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.worker:
-        worker(FLAGS.worker)
+    if os.environ.get(WORKER_ENV):
+        worker(int(os.environ[WORKER_ENV]))
         return
+    if FLAGS.lora_quantize != "none" and not FLAGS.lora_rank:
+        raise app.UsageError(f"--lora_quantize={FLAGS.lora_quantize} needs --lora_rank > 0 (QLoRA quantises the "
+                             "LoRA actor's frozen base)")
     unknown = sorted(set(FLAGS.models) - set(MODELS))
     if unknown:
         raise app.UsageError(f"--models: unknown {unknown} (choose from {', '.join(MODELS)})")
@@ -172,10 +180,11 @@ def main(argv):
             print(f"--tensor {','.join(skipped)}: skipped on {devices} devices (does not divide {devices})")
     rows = []
     for devices in (int(d) for d in FLAGS.devices):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-        args = [sys.executable, os.path.abspath(__file__), f"--worker={devices}", f"--models={','.join(FLAGS.models)}",
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+               WORKER_ENV: str(devices)}
+        args = [sys.executable, os.path.abspath(__file__), f"--models={','.join(FLAGS.models)}",
                 f"--programs={','.join(FLAGS.programs)}", f"--tensor={','.join(FLAGS.tensor)}",
-                f"--lora_rank={FLAGS.lora_rank}"]
+                f"--lora_rank={FLAGS.lora_rank}", f"--lora_quantize={FLAGS.lora_quantize}"]
         out = subprocess.run(args, env=env, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"worker for {devices} devices failed:\n{out.stderr[-3000:]}")

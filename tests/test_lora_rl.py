@@ -1,39 +1,50 @@
 """The RL actor with config.actor.lora: the state holds adapters and one base copy (the reference),
 the reference log-probs of the adapter-free actor are exactly a separate reference model's, the
-actor's log-probs are the merged model's, and whole iterations train the adapters only."""
+actor's log-probs are the merged model's, and whole iterations train the adapters only. The same
+with QLoRA (config.actor.lora.quantize): the reference is the quantised adapter-free actor, within
+the stated nf4 tolerance of the fp32 base; a QLoRA critic over the RM; exact resume of both."""
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import ppo as ppo_configs
-from rlhf_jax import algorithms, losses, lora, sharding
+from rlhf_jax import algorithms, loading, losses, lora, sharding
+from rlhf_jax import checkpoint as checkpoint_lib
 from rlhf_jax.algorithms.rollout import policy_forward
-from rlhf_jax.models import Transformer
+from rlhf_jax.models import Transformer, init_params
 from rlhf_jax.trainers import ppo, setup
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
+# Max |log-prob - fp32 log-prob| of an nf4 base (test_qlora.py's bound for its model, block 16).
+NF4_TOLERANCE = 3e-2
 
 
 def lora_ppo_config(**overrides):
     config = ppo_configs.get_config("tiny")
     config.update(fast_compile=True)
-    config.actor.lora.update(rank=4, alpha=8.0)
+    config.actor.lora.update(rank=4, alpha=8.0, quantize_block=16)
+    config.critic.lora.quantize_block = 16
     config.actor.optim.decay_steps = 1000
     config.critic.optim.decay_steps = 1000
     config.update_from_flattened_dict(overrides)
     return config
 
 
-@pytest.fixture(scope="module")
-def built():
-    config = lora_ppo_config()
+def build(config):
     mesh = sharding.make_mesh(config.mesh)
     models = ppo.build_models(config)
     optimizers = ppo.make_optimizers(config, models)
     state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=False)
-    state = ppo.initial_state(config, models, optimizers, state_sh)
-    return config, mesh, models, optimizers, state_sh, state
+    return mesh, models, optimizers, state_sh, ppo.initial_state(config, models, optimizers, state_sh)
+
+
+@pytest.fixture(scope="module", params=["none", "nf4"])
+def built(request):
+    config = lora_ppo_config(**{"actor.lora.quantize": request.param})
+    return (config, *build(config))
 
 
 def test_state_holds_adapters_and_one_base_copy(built):
@@ -49,7 +60,9 @@ def test_state_holds_adapters_and_one_base_copy(built):
 
 def test_reference_is_exactly_the_adapter_free_actor(built):
     """Rollout with trained-looking adapters: ref_logprobs == a separate reference model with its own
-    copy of the base weights (bit-equal); logprobs == the merged-weights model's."""
+    copy of the base weights (bit-equal; QLoRA: the adapter-free model on the quantised base, its
+    kernels stored as 4-bit codes, within NF4_TOLERANCE of the fp32 base it was made from);
+    logprobs == the merged-weights model's."""
     config, mesh, models, _, _, state = built
     noisy = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(3), x.shape), state.actor)
     state = state.replace(actor=noisy)
@@ -67,13 +80,20 @@ def test_reference_is_exactly_the_adapter_free_actor(built):
             return losses.token_logprobs(logits, experience.tokens)
         return jnp.where(experience.mask > 0, jax.jit(fn)(params), 0.0)
 
-    reference = Transformer(models.actor.config)
+    plain = Transformer(models.actor.config)
     own_copy = jax.device_get(state.ref)
-    np.testing.assert_array_equal(experience.ref_logprobs, logprobs_of(reference, own_copy))
+    np.testing.assert_array_equal(experience.ref_logprobs, logprobs_of(lora.base_model(plain, models.actor_lora),
+                                                                       own_copy))
     merged = lora.merge(lora.combine(jax.device_get(noisy), own_copy), models.actor_lora)
-    np.testing.assert_allclose(experience.logprobs, logprobs_of(reference, merged), atol=1e-4)
+    np.testing.assert_allclose(experience.logprobs, logprobs_of(plain, merged), atol=1e-4)
     assert float(jnp.abs(experience.logprobs - experience.ref_logprobs).max()) > 1e-3
     assert float(jnp.sum(experience.mask)) > 0
+    if models.actor_lora.quantized:  # the fp32 weights the quantised base was made from (initial_state's rng)
+        init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]
+        fp32 = jax.jit(lambda r: init_params(plain, r))(init_rng)
+        assert state.ref["layers"]["mlp"]["up"]["kernel"].array.qvalue.dtype == jnp.uint4
+        gap = float(jnp.abs(experience.ref_logprobs - logprobs_of(plain, fp32)).max())
+        assert 0 < gap < NF4_TOLERANCE
 
 
 def test_iterations_train_the_adapters_and_leave_the_reference(built):
@@ -82,9 +102,12 @@ def test_iterations_train_the_adapters_and_leave_the_reference(built):
     step = ppo.jit_iteration(models, ppo.settings_from_config(config), optimizers, state_sh, mesh, with_ptx=False,
                              options=setup.compiler_options(config))
     batches = ppo.iteration_batches(*ppo.make_data(config, "unused", group_size=1), group_size=1)
+    kls = []
     for _ in range(2):
         state, metrics, _ = step(state, ppo.place_batch(next(batches), mesh))
         assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite_updates"]) == 0
+        kls.append(float(metrics["kl"]))
+    assert kls[0] == 0.0 and kls[1] != 0.0  # fresh adapters (B = 0): the actor is exactly its reference
     after = jax.device_get(state)
     jax.tree.map(np.testing.assert_array_equal, after.ref, before.ref)
     changed = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after.actor), jax.tree.leaves(before.actor))]
@@ -124,11 +147,7 @@ def test_lora_critic_trains_adapters_and_value_head_over_the_actor_base():
     for those only), its values are the merged critic's, and iterations move adapters and head while
     the shared base (the reference) stays bit-equal."""
     config = lora_ppo_config(**{"critic.lora.rank": 4, "critic.lora.alpha": 8.0})
-    mesh = sharding.make_mesh(config.mesh)
-    models = ppo.build_models(config)
-    optimizers = ppo.make_optimizers(config, models)
-    state_sh = algorithms.state_shardings(models, optimizers, mesh, ema=False)
-    state = ppo.initial_state(config, models, optimizers, state_sh)
+    mesh, models, optimizers, state_sh, state = build(config)
     assert set(state.critic) == {"layers", "value_head"}
     assert all(lora.is_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.critic["layers"])[0])
     moments = [x for x in jax.tree.leaves(state.critic_opt) if np.ndim(x) > 0]
@@ -167,6 +186,51 @@ def test_lora_critic_config_errors_name_the_key(tmp_path):
     config = lora_ppo_config(**{"critic.lora.rank": 4, "critic.type": "shared"})
     with pytest.raises(ValueError, match=r"^config.critic.lora.rank=4 with config.critic.type='shared'"):
         ppo.train(config, str(tmp_path / "a"))
-    config = lora_ppo_config(**{"actor.lora.quantize": "nf4"})
-    with pytest.raises(ValueError, match=r"^config.actor.lora.quantize='nf4': QLoRA is for SFT, RM and DPO"):
+    config = lora_ppo_config(**{"actor.lora.quantize": "nf4", "critic.lora.rank": 4, "critic.lora.alpha": 8.0})
+    with pytest.raises(ValueError, match=r"^config.critic.lora.quantize='none' with config.critic.init.source='actor': "
+                                         r"the critic reads the actor's frozen base in place"):
         ppo.train(config, str(tmp_path / "b"))
+
+
+# ---- QLoRA critic over the RM; exact resume with both bases quantised -------------------------
+def save_reward_model(workdir, config) -> dict:
+    """A random RM checkpoint of the tiny actor's shape (what experiments/train_rm.py writes); its params."""
+    model = Transformer(ppo.build_models(config).actor.config, heads=("value",))
+    params = jax.device_get(jax.jit(lambda r: init_params(model, r))(jax.random.PRNGKey(12)))
+    checkpointer = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints")
+    checkpointer.save(1, {"params": params}, {"model": loading.model_meta(model), "stage": "rm",
+                                              "reward_norm": {"mean": 0.1, "std": 2.0}})
+    checkpointer.close()
+    return params
+
+
+def test_qlora_actor_and_critic_resume_exactly_with_neither_base_in_the_checkpoint(tmp_path, sigterm_after_step):
+    """nf4 actor (the reference reads its quantised base) and an nf4 LoRA critic over the RM (the RM
+    scores through the same quantised base, one copy): the frozen RM is the quantised RM checkpoint,
+    neither base is in the checkpoint (both re-read and re-quantised on resume), and a run stopped
+    after iteration 2 ends bit-equal to the straight run."""
+    from rlhf_jax import metrics
+
+    rm_params = save_reward_model(tmp_path / "rm", lora_ppo_config())
+    config = lora_ppo_config(**{"num_steps": 4, "checkpoint.save_every": 2, "log_every": 1,
+                                "actor.lora.quantize": "nf4", "critic.lora.rank": 4, "critic.lora.alpha": 8.0,
+                                "critic.lora.quantize": "nf4", "critic.init.source": "reward",
+                                "reward.init.source": "checkpoint", "reward.init.path": str(tmp_path / "rm"),
+                                "rewards.rm_weight": 1.0})
+    straight = ppo.train(config, str(tmp_path / "straight"))
+    models = straight.models
+    expected_reward = jax.jit(lambda p: lora.quantize_base(models.critic, p))(rm_params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.state.reward), jax.device_get(expected_reward))
+    assert straight.state.reward["layers"]["attn"]["q"]["kernel"].array.qvalue.dtype == jnp.uint4
+    items = ppo.state_items(straight.state, with_ref=False, with_reward=False)["train"]
+    assert items.ref is None and items.reward is None
+    sigterm_after_step(1)
+    first = ppo.train(config, str(tmp_path / "resumed"))
+    assert first.preempted and first.step == 2
+    second = ppo.train(config, str(tmp_path / "resumed"))
+    assert second.step == 4
+    keys = ("loss", "policy/loss", "value/loss", "reward/mean", "kl", "entropy", "lr")
+    rows = [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "resumed")]
+    assert rows == [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "straight")]
+    assert rows[0]["kl"] == 0.0 and all(np.isfinite(r["value/loss"]) for r in rows)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state), jax.device_get(straight.state))

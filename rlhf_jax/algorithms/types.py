@@ -112,7 +112,9 @@ class Models:
     reward: Optional[Transformer]  # heads ("value",): the frozen reward model
     # LoRA actor (config.actor.lora): `actor` is a `lora.lora_model`, `RLState.actor` holds its
     # adapters (and a shared value head) only, and the frozen rest is `RLState.ref`: the reference
-    # is the adapter-free actor, with no second copy of the base weights (`actor_params`).
+    # is the adapter-free actor, with no second copy of the base weights (`actor_params`). With
+    # QLoRA (`actor_lora.quantized`) `RLState.ref` is the quantised base and `ref` is
+    # `lora.base_model` reading it (`trainers.rl_models.quantizer`; the RM alike under a QLoRA critic).
     actor_lora: Optional[lora.LoraSpec] = None
     # LoRA critic (config.critic.lora, a separate critic): `critic` is a `lora.lora_model`,
     # `RLState.critic` holds its adapters and value head only, over the frozen weights it started

@@ -5,9 +5,9 @@
     result = ppo.train(config, workdir)          # configs/ppo.py; resumes from WORKDIR/checkpoints
 
 The iteration itself (rollout -> update, one jitted program on device) is `rlhf_jax.algorithms`;
-the config checks and settings are `rl_config.py`; this module is the host side: the four roles'
-models and starting weights (`config.actor / reference / critic / reward`, each with an `init`
-section), the tokenizer, gold scoring and the KL blow-up check as loop hooks, the run.
+the config checks and settings are `rl_config.py`; the four roles' models, starting weights and
+checkpoint items are `rl_models.py`; this module is the host side: the tokenizer, gold scoring and
+the KL blow-up check as loop hooks, the compiled iteration, the run.
 """
 from __future__ import annotations
 
@@ -16,147 +16,24 @@ import functools
 import math
 import pathlib
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rlhf_jax import algorithms, loading, lora, optim, sharding
+from rlhf_jax import algorithms, loading, sharding
 from rlhf_jax import checkpoint as checkpoint_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.algorithms import Models, Optimizers, RLSettings, RLState
 from rlhf_jax.data import rollout_data
 from rlhf_jax.data.rollout_data import abstract_batch, iteration_batches, make_data, place_batch
-from rlhf_jax.models import Transformer, lm_params_to_scalar
-from rlhf_jax.trainers import host_step, loop, rl_config, setup
+from rlhf_jax.trainers import host_step, lora_state, loop, rl_config, setup
 from rlhf_jax.trainers.rl_config import (  # noqa: F401 (validate_config, settings_from_config: also ppo.*)
-    group_size, penalty_coef, reference_init, settings_from_config, uses_critic, validate_config, validate_models)
-
-# ----------------------------------------------------------------------------------------------
-# Models and starting weights (actor and reference from SFT, reward model and critic from the RM)
-# ----------------------------------------------------------------------------------------------
-def build_models(config) -> Models:
-    """The four roles' modules (no weights) from the config and the earlier stages' metadata;
-    dropout is off in PPO."""
-    model_cfg = {**config.model.to_dict(), "dropout_rate": 0.0}
-    arch = functools.partial(loading.architecture, model_cfg=model_cfg)
-    for role, init, head, what in (("actor", config.actor.init, "lm", "a language model (an SFT run)"),
-                                   ("reference", reference_init(config), "lm", "a language model (an SFT run)"),
-                                   ("reward", config.reward.init, "value", "a reward model (experiments/train_rm.py)")):
-        if init.source == "checkpoint":
-            key = f"config.{'actor' if init is config.actor.init else role}.init.path"
-            heads = loading.stage_meta(init.path, key)["model"]["heads"]
-            if head not in heads:
-                raise ValueError(f"{key}={init.path!r} holds a model with heads {tuple(heads)}, not {what}")
-    actor_lm = arch(config.actor.init, heads=("lm",), key="config.actor.init")
-    ref = arch(reference_init(config), heads=("lm",), key="config.reference.init")
-    reward = None
-    if config.reward.init.source != "none":
-        reward = arch(config.reward.init, heads=("value",), key="config.reward.init")
-    critic = None
-    if uses_critic(config) and config.critic.type != "shared":
-        source = config.critic.init.source
-        if source in ("actor", "reward"):
-            critic = Transformer((reward if source == "reward" else actor_lm).config, heads=("value",))
-        else:
-            critic = arch(config.critic.init, heads=("value",), key="config.critic.init")
-    critic_spec, critic_base = None, ""
-    if critic is not None:
-        critic_spec = lora.LoraSpec.from_config(config.critic.lora, "config.critic.lora", ("value_head",))
-    if critic_spec is not None:  # adapters + value head over the frozen RM or the actor's starting weights
-        critic = lora.lora_model(critic, critic_spec, train=False)
-        critic_base = "reward" if config.critic.init.source == "reward" else "ref"
-    heads = ("lm", "value") if uses_critic(config) and config.critic.type == "shared" else ("lm",)
-    actor, spec = Transformer(actor_lm.config, heads=heads), actor_lora_spec(config)
-    if spec is not None:
-        actor = lora.lora_model(actor, spec, train=False)  # no adapter dropout: rollout and update agree
-    return Models(actor=actor, ref=ref, critic=critic, reward=reward, actor_lora=spec, critic_lora=critic_spec,
-                  critic_base=critic_base)
-
-
-def actor_lora_spec(config) -> lora.LoraSpec | None:
-    """config.actor.lora as a spec (None when off); a shared value head is trained with the adapters."""
-    shared = uses_critic(config) and config.critic.type == "shared"
-    return lora.LoraSpec.from_config(config.actor.lora, "config.actor.lora", ("value_head",) if shared else ())
-
-
-def make_optimizers(config, models: Models) -> Optimizers:
-    """AdamW per trained network; schedules count optimizer updates (epochs x minibatches each iteration)."""
-    updates = config.num_steps * config.ppo.epochs * config.ppo.num_minibatches
-    actor_opt, schedule = optim.make_optimizer(config.actor.optim, updates)
-    critic_opt = None if models.critic is None else optim.make_optimizer(config.critic.optim, updates)[0]
-    return Optimizers(actor=actor_opt, critic=critic_opt, lr_schedule=schedule)
-
-
-def initial_state(config, models: Models, optimizers: Optimizers, state_sh: RLState) -> RLState:
-    """Reference and actor from their init sections (the actor a copy of the reference when they
-    share one), RM params, critic from the RM or the actor (trunk copied, unembedding dropped,
-    fresh value head) or its own init; optimizer moments created sharded."""
-    init_rng, head_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    options = setup.compiler_options(config)
-    lm_actor = Transformer(models.actor.config, heads=("lm",))
-    ref = loading.initial_params(reference_init(config), models.ref, state_sh.ref, init_rng, options,
-                                 "config.reference.init")
-    reward = None
-    if models.reward is not None:
-        reward = loading.initial_params(config.reward.init, models.reward, state_sh.reward, init_rng, options,
-                                        "config.reward.init")
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 — actor/critic must not alias frozen params
-    jit = functools.partial(jax.jit, compiler_options=options)
-    if config.reference.init.source == "actor":
-        start = ref
-    else:
-        lm_sh = sharding.param_shardings(lm_actor, jax.tree.leaves(state_sh.ref)[0].mesh)
-        start = loading.initial_params(config.actor.init, lm_actor, lm_sh, init_rng, options, "config.actor.init")
-
-    def scalar_model(lm_params):  # unembedding dropped, fresh value head (Stiennon et al. init)
-        return lm_params_to_scalar(lm_params, head_rng, models.actor.config.d_model)
-
-    if models.actor_lora is not None:  # adapters (+ a shared value head) only; the base stays in `ref`
-        def lora_actor(p):
-            full = {**p, "value_head": scalar_model(p)["value_head"]} if "value" in models.actor.heads else p
-            adapters = lora.init_adapters(models.actor, full, jax.random.fold_in(head_rng, 1))
-            return lora.split(lora.combine(adapters, full), models.actor_lora)[0]
-        actor = jit(lora_actor, out_shardings=state_sh.actor)(start)
-    elif "value" in models.actor.heads:  # shared critic: LM head kept, value head added on the same trunk
-        actor = jit(lambda p: {**copy(p), "value_head": scalar_model(p)["value_head"]},
-                    out_shardings=state_sh.actor)(start)
-    else:
-        actor = jit(copy, out_shardings=state_sh.actor)(start)
-    critic = None
-    if models.critic_lora is not None:  # adapters + value head (the RM's, or fresh) only; the base is read in place
-        def lora_critic(base):
-            full = {**base, "value_head": copy(base["value_head"]) if "value_head" in base else
-                    scalar_model(base)["value_head"]}
-            adapters = lora.init_adapters(models.critic, full, jax.random.fold_in(head_rng, 2))
-            return lora.split(lora.combine(adapters, full), models.critic_lora)[0]
-        critic = jit(lora_critic, out_shardings=state_sh.critic)(reward if models.critic_base == "reward" else ref)
-    elif models.critic is not None:
-        source = config.critic.init.source
-        if source == "reward":
-            critic = jit(copy, out_shardings=state_sh.critic)(reward)
-        elif source == "actor":
-            critic = jit(scalar_model, out_shardings=state_sh.critic)(start)
-        else:
-            critic = loading.initial_params(config.critic.init, models.critic, state_sh.critic, head_rng, options,
-                                            "config.critic.init")
-    make = functools.partial(algorithms.create_state, optimizers=optimizers, kl_coef=config.kl.coef,
-                             ema=config.ema_decay > 0, penalty_coef=penalty_coef(config))
-    return jit(lambda a, c, r, w, k: make(a, c, r, w, rng=k), out_shardings=state_sh)(
-        actor, critic, ref, reward, state_rng)
-
-
-def state_items(state: RLState, with_ref: bool = True) -> dict:
-    """Checkpoint items: "params" = the actor (what evaluation / export loads) and "train" = the rest;
-    `with_ref=False` (LoRA actor) leaves out the frozen base, re-read from its init on resume."""
-    return {"params": state.actor, "train": state.replace(actor=None, ref=state.ref if with_ref else None)}
-
-
-def state_from_items(items: Mapping[str, Any]) -> RLState:
-    return items["train"].replace(actor=items["params"])
-
+    group_size, penalty_coef, reference_init, settings_from_config, validate_config, validate_models)
+from rlhf_jax.trainers.rl_models import (  # noqa: F401 (build_models, initial_state, ...: also ppo.*)
+    build_models, compiles_ahead, frozen_params, initial_state, make_optimizers, quantizer, state_from_items,
+    state_items)
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer (the data itself: rlhf_jax.data.rollout_data)
@@ -301,16 +178,20 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
                                                max_to_keep=config.checkpoint.max_to_keep)
     target = algorithms.abstract_state(models, optimizers, state_sh, config.kl.coef, config.ema_decay > 0,
                                        penalty_coef(config))
-    items_fn = functools.partial(state_items, with_ref=models.actor_lora is None)
+    reread_reward = quantizer(models, "reward") is not None
+    items_fn = functools.partial(state_items, with_ref=models.actor_lora is None, with_reward=not reread_reward)
     restored = checkpointer.restore(items_fn(target))
     if restored is None:
         state, resume_step = initial_state(config, models, optimizers, state_sh), None
     else:
         state, resume_step = state_from_items(restored.items), restored.step
+        init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]  # initial_state's
         if models.actor_lora is not None:  # the base is not in the checkpoint: read it where it started
-            init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]  # initial_state's
-            state = state.replace(ref=loading.initial_params(reference_init(config), models.ref, state_sh.ref,
-                                                             init_rng, options, "config.reference.init"))
+            state = state.replace(ref=frozen_params(reference_init(config), models, "ref", state_sh.ref, init_rng,
+                                                    options, "config.reference.init"))
+        if reread_reward:
+            state = state.replace(reward=frozen_params(config.reward.init, models, "reward", state_sh.reward,
+                                                       init_rng, options, "config.reward.init"))
         prompts_it.set_state(restored.meta["prompt_data"])
         if ptx_it is not None:
             ptx_it.set_state(restored.meta["ptx_data"])
@@ -328,21 +209,27 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
             info["ptx_data"] = ptx_it.get_state()
         return info
 
-    # ---- compile once, ahead of time --------------------------------------------------------------
+    if models.actor_lora is not None or models.critic_lora is not None:  # the LoRA stages' start-up line
+        lora_state.memory_line({"actor": state.actor, "critic": state.critic}, {"ref": state.ref, "reward": state.reward},
+                               {"actor": state.actor_opt, "critic": state.critic_opt})
+
+    # ---- compile once, ahead of time (else at the first call: profile_phases, nf4 bases) -------------
     t0 = time.perf_counter()
     place = functools.partial(place_batch, mesh=mesh)
+    ahead = compiles_ahead(models) and not config.profile_phases
     if host_reward is not None:  # two programs with the host reward between them
         step_fn = host_step.host_reward_step(models, settings, optimizers, state_sh, mesh, ptx_it is not None,
-                                             host_reward, options, (target, abstract_batch(config, mesh)))
+                                             host_reward, options, (target, abstract_batch(config, mesh)) if ahead
+                                             else None)
         place = functools.partial(host_step.place, mesh=mesh)
-        logging.info("Generation and iteration compiled in %.1fs", time.perf_counter() - t0)
     elif config.profile_phases:
         step_fn = timed_phases(models, settings, optimizers, mesh, options)
     else:
         step_fn = jit_iteration(models, settings, optimizers, state_sh, mesh, ptx_it is not None, options)
-        step_fn = step_fn.lower(target, abstract_batch(config, mesh)).compile()
-        logging.info("PPO iteration compiled in %.1fs; %s", time.perf_counter() - t0, memory_report(step_fn))
-    compile_seconds = time.perf_counter() - t0
+        if ahead:
+            step_fn = step_fn.lower(target, abstract_batch(config, mesh)).compile()
+            logging.info("PPO iteration compiled in %.1fs; %s", time.perf_counter() - t0, memory_report(step_fn))
+    compile_seconds = time.perf_counter() - t0 if ahead else None  # else part of the first iteration's time
     start_step = int(jax.device_get(state.step))
 
     def on_step(step: int, host_batch, outputs, row: dict) -> dict:
@@ -351,7 +238,7 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
             logging.warning(kl_blowup_message(step, row["kl"], config.kl.blowup_threshold))
         if gold_scorer is not None:
             extra["gold/mean"] = gold_mean(gold_scorer, host_batch["prompts"]["index"], outputs)
-        if step == start_step + 1:
+        if step == start_step + 1 and compile_seconds is not None:
             extra["time/compile"] = compile_seconds
         if config.log_samples and tokenizer is not None and outputs is not None and jax.process_count() == 1:
             writer.write_text(step, "samples", metrics_lib.samples_markdown(

@@ -51,10 +51,8 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     if config.actor.lora.rank and config.reference.init.source != "actor":
         fail(f"config.actor.lora.rank={config.actor.lora.rank} needs config.reference.init.source='actor' (the "
              f"reference is the adapter-free actor), got {config.reference.init.source!r}")
-    for role in ("actor", "critic"):
-        if config[role].lora.rank and config[role].lora.quantize != "none":
-            fail(f"config.{role}.lora.quantize={config[role].lora.quantize!r}: QLoRA is for SFT, RM and DPO; the RL "
-                 "roles keep an fp32 base (set it to 'none')")
+    if config.actor.lora.rank:
+        lora.LoraSpec.from_config(config.actor.lora, "config.actor.lora")
     if config.critic.lora.rank and algorithm.critic != "none":
         lora.LoraSpec.from_config(config.critic.lora, "config.critic.lora")
         if config.critic.type == "shared":
@@ -68,6 +66,12 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
             fail(f"config.critic.lora.rank={config.critic.lora.rank} with config.critic.init.source='actor' needs "
                  "config.reference.init.source='actor' (the critic's frozen base is the reference's copy of the "
                  f"actor's starting weights), got {config.reference.init.source!r}")
+        if config.critic.init.source == "actor" and quantised_base(config.critic.lora) != quantised_base(
+                config.actor.lora):
+            fail(f"config.critic.lora.quantize={config.critic.lora.quantize!r} with config.critic.init.source='actor': "
+                 "the critic reads the actor's frozen base in place, held as config.actor.lora stores it; set "
+                 "critic.lora quantize, quantize_block and target_modules to the actor's (quantize "
+                 f"{config.actor.lora.quantize!r} at rank {config.actor.lora.rank})")
     for role, allowed in INIT_SOURCES.items():
         if role != "critic" or algorithm.critic != "none":
             loading.check_init(config[role].init, f"config.{role}.init", allowed)
@@ -118,6 +122,14 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
         check_special_ids(config, stop, config.model.vocab_size, "the vocabulary")
         if config.data.min_prompt_len < 1 or config.data.min_prompt_len > config.rollout.prompt_len:
             fail(f"config.data.min_prompt_len={config.data.min_prompt_len}: need 1..rollout.prompt_len")
+
+
+def quantised_base(lora_config) -> tuple:
+    """How a LoRA section stores the frozen base it reads: () for fp32 (no LoRA, or quantize 'none'),
+    else (quantize, quantize_block, target_modules): two roles can read one base only if these agree."""
+    if not lora_config.rank or lora_config.quantize == "none":
+        return ()
+    return lora_config.quantize, lora_config.quantize_block, lora_config.target_modules
 
 
 def validate_models(config, models: Models) -> None:
