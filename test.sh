@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh "[test]"
-if [ $# -eq 0 ]; then set -- tests; fi
+# The default suite runs in 2 pytest-xdist worker processes (a test file stays on one worker, so its
+# module fixtures are built once); RLHF_JAX_TEST_WORKERS=0 runs it in this process.
+if [ $# -eq 0 ]; then set -- tests -n "${RLHF_JAX_TEST_WORKERS:-2}" --dist loadfile; fi
 exec "$VENV/bin/python" -m pytest -q "$@"

@@ -21,13 +21,18 @@ def sample_data_dir():
 
 @pytest.fixture(scope="session")
 def compilation_cache(tmp_path_factory):
-    """JAX persistent compilation cache in a temp dir, shared by the trainer test modules and the
-    script subprocesses they start (pass `script_env(...)`): a program compiled once (same HLO,
-    devices and options) is loaded, not recompiled, by later runs. Restored at the end of the session."""
+    """JAX persistent compilation cache in a temp dir, shared by the trainer test modules, the script
+    subprocesses they start (pass `script_env(...)`) and the pytest-xdist workers of one run: a
+    program compiled once (same HLO, devices and options) is loaded, not recompiled, by later runs.
+    Restored at the end of the session."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    path = tmp_path_factory.mktemp("jax_cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # ./test.sh's workers share one cache (their common temp root)
+        path = tmp_path_factory.getbasetemp().parent / "jax_cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("jax_cache")
     previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -145,3 +150,38 @@ def word_rankings():
                 ranking = [responses.index(word) for word in best_first]
                 f.write(json.dumps({"prompt": example.prompt, "responses": responses, "ranking": ranking}) + "\n")
     return write
+
+
+@pytest.fixture(scope="session")
+def lora_files(tmp_path_factory, word_rankings):
+    """What the LoRA stage tests adapt: `train.jsonl` (64 built-in task demonstrations), `rankings.jsonl`
+    (32 prompts, responses "a" > "b" > "c"), the task's `tokenizer`, and `base`: a random tiny
+    Llama-style model saved as a Hugging Face directory (the frozen base). Returns the directory."""
+    import jax
+
+    from rlhf_jax import loading, tasks
+    from rlhf_jax.models import Transformer, TransformerConfig, init_params, save_pretrained
+
+    root = tmp_path_factory.mktemp("lora_files")
+    tasks.write_demonstrations(root / "train.jsonl", tasks.sample_examples(64, seed=0), seed=0)
+    word_rankings(root / "rankings.jsonl", tasks.sample_examples(32, seed=0), ("a", "b", "c"), seed=0)
+    tasks.save_tokenizer(root / "tokenizer")
+    vocab = len(loading.load_tokenizer(str(root / "tokenizer")))
+    base = Transformer(TransformerConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64))
+    save_pretrained(base, init_params(base, jax.random.PRNGKey(7)), root / "base")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ranking_files(tmp_path_factory, word_rankings):
+    """`make(name, best_first) -> directory` with `train.jsonl` (64 built-in task prompts) and
+    `eval.jsonl` (16 held-out prompts) from `word_rankings`, and the task's `tokenizer`."""
+    from rlhf_jax import tasks
+
+    def make(name, best_first):
+        root = tmp_path_factory.mktemp(name)
+        word_rankings(root / "train.jsonl", tasks.sample_examples(64, seed=0), best_first, seed=0)
+        word_rankings(root / "eval.jsonl", tasks.sample_examples(16, seed=0, split="heldout"), best_first, seed=1)
+        tasks.save_tokenizer(root / "tokenizer")
+        return root
+    return make

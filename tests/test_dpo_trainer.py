@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import dpo as dpo_configs
-from rlhf_jax import checkpoint, loading, metrics, sharding, tasks
+from rlhf_jax import checkpoint, loading, metrics, sharding
 from rlhf_jax.trainers import dpo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,12 +26,8 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, word_rankings):
-    root = tmp_path_factory.mktemp("dpo_data")
-    word_rankings(root / "train.jsonl", tasks.sample_examples(64, seed=0), BEST_FIRST, seed=0)
-    word_rankings(root / "eval.jsonl", tasks.sample_examples(16, seed=0, split="heldout"), BEST_FIRST, seed=1)
-    tasks.save_tokenizer(root / "tokenizer")
-    return root
+def files(ranking_files):
+    return ranking_files("dpo_data", BEST_FIRST)
 
 
 FLAGS = {"model.d_model": 32, "model.d_ff": 64, "model.n_heads": 2, "data.max_len": 32, "num_steps": NUM_STEPS,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import dpo as dpo_configs
-from rlhf_jax import checkpoint, loading, lora, metrics, preference, sharding, tasks
-from rlhf_jax.models import Transformer, TransformerConfig, from_pretrained, init_params, save_pretrained
+from rlhf_jax import checkpoint, loading, lora, metrics, preference, sharding
+from rlhf_jax.models import Transformer, from_pretrained
 from rlhf_jax.trainers import dpo, lora_state, ranking_data
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -17,22 +17,16 @@ NUM_STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, word_rankings):
-    root = tmp_path_factory.mktemp("lora_dpo")
-    word_rankings(root / "train.jsonl", tasks.sample_examples(32, seed=0), ("a", "b", "c"), seed=0)
-    tasks.save_tokenizer(root / "tokenizer")
-    vocab = len(loading.load_tokenizer(str(root / "tokenizer")))
-    base = Transformer(TransformerConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64))
-    save_pretrained(base, init_params(base, jax.random.PRNGKey(7)), root / "base")
-    return root
+def files(lora_files):
+    return lora_files
 
 
 def lora_dpo_config(files, **overrides):
     config = dpo_configs.get_config("tiny")
     config.init.update(source="hf", path=str(files / "base"))
     config.lora.update(rank=4, alpha=8.0)
-    config.data.update(train=str(files / "train.jsonl"), eval="", tokenizer=str(files / "tokenizer"),
-                       cache_dir=str(files / "tfds"), max_len=32)
+    config.data.update(train=str(files / "rankings.jsonl"), eval="", tokenizer=str(files / "tokenizer"),
+                       cache_dir=str(files / "tfds_dpo"), max_len=32)
     config.update_from_flattened_dict({"num_steps": NUM_STEPS, "batch_size": 8, "log_every": 1, "fast_compile": True,
                                        "optim.learning_rate": 1e-2, "optim.warmup_steps": 1,
                                        "optim.decay_steps": NUM_STEPS, "checkpoint.save_every": 1000, **overrides})

@@ -124,12 +124,18 @@ def test_sigterm_then_rerun_resumes_exactly_without_the_base_in_the_checkpoint(t
     """The checkpoint holds the actor's and the critic's adapters and the optimizer state, not the
     frozen base (re-read from the actor's init on resume); a run stopped after iteration 2 ends where
     the straight run ends."""
-    from rlhf_jax import metrics
-
     config = lora_ppo_config(**{"num_steps": 4, "checkpoint.save_every": 2, "log_every": 1,
                                 "critic.lora.rank": 4, "critic.lora.alpha": 8.0})  # the critic's adapters too
-    straight = ppo.train(config, str(tmp_path / "straight"))
+    straight, _ = assert_resume_is_exact(config, tmp_path, sigterm_after_step)
     assert ppo.state_items(straight.state, with_ref=False)["train"].ref is None
+
+
+def assert_resume_is_exact(config, tmp_path, sigterm_after_step):
+    """Runs `config` (4 iterations, a checkpoint every 2) straight, and again stopped by SIGTERM after
+    iteration 2 and re-run: the metric rows and the final state must be equal. (straight result, rows)."""
+    from rlhf_jax import metrics
+
+    straight = ppo.train(config, str(tmp_path / "straight"))
     sigterm_after_step(1)
     first = ppo.train(config, str(tmp_path / "resumed"))
     assert first.preempted and first.step == 2
@@ -139,6 +145,7 @@ def test_sigterm_then_rerun_resumes_exactly_without_the_base_in_the_checkpoint(t
     rows = [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "resumed")]
     assert rows == [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "straight")]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state), jax.device_get(straight.state))
+    return straight, rows
 
 
 # ---- a LoRA critic (config.critic.lora) --------------------------------------------------------
@@ -209,28 +216,16 @@ def test_qlora_actor_and_critic_resume_exactly_with_neither_base_in_the_checkpoi
     scores through the same quantised base, one copy): the frozen RM is the quantised RM checkpoint,
     neither base is in the checkpoint (both re-read and re-quantised on resume), and a run stopped
     after iteration 2 ends bit-equal to the straight run."""
-    from rlhf_jax import metrics
-
     rm_params = save_reward_model(tmp_path / "rm", lora_ppo_config())
     config = lora_ppo_config(**{"num_steps": 4, "checkpoint.save_every": 2, "log_every": 1,
                                 "actor.lora.quantize": "nf4", "critic.lora.rank": 4, "critic.lora.alpha": 8.0,
                                 "critic.lora.quantize": "nf4", "critic.init.source": "reward",
                                 "reward.init.source": "checkpoint", "reward.init.path": str(tmp_path / "rm"),
                                 "rewards.rm_weight": 1.0})
-    straight = ppo.train(config, str(tmp_path / "straight"))
-    models = straight.models
-    expected_reward = jax.jit(lambda p: lora.quantize_base(models.critic, p))(rm_params)
+    straight, rows = assert_resume_is_exact(config, tmp_path, sigterm_after_step)
+    assert rows[0]["kl"] == 0.0 and all(np.isfinite(r["value/loss"]) for r in rows)
+    expected_reward = jax.jit(lambda p: lora.quantize_base(straight.models.critic, p))(rm_params)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.state.reward), jax.device_get(expected_reward))
     assert straight.state.reward["layers"]["attn"]["q"]["kernel"].array.qvalue.dtype == jnp.uint4
     items = ppo.state_items(straight.state, with_ref=False, with_reward=False)["train"]
     assert items.ref is None and items.reward is None
-    sigterm_after_step(1)
-    first = ppo.train(config, str(tmp_path / "resumed"))
-    assert first.preempted and first.step == 2
-    second = ppo.train(config, str(tmp_path / "resumed"))
-    assert second.step == 4
-    keys = ("loss", "policy/loss", "value/loss", "reward/mean", "kl", "entropy", "lr")
-    rows = [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "resumed")]
-    assert rows == [{k: r[k] for k in keys} for r in metrics.read_metrics(tmp_path / "straight")]
-    assert rows[0]["kl"] == 0.0 and all(np.isfinite(r["value/loss"]) for r in rows)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state), jax.device_get(straight.state))

@@ -1,8 +1,6 @@
 """SFT and RM with config.lora: adapters (and the RM's scalar head) only in the optimizer and the
 checkpoint, exact resume after SIGTERM, the merged export loads in transformers with the LoRA
 model's logits, a LoRA reward model loads merged with the LoRA model's scores."""
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +8,8 @@ import pytest
 
 from configs import rm as rm_configs
 from configs import sft as sft_configs
-from rlhf_jax import checkpoint, loading, lora, metrics, tasks
-from rlhf_jax.models import Transformer, TransformerConfig, from_pretrained, init_params, save_pretrained
+from rlhf_jax import checkpoint, loading, lora, metrics
+from rlhf_jax.models import Transformer, from_pretrained, save_pretrained
 from rlhf_jax.trainers import rm, sft
 
 NUM_STEPS = 8
@@ -19,21 +17,9 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Built-in task demonstrations, tokenizer, and a random tiny Llama-style base saved as HF."""
-    root = tmp_path_factory.mktemp("lora_sft")
-    tasks.write_demonstrations(root / "train.jsonl", tasks.sample_examples(64, seed=0), seed=0)
-    with open(root / "rankings.jsonl", "w") as f:  # responses "a" > "b" > "c", in random order
-        rng = np.random.default_rng(0)
-        for example in tasks.sample_examples(32, seed=0):
-            responses = list(rng.permutation(["a", "b", "c"]))
-            f.write(json.dumps({"prompt": example.prompt, "responses": responses,
-                                "ranking": [responses.index(w) for w in "abc"]}) + "\n")
-    tasks.save_tokenizer(root / "tokenizer")
-    vocab = len(loading.load_tokenizer(str(root / "tokenizer")))
-    base = Transformer(TransformerConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64))
-    save_pretrained(base, init_params(base, jax.random.PRNGKey(7)), root / "base")
-    return root
+def files(lora_files):
+    """Built-in task demonstrations and rankings, tokenizer, and a random tiny Llama-style base saved as HF."""
+    return lora_files
 
 
 def lora_config(files, **overrides):

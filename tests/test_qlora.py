@@ -10,11 +10,7 @@ import pytest
 from rlhf_jax import lora, sharding
 from rlhf_jax.models import transformer as tr
 from rlhf_jax.trainers import lora_state
-
-CFG = tr.TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32,
-                           qkv_bias=True)
-IDS = jnp.array([[3, 4, 5, 6, 7, 8], [0, 0, 9, 10, 11, 12]])
-MASK = (jnp.arange(6)[None] >= jnp.array([[0], [2]])).astype(jnp.int32)
+from test_lora import CFG, IDS, MASK, assert_adapter_gradients_are_the_merged_models
 # Max |log-prob - fp32 log-prob| over the valid tokens of this model, measured for init seeds 0-3
 # (block 16): int8 6e-4 .. 1.0e-3, nf4 8e-3 .. 1.7e-2. The tolerances are about twice the worst.
 TOLERANCE = {"int8": 2e-3, "nf4": 3e-2}
@@ -76,15 +72,7 @@ def test_qlora_gradients_reach_only_adapters_and_match_dequantised_merge(base, q
     trainable, frozen2 = lora.split(lora.combine(adapters, frozen), spec)
     assert all(lora.is_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0])
     assert lora.count(frozen2) == lora.count(params)
-
-    def loss(m, p):
-        return jnp.sum(jnp.square(m.apply({"params": p}, IDS, MASK).logits) * MASK[..., None])
-
-    grad = jax.jit(jax.grad(lambda t: loss(lmodel, lora.combine(t, frozen2))))(trainable)
-    expected = jax.jit(jax.grad(lambda t: loss(model, lora.merge(lora.combine(t, frozen2), spec))))(trainable)
-    for g, e in zip(jax.tree.leaves(grad), jax.tree.leaves(expected)):
-        assert float(jnp.abs(e).max()) > 0
-        np.testing.assert_allclose(g, e, rtol=2e-4, atol=1e-5)
+    assert_adapter_gradients_are_the_merged_models(model, lmodel, trainable, frozen2, spec)
 
 
 def test_adapter_free_quantised_model_is_the_zero_adapter_model(base):

@@ -17,7 +17,7 @@ import pytest
 
 import rlhf_jax
 from configs import rm as rm_configs
-from rlhf_jax import checkpoint, loading, metrics, sharding, tasks
+from rlhf_jax import checkpoint, loading, metrics, sharding
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
 from rlhf_jax.models import reward as reward_lib
 from rlhf_jax.trainers import rm
@@ -29,12 +29,8 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, word_rankings):
-    root = tmp_path_factory.mktemp("rm_data")
-    word_rankings(root / "train.jsonl", tasks.sample_examples(64, seed=0), BEST_FIRST, seed=0)
-    word_rankings(root / "eval.jsonl", tasks.sample_examples(16, seed=0, split="heldout"), BEST_FIRST, seed=1)
-    tasks.save_tokenizer(root / "tokenizer")
-    return root
+def files(ranking_files):
+    return ranking_files("rm_data", BEST_FIRST)
 
 
 def tiny_config(files, **overrides):
