@@ -56,6 +56,10 @@ def test_state_holds_adapters_and_one_base_copy(built):
     base = Transformer(models.actor.config)
     assert lora.count(state.ref) == lora.count(jax.eval_shape(lambda: base.init(jax.random.PRNGKey(0),
                                                                                  jnp.zeros((1, 4), jnp.int32))))
+    # The (full) critic starts from the actor's starting weights as the actor sees them: a QLoRA
+    # actor's base dequantised.
+    kernel = state.ref["layers"]["mlp"]["up"]["kernel"]
+    np.testing.assert_array_equal(state.critic["layers"]["mlp"]["up"]["kernel"], lora.dequantize(kernel))
 
 
 def test_reference_is_exactly_the_adapter_free_actor(built):
