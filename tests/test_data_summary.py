@@ -86,3 +86,27 @@ def test_builtin_rankings_have_distinct_responses(tmp_path):
     rows = [json.loads(line) for line in open(files["rm_train"])]
     assert len(rows) == d.builtin_prompts  # none skipped on the default task
     assert all(len(set(r["responses"])) == len(r["responses"]) == d.builtin_responses for r in rows)
+
+
+def test_a_batch_larger_than_the_split_names_the_key_the_count_and_the_file(tokenizer, tmp_path):
+    """The trainers' check before any model is built (an epoch would have no step): one line that
+    starts with the key (the scripts print it as `FATAL config error: ...`)."""
+    path = write(tmp_path / "d.jsonl", [{"prompt": "what", "response": "a"}] * 3)
+    split = load_split("demonstrations", path, tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    split.check_batch_size(3, "config.batch_size")  # fits
+    with pytest.raises(ValueError) as error:
+        split.check_batch_size(8, "config.batch_size")
+    assert str(error.value) == (f"config.batch_size=8 is larger than the 3 examples in {path}: an epoch would have no "
+                                "step; lower config.batch_size (to at most 3) or add data")
+    prompts = load_split("prompts", path, tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(ValueError) as error:  # RL: a batch of groups, each prompt sampled group_size times
+        prompts.check_batch_size(16, "config.rollout.batch_size", "prompts", 4, "config.algorithm.group_size")
+    assert str(error.value) == (
+        f"config.rollout.batch_size=16 (4 x config.algorithm.group_size=4) is larger than the 3 prompts in {path}: an "
+        "epoch would have no step; lower config.rollout.batch_size (to at most 12) or add data")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("what is a b\n\nwhat is a b\n")
+    text = load_split("text", str(corpus), tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(ValueError, match=r"^config.batch_size=2 is larger than the 1 sequences of 16 tokens \(packed "
+                                         r"from 2 rows\) in .*corpus.txt"):
+        text.check_batch_size(2, "config.batch_size")

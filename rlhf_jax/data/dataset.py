@@ -72,6 +72,22 @@ class TokenizedSplit:
                        "the tokenizer does not cover this data; use the model's own tokenizer or train one on it")
         return out
 
+    def check_batch_size(self, batch_size: int, key: str, what: str = "examples", group: int = 1,
+                         group_key: str = "") -> None:
+        """A training iterator's batch must not be larger than the split (an epoch would have no step):
+        a one-line ValueError naming `key` (e.g. "config.batch_size"), the number of `what` kept and
+        the files. `group` rows of the batch come from one example (RL groups, named by `group_key`)."""
+        needed = batch_size // group
+        if needed <= len(self):
+            return
+        if self.kind == "text":
+            what = f"sequences of {self.max_len} tokens (packed from {self.num_source_rows} rows)"
+        elif self.num_source_rows != len(self):
+            what = f"{what} kept of {self.num_source_rows} rows"
+        asked = f"{key}={batch_size}" + (f" ({needed} x {group_key}={group})" if group > 1 else "")
+        raise ValueError(f"{asked} is larger than the {len(self)} {what} in {', '.join(self.paths)}: an epoch "
+                         f"would have no step; lower {key} (to at most {len(self) * group}) or add data")
+
     def __len__(self) -> int:
         return len(self.examples)
 
