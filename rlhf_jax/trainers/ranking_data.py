@@ -66,7 +66,7 @@ def load_data(config, workdir: str) -> RankingData:
     eval_split = load_ranking_split(config, files.eval, tokenizer, workdir) if files.eval else None
     for name, split in (("train", train_split), ("eval", eval_split)):
         if split is not None:
-            setup.report_data(workdir, name, split, "config.data.max_len / config.data.max_prompt_len")
+            setup.report_data(workdir, name, split, ("config.data.max_len", "config.data.max_prompt_len"))
     train_split.check_batch_size(config.batch_size, "config.batch_size", "ranked prompts")
     num_steps = config.num_steps or config.num_epochs * (len(train_split) // config.batch_size)
     return RankingData(tokenizer, train_split, eval_split, num_steps)

@@ -60,7 +60,7 @@ def resolve_data(config, workdir: str) -> setup.DataFiles:
     return setup.DataFiles(train=train, eval=eval_file, tokenizer=tokenizer)
 
 
-LENGTH_KEYS = "config.data.max_len / config.data.max_prompt_len"
+LENGTH_KEYS = ("config.data.max_len", "config.data.max_prompt_len")  # the data summary's budgets (report_data)
 
 
 def load_lm_split(config, files, tokenizer, workdir: str, batch_format: str = "lm"):
