@@ -7,7 +7,9 @@ A reward function is plain Python in the user's own module:
 `prompts` are the prompt texts (without the chat template), `responses` the decoded responses (up to
 the first EOS, `evaluation.decode_responses`), `fields` the extra columns of the prompt file for the
 same rows (`rlhf_jax.data.prompt_fields`, e.g. `answer`); a function that does not take `**fields`
-gets only the fields it names. It returns one finite number per response.
+gets only the fields it names. A field a function names without a default must be a column of the
+prompt file: checked at start-up, before anything is compiled (`check_fields`). It returns one finite
+number per response.
 
 The config names them as `config.rewards.functions = "pkg.module:function=weight, ..."` (weight 1
 when left out; `path/to/file.py:function` also works). The score of a response is
@@ -119,6 +121,36 @@ def _accepted(fn: Callable, fields: Mapping[str, list]) -> dict[str, list]:
     return {k: v for k, v in fields.items() if k in names}
 
 
+def required_fields(fn: Callable) -> list[str]:
+    """The prompt-file fields `fn` cannot run without: its parameters after `prompts` and `responses`
+    that are passed by name and have no default. What a function reads from `**fields` is not
+    declared: a missing one is named when the function raises KeyError on it (`call_function`)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    return [p.name for p in params if p not in positional and p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def describe_columns(columns: Sequence[str], source: str) -> str:
+    """"config.data.prompts='f.jsonl' has the columns ['a', 'b']" (the fields the functions can get)."""
+    have = f"the columns {sorted(columns)}" if columns else "no columns"
+    return f"config.data.prompts={source!r} has {have} besides the prompt"
+
+
+def check_fields(functions: Sequence[RewardFunction], columns: Sequence[str], source: str, key: str = KEY) -> None:
+    """Before anything runs: every field a function names (`required_fields`) is a column of the prompt
+    file(s) `source`; else a one-line error naming the function, the field and the columns there are."""
+    for function in functions:
+        missing = [name for name in required_fields(function.fn) if name not in columns]
+        if missing:
+            raise RewardFunctionError(f"{key}: reward function {function.spec} needs the prompt-file field "
+                                      f"{missing[0]!r}, but {describe_columns(columns, source)}; add the column "
+                                      "to the file or give the parameter a default")
+
+
 def _first_failing_row(function: RewardFunction, prompts, responses, fields) -> int | None:
     for row in range(len(responses)):
         try:
@@ -129,12 +161,15 @@ def _first_failing_row(function: RewardFunction, prompts, responses, fields) -> 
 
 
 def call_function(function: RewardFunction, prompts: Sequence[str], responses: Sequence[str],
-                  fields: Mapping[str, list], index: Sequence[int], key: str = KEY) -> np.ndarray:
-    """`function` on one batch -> float64 `[B]`. `index [B]` are the rows' prompt indices (for errors).
+                  fields: Mapping[str, list], index: Sequence[int], key: str = KEY, source: str = "") -> np.ndarray:
+    """`function` on one batch -> float64 `[B]`. `index [B]` are the rows' prompt indices (for errors);
+    `fields` every column of the prompt file(s) `source` for those rows.
 
     Raises `RewardFunctionError` naming the function, the prompt index and the value when it raises
-    (the first row that raises alone is named), returns something that is not a sequence of B real
+    (the first row that raises alone is named; a KeyError, in a function given every column, on a name
+    that is not one also lists the file's columns), returns something that is not a sequence of B real
     numbers, or returns a non-finite number."""
+    columns = sorted(fields)
     fields = _accepted(function.fn, fields)
     where = f"{key}: reward function {function.spec}"
     try:
@@ -142,6 +177,9 @@ def call_function(function: RewardFunction, prompts: Sequence[str], responses: S
     except Exception as error:  # noqa: BLE001 — user code: name it, the row and the error
         row = _first_failing_row(function, list(prompts), list(responses), fields)
         at = "" if row is None else f" on prompt index {int(index[row])} (response {responses[row][:80]!r})"
+        missing = error.args[0] if isinstance(error, KeyError) and error.args else None
+        if isinstance(missing, str) and missing not in columns and sorted(fields) == columns:  # it gets **fields
+            at += f": {missing!r} is not a column of the prompt file ({describe_columns(columns, source)})"
         raise RewardFunctionError(f"{where} raised {type(error).__name__}: {error}{at}") from error
     if isinstance(values, np.ndarray):
         values = values.tolist() if values.ndim == 1 else values
@@ -170,11 +208,13 @@ class HostReward:
     `rows`: the prompt files' `PromptRows`; `decode(tokens [B, N], mask [B, N]) -> list[str]` turns
     responses into text (the evaluation's `decode_responses`). `__call__(index [B], tokens, mask)`
     returns {"score": float32 [B] = Σ weight · value, <name>: float32 [B] per function}; padding
-    rows (index < 0) score 0 and are not shown to the functions."""
+    rows (index < 0) score 0 and are not shown to the functions. Construction checks that the rows
+    have every field the functions name (`check_fields`)."""
 
     def __init__(self, functions: Sequence[RewardFunction], rows, decode: Callable[[np.ndarray, np.ndarray], list]):
         if not functions:
             raise RewardFunctionError(f"{KEY}: no reward functions configured")
+        check_fields(functions, sorted(rows.fields), rows.source)  # at start-up, not after the first rollout
         self.functions, self.rows, self.decode = list(functions), rows, decode
 
     @property
@@ -194,7 +234,7 @@ class HostReward:
         responses = self.decode(np.asarray(tokens)[real], np.asarray(mask)[real])
         total = np.zeros(len(real), np.float64)
         for function in self.functions:
-            values = call_function(function, prompts, responses, fields, index[real])
+            values = call_function(function, prompts, responses, fields, index[real], source=self.rows.source)
             out[function.name][real] = values
             total += function.weight * values
         out["score"][real] = total

@@ -317,7 +317,24 @@ def save_tokenizer(tokenizer, workdir: str) -> None:
             shutil.copyfile(source, out / source.name)
 
 
-def check_vocab(model: Transformer, tokenizer, key: str = "config.init") -> None:
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size} (config.model.vocab_size or {key})")
+def check_vocab(model: Transformer, tokenizer, init, key: str = "config.init", tokenizer_setting: str = "",
+                tokenizer_key: str = "config.data.tokenizer") -> None:
+    """One-line ValueError (a config error: it starts with the key) when the tokenizer has ids the
+    model cannot embed (len(tokenizer) > vocab_size), with both sizes. It names `tokenizer_key` when
+    the config set the tokenizer (`tokenizer_setting`, its value), and where the model's vocabulary
+    comes from: `key`.path for a checkpoint or HF model, config.model.vocab_size for a fresh one."""
+    size, vocab = len(tokenizer), model.config.vocab_size
+    if size <= vocab:
+        return
+    if init.source in ("checkpoint", "hf"):
+        model_side = f"{key}.path={init.path!r} holds a model with vocab_size={vocab}"
+        recorded = f" (leave {tokenizer_key} empty for the one recorded with it)" if (
+            tokenizer_setting and init.source == "checkpoint") else ""
+        fix = f"use the tokenizer that model was trained with{recorded} or a model whose vocabulary holds {size} tokens"
+    else:
+        model_side = f"config.model.vocab_size={vocab}"
+        fix = f"set config.model.vocab_size to 0 (= the tokenizer's size) or at least {size}"
+    tokens = f"{size} tokens (ids up to {size - 1})"
+    if tokenizer_setting:
+        raise ValueError(f"{tokenizer_key}={tokenizer_setting!r}: the tokenizer has {tokens} but {model_side}; {fix}")
+    raise ValueError(f"{model_side} but the tokenizer {str(tokenizer.name_or_path)!r} has {tokens}; {fix}")

@@ -4,7 +4,8 @@
 - `plot_ppo_curves`: RM reward, gold score, KL and kl_coef against PPO step (metrics.jsonl).
 - `plot_rm_accuracy`: RM train / held-out ranking accuracy against step.
 - `plot_overoptimization`: gold and RM score against KL to SFT over a sweep (Gao et al. 2022).
-- `markdown_table`, `write_report`: a report a person reads in a minute.
+- `markdown_table`, `write_report`: a report a person reads in a minute; `kl_note` says what
+  `kl_to_sft` estimates and why it can come out slightly negative.
 """
 from __future__ import annotations
 
@@ -27,10 +28,16 @@ SUMMARY_DESCRIPTIONS = {
     "policy_gold": "mean gold score of the RL policy's samples on held-out prompts (ppo_gold for PPO)",
     "rm_heldout_accuracy": "RM pairwise accuracy on held-out labeler rankings",
     "labeler_agreement": "how often two simulated labelers agree on a pair (the bar for the RM)",
-    "kl_to_sft": "mean over held-out prompts of sum_t log pi_policy - log pi_sft (policy samples)",
+    "kl_to_sft": "KL(policy || SFT), nats per response, sampled: mean over held-out prompts of sum_t log pi_policy "
+                 "- log pi_sft on policy samples (k1 estimator: unbiased, slightly negative values are sampling noise)",
     "win_rate_vs_sft": "gold judge: policy sample beats SFT sample for the same prompt (ties count 1/2)",
     "wall_seconds": "wall-clock seconds of all stages (as recorded when each finished) and the evaluation",
 }
+
+KL_TO_SFT_ESTIMATOR = ("k1: mean over held-out prompts of sum_t (log pi_policy - log pi_sft) on policy samples; "
+                       "unbiased for KL(policy || SFT) >= 0, but a Monte-Carlo mean: small negative values are "
+                       "sampling noise (kl_to_sft_stderr; kl_to_sft_k3 is the k3 estimate, >= 0 by construction)")
+"""summary.json's `kl_to_sft_estimator`: what `kl_to_sft` is (rlhf_jax.rl's KL estimators, Schulman 2020)."""
 
 PPO_CURVES = (("reward/mean", "RM reward"), ("gold/mean", "gold score"), ("kl", "KL to reference"),
               ("kl_coef", "KL coefficient"))
@@ -217,6 +224,36 @@ def samples_markdown(samples: Sequence[Mapping[str, Any]], policy: str = "PPO") 
     return markdown_table(rows, ("prompt", "SFT response", column))
 
 
+def standard_error(values) -> float:
+    """Standard error of the mean of `values` (sample std, ddof 1, / sqrt(n)); 0 for fewer than 2."""
+    values = [float(v) for v in values]
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def kl_note(summary: Mapping[str, Any]) -> str:
+    """What `kl_to_sft` is, with its standard error and k3 estimate when the summary has them, and
+    what a negative value means (sampling noise, unless it is many standard errors below 0)."""
+    kl, stderr, k3 = summary["kl_to_sft"], summary.get("kl_to_sft_stderr"), summary.get("kl_to_sft_k3")
+    note = ("kl_to_sft is a sampled estimate of KL(policy || SFT) in nats per response: the mean over held-out "
+            "prompts of sum_t (log pi_policy - log pi_sft) on the policy's own samples (the k1 estimator, as the RL "
+            "stage's `kl`). It is unbiased, but single terms can be negative")
+    if stderr is not None:
+        note += f"; its standard error over prompts is {stderr:.3f}"
+    if k3 is not None:
+        note += f"; the k3 estimate (r - 1 - log r per token, >= 0 by construction) is {k3:.3f}"
+    note += "."
+    if kl < 0 and stderr and kl < -3 * stderr:
+        note += (f" The value here, {kl:.3f}, is {-kl / stderr:.1f} standard errors below 0, more than sampling noise "
+                 "explains: check that the policy's samples and both log-probs used the same temperature.")
+    elif kl < 0:
+        note += (f" The value here, {kl:.3f}, is below 0, which the true KL never is: a small negative estimate is "
+                 "sampling noise (the policy is too close to SFT for this many samples to tell the two apart).")
+    return note
+
+
 def write_report(path: PathLike, summary: Mapping[str, Any], samples: Sequence[Mapping[str, Any]],
                  plots: Mapping[str, str], notes: Sequence[str] = ()) -> None:
     """report.md: headline table, a few before/after samples, the plots (paths relative to it)."""
@@ -224,17 +261,18 @@ def write_report(path: PathLike, summary: Mapping[str, Any], samples: Sequence[M
     metric_rows = [{"metric": key, "value": summary[key], "meaning": SUMMARY_DESCRIPTIONS[key]}
                    for key in SUMMARY_KEYS]
     algorithm = summary.get("algorithm", "ppo").upper()
+    kl_error = f" ± {summary['kl_to_sft_stderr']:.2f}" if "kl_to_sft_stderr" in summary else ""
     parts = [
         f"# RLHF pipeline report ({algorithm})\n",
         f"{algorithm} vs SFT on held-out prompts (gold judge): win rate **{summary['win_rate_vs_sft']:.2f}**, "
         f"gold **{summary['sft_gold']:.3f} -> {summary['policy_gold']:.3f}** "
         f"(best-of-4 reranked by the RM: {summary['best_of_4_gold']:.3f}), at KL "
-        f"{summary['kl_to_sft']:.2f} nats from SFT. The reward model agrees with held-out labeler "
-        f"rankings {summary['rm_heldout_accuracy']:.1%} of the time; two labelers agree "
+        f"{summary['kl_to_sft']:.2f}{kl_error} nats from SFT (sampled estimate). The reward model agrees with "
+        f"held-out labeler rankings {summary['rm_heldout_accuracy']:.1%} of the time; two labelers agree "
         f"{summary['labeler_agreement']:.1%}.\n",
         "## Numbers\n",
         markdown_table(metric_rows, ("metric", "value", "meaning")),
-        *[f"- {note}\n" for note in notes],
+        *[f"- {note}\n" for note in (kl_note(summary), *notes)],
         f"## Samples before / after {algorithm}\n",
         "Gold score in parentheses.\n",
         samples_markdown(samples, algorithm),

@@ -86,3 +86,68 @@ def test_builtin_rankings_have_distinct_responses(tmp_path):
     rows = [json.loads(line) for line in open(files["rm_train"])]
     assert len(rows) == d.builtin_prompts  # none skipped on the default task
     assert all(len(set(r["responses"])) == len(r["responses"]) == d.builtin_responses for r in rows)
+
+
+def test_a_truncated_response_warns_with_its_budget_and_the_keys_that_set_it(tokenizer, tmp_path):
+    """A response's budget is max_len minus its kept prompt (at most max_prompt_len tokens), not max_len:
+    the warning gives the budgets the cut rows had and names both keys (raise one, lower the other)."""
+    short = {"prompt": "what is a", "response": "it is a ."}  # 8 + 5 tokens: fits max_len 16
+    rows = [short] * 18 + [{"prompt": "what", "response": " ".join(["a"] * 20)}] * 2 + [
+        {"prompt": "what is a b", "response": " ".join(["b"] * 20)}]
+    path = write(tmp_path / "d.jsonl", rows)
+    split = load_split("demonstrations", path, tokenizer, max_len=16, max_prompt_len=8, data_dir=str(tmp_path / "tfds"))
+    s = split.summary()
+    # "what": a 6-token prompt leaves 10 of the 21 response tokens; "what is a b": 9 -> 8 prompt tokens, 8 left
+    assert (s["responses_truncated"], s["longest_response"], s["response_budget_min"], s["response_budget_max"]) == (
+        3, 21, 8, 10)
+    assert split.warnings(("config.data.max_len", "config.data.max_prompt_len")) == [
+        f"{path}: 14.29% of rows have a truncated response (longest 21 tokens, budget 8-10 tokens = "
+        "config.data.max_len 16 minus the prompt, which keeps up to 8 tokens (config.data.max_prompt_len)): raise "
+        "config.data.max_len or lower config.data.max_prompt_len"]
+    fits = load_split("demonstrations", write(tmp_path / "f.jsonl", [short]), tokenizer, max_len=16,
+                      data_dir=str(tmp_path / "tfds")).summary()
+    assert (fits["responses_truncated"], fits["response_budget_min"], fits["response_budget_max"]) == (0, 0, 0)
+
+
+def test_a_packed_corpus_says_how_many_sequences_its_rows_became(tokenizer, tmp_path, capsys):
+    """Pretraining text is packed, not dropped: the line says "packed into N sequences", and
+    data_summary.json keeps rows_kept (= those sequences, as before) and adds packed_sequences."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(["what is a b"] * 10) + "\n")  # 10 documents of 4 tokens + EOS = 50 tokens
+    split = load_split("text", str(path), tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    setup.report_data(workdir, "train", split, "config.data.max_len")
+    assert capsys.readouterr().out.splitlines() == [
+        f"data[train] {path}: 10 rows read, packed into 4 sequences of up to 16 tokens (50 tokens), dropped: none; "
+        "unknown tokens 0.0%"]
+    recorded = json.loads((workdir / "data_summary.json").read_text())["train"]
+    assert (recorded["rows_read"], recorded["rows_kept"], recorded["packed_sequences"], recorded["tokens"]) == (
+        10, 4, 4, 50)
+    demos = load_split("demonstrations", write(tmp_path / "d.jsonl", [{"prompt": "what", "response": "a"}]),
+                       tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    assert demos.summary()["packed_sequences"] is None
+
+
+def test_a_batch_larger_than_the_split_names_the_key_the_count_and_the_file(tokenizer, tmp_path):
+    """The trainers' check before any model is built (an epoch would have no step): one line that
+    starts with the key (the scripts print it as `FATAL config error: ...`)."""
+    path = write(tmp_path / "d.jsonl", [{"prompt": "what", "response": "a"}] * 3)
+    split = load_split("demonstrations", path, tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    split.check_batch_size(3, "config.batch_size")  # fits
+    with pytest.raises(ValueError) as error:
+        split.check_batch_size(8, "config.batch_size")
+    assert str(error.value) == (f"config.batch_size=8 is larger than the 3 examples in {path}: an epoch would have no "
+                                "step; lower config.batch_size (to at most 3) or add data")
+    prompts = load_split("prompts", path, tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(ValueError) as error:  # RL: a batch of groups, each prompt sampled group_size times
+        prompts.check_batch_size(16, "config.rollout.batch_size", "prompts", 4, "config.algorithm.group_size")
+    assert str(error.value) == (
+        f"config.rollout.batch_size=16 (4 x config.algorithm.group_size=4) is larger than the 3 prompts in {path}: an "
+        "epoch would have no step; lower config.rollout.batch_size (to at most 12) or add data")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("what is a b\n\nwhat is a b\n")
+    text = load_split("text", str(corpus), tokenizer, max_len=16, data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(ValueError, match=r"^config.batch_size=2 is larger than the 1 sequences of 16 tokens \(packed "
+                                         r"from 2 rows\) in .*corpus.txt"):
+        text.check_batch_size(2, "config.batch_size")

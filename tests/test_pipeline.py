@@ -115,6 +115,31 @@ def test_write_summary_rejects_missing_and_nonfinite(tmp_path):
         report.write_summary(path, bad)
 
 
+def test_the_report_says_what_kl_to_sft_estimates_and_what_a_negative_value_means(tmp_path):
+    """kl_to_sft is the k1 estimate (a Monte-Carlo mean of log-ratios, which can come out below 0): the
+    headline gives it with its standard error, a note names the estimator, and a negative value is
+    explained as sampling noise, unless it is more than 3 standard errors below 0."""
+    assert report.standard_error([1.0, 2.0, 3.0, 4.0]) == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2.0)
+    assert report.standard_error([5.0]) == 0.0
+    samples = [{"prompt": "p", "sft": "a", "sft_gold": 0.5, "ppo": "b", "ppo_gold": 0.6}]
+    summary = _summary(kl_to_sft=-0.021, kl_to_sft_stderr=0.034, kl_to_sft_k3=0.012)
+    report.write_report(tmp_path / "report.md", summary, samples, {})
+    text = (tmp_path / "report.md").read_text()
+    assert "at KL -0.02 ± 0.03 nats from SFT (sampled estimate)" in text
+    assert "| kl_to_sft | -0.021 | KL(policy \\|\\| SFT), nats per response, sampled: " in text
+    assert ("- kl_to_sft is a sampled estimate of KL(policy || SFT) in nats per response: the mean over held-out "
+            "prompts of sum_t (log pi_policy - log pi_sft) on the policy's own samples (the k1 estimator, as the RL "
+            "stage's `kl`). It is unbiased, but single terms can be negative; its standard error over prompts is "
+            "0.034; the k3 estimate (r - 1 - log r per token, >= 0 by construction) is 0.012. The value here, "
+            "-0.021, is below 0, which the true KL never is: a small negative estimate is sampling noise (the policy "
+            "is too close to SFT for this many samples to tell the two apart).\n") in text
+    far = report.kl_note(_summary(kl_to_sft=-0.5, kl_to_sft_stderr=0.01))
+    assert far.endswith("The value here, -0.500, is 50.0 standard errors below 0, more than sampling noise explains: "
+                        "check that the policy's samples and both log-probs used the same temperature.")
+    assert "below 0" not in report.kl_note(_summary())  # 3.2: nothing to explain; older summaries have no stderr
+    assert report.KL_TO_SFT_ESTIMATOR.startswith("k1: ")
+
+
 def test_markdown_table_and_series():
     table = report.markdown_table([{"a": 1, "b": 0.123456}, {"a": "x|y"}], ("a", "b"))
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| x\\|y |  |"]
@@ -279,7 +304,13 @@ def test_smoke_summary_report_and_plots(smoke_workdir):
     assert summary["sft_gold"] == pytest.approx(np.mean([s["sft_gold"] for s in samples]))
     assert summary["ppo_gold"] == summary["policy_gold"] == pytest.approx(np.mean([s["ppo_gold"] for s in samples]))
     assert summary["algorithm"] == "ppo"
+    # kl_to_sft: the k1 mean over prompts of the samples' sequence KLs, with its standard error and the k3 mean
+    per_prompt = [np.mean(s["kl"]) for s in samples]
+    assert summary["kl_to_sft"] == pytest.approx(np.mean(per_prompt))
+    assert summary["kl_to_sft_stderr"] == pytest.approx(np.std(per_prompt, ddof=1) / np.sqrt(len(per_prompt)))
+    assert summary["kl_to_sft_k3"] >= 0.0 and summary["kl_to_sft_estimator"] == report.KL_TO_SFT_ESTIMATOR
     text = (smoke_workdir / "report.md").read_text()
+    assert report.kl_note(summary) in text
     for key in report.SUMMARY_KEYS:
         assert f"| {key} |" in text
     for png in ("ppo_curves.png", "rm_accuracy.png"):

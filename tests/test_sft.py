@@ -18,6 +18,7 @@ import pytest
 
 from configs import sft as sft_configs
 from rlhf_jax import checkpoint, loading, metrics, sharding, tasks
+from rlhf_jax.models import Transformer
 from rlhf_jax.trainers import loop, sft
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -186,6 +187,61 @@ def test_config_errors_come_before_any_compilation(task_files, tmp_path, monkeyp
         sft.train(tiny_config(task_files, **{"eval.batch_size": 4}), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
+
+
+def _small_vocab_run(directory, vocab_size: int) -> pathlib.Path:
+    """An SFT run dir whose checkpoint metadata describes a tiny model of `vocab_size` tokens (what a
+    later stage reads before any weights: `loading.architecture`)."""
+    model_cfg = sft_configs.get_config("tiny").model
+    model = Transformer(loading.transformer_config(model_cfg, vocab_size), heads=("lm",))
+    saver = checkpoint.Checkpointer(directory / "checkpoints")
+    saver.save(1, {"params": {"w": jax.numpy.ones(3)}}, {"stage": "sft", "model": loading.model_meta(model)})
+    saver.close()
+    return directory
+
+
+def _data_errors(files, tmp_path):
+    """(overrides, the one-line error) of data that does not fit the run: a batch larger than the
+    data, a tokenizer with more ids than the model's vocabulary (a fresh model, a checkpoint's)."""
+    tokenizer, train = files / "tokenizer", files / "train.jsonl"
+    small = _small_vocab_run(tmp_path / "small_vocab", 50)
+    return [({"batch_size": 72}, f"config.batch_size=72 is larger than the 64 examples in {train}: an epoch would have "
+                                 "no step; lower config.batch_size (to at most 64) or add data"),
+            ({"model.vocab_size": 40}, f"config.data.tokenizer='{tokenizer}': the tokenizer has 120 tokens (ids up to "
+                                       "119) but config.model.vocab_size=40; set config.model.vocab_size to 0 (= the "
+                                       "tokenizer's size) or at least 120"),
+            ({"init.source": "checkpoint", "init.path": str(small)},
+             f"config.data.tokenizer='{tokenizer}': the tokenizer has 120 tokens (ids up to 119) but "
+             f"config.init.path='{small}' holds a model with vocab_size=50; use the tokenizer that model was trained "
+             "with (leave config.data.tokenizer empty for the one recorded with it) or a model whose vocabulary "
+             "holds 120 tokens")]
+
+
+def test_data_that_does_not_fit_is_one_line_naming_the_key_before_any_compilation(task_files, tmp_path, monkeypatch):
+    def no_jit(*args, **kwargs):
+        raise AssertionError("jax.jit called before the config was validated")
+
+    monkeypatch.setattr(jax, "jit", no_jit)
+    for i, (override, message) in enumerate(_data_errors(task_files, tmp_path)):
+        with pytest.raises(ValueError) as error:
+            sft.train(tiny_config(task_files, **override), str(tmp_path / f"run{i}"))
+        assert str(error.value) == message
+        run = tmp_path / f"run{i}"
+        assert not (run / "checkpoints").exists() and not (run / "config.json").exists()  # nothing trained
+
+
+def test_the_script_prints_data_that_does_not_fit_as_one_fatal_line(task_files, tmp_path):
+    """What a user sees: `FATAL config error: ...` as the last line, exit status 1, no traceback
+    (a batch larger than the data; a bigger tokenizer than the checkpoint's model)."""
+    errors = _data_errors(task_files, tmp_path)
+    for i, (override, message) in enumerate([errors[0], errors[2]]):
+        flags = _flags(task_files) + [f"--config.{k}={v}" for k, v in override.items()]
+        proc = subprocess.run([sys.executable, str(REPO / "experiments" / "train_sft.py"), "--config",
+                               str(REPO / "configs" / "sft.py") + ":tiny", f"--workdir={tmp_path / f'run{i}'}", *flags],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == f"FATAL config error: {message}"
+        assert "Traceback" not in proc.stderr
 
 
 def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(task_files, reference_run, tmp_path):

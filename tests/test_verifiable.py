@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from configs import ppo as ppo_configs
-from rlhf_jax import algorithms, host_rewards, sharding
+from rlhf_jax import algorithms, host_rewards, loading, sharding
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.data import formats, prompt_fields
 from rlhf_jax.tasks import answers, arithmetic
 
 from conftest import multiprocess_test
-from reward_functions import raises_on_seven, words_equal_to_answer
+from reward_functions import needs_gold, raises_on_seven, reads_gold_from_fields, words_equal_to_answer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GSM8K_SAMPLE = REPO / "experiments" / "data" / "gsm8k" / "sample.jsonl"
@@ -172,6 +172,33 @@ def test_bad_reward_functions_name_the_function_the_prompt_index_and_the_value()
     np.testing.assert_array_equal(call(lambda p, r: np.array([1, 2, 3]), "ok"), [1.0, 2.0, 3.0])
 
 
+def test_a_field_a_function_needs_is_checked_against_the_prompt_file_before_it_runs():
+    """Named parameters without a default are the fields a function needs (`scale=1.0` is optional);
+    one missing from the file stops the HostReward's construction, naming the function, the field,
+    the file and its columns. A function reading **fields declares nothing: its KeyError on the first
+    call lists the columns instead."""
+    assert host_rewards.required_fields(needs_gold) == ["gold"]
+    assert host_rewards.required_fields(words_equal_to_answer) == ["answer"]
+    assert host_rewards.required_fields(reads_gold_from_fields) == []
+    assert host_rewards.required_fields(lambda prompts, responses: []) == []
+    rows = prompt_fields.PromptRows(["q0", "q1"], {"answer": ["5", "6"], "solution": ["x", "y"]}, "p.jsonl")
+    decode = lambda tokens, mask: ["5", "7"]  # noqa: E731
+    host_rewards.HostReward([_function(words_equal_to_answer, "match")], rows, decode)  # has `answer`: fine
+    with pytest.raises(host_rewards.RewardFunctionError) as error:
+        host_rewards.HostReward([_function(words_equal_to_answer, "match"), _function(needs_gold, "gold")], rows, decode)
+    assert str(error.value) == (
+        "config.rewards.functions: reward function tests:gold needs the prompt-file field 'gold', but "
+        "config.data.prompts='p.jsonl' has the columns ['answer', 'solution'] besides the prompt; add the column to "
+        "the file or give the parameter a default")
+    reward = host_rewards.HostReward([_function(reads_gold_from_fields, "reads")], rows, decode)
+    with pytest.raises(host_rewards.RewardFunctionError) as error:
+        reward(np.array([0, 1]), np.zeros((2, 1)), np.ones((2, 1)))
+    assert str(error.value) == (
+        "config.rewards.functions: reward function tests:reads raised KeyError: 'gold' on prompt index 0 (response "
+        "'5'): 'gold' is not a column of the prompt file (config.data.prompts='p.jsonl' has the columns ['answer', "
+        "'solution'] besides the prompt)")
+
+
 def test_host_reward_weights_fields_and_padding_rows():
     rows = prompt_fields.PromptRows(["q0", "q1", "q2"], {"answer": ["5", "6", "7"]})
     decode = lambda tokens, mask: [" ".join(str(t) for t, m in zip(r, mr) if m) for r, mr in zip(tokens, mask)]  # noqa
@@ -225,6 +252,52 @@ def test_reward_function_config_errors_before_compiling(task_files, tmp_path):
         bad.update_from_flattened_dict(overrides)
         with pytest.raises(ValueError, match=r"^config\.(rewards\.functions|profile_phases).*" + message):
             ppo.validate_config(bad, (8, 1, 1))
+
+
+def test_prompt_file_and_vocabulary_errors_at_start_up_before_compiling(task_files, tmp_path, monkeypatch):
+    """Found before anything is compiled, each as one line naming its key: a function needing a column the
+    prompt file lacks (not after the first rollout), a tokenizer larger than the actor's vocabulary, a
+    rollout batch of more prompts than the file has."""
+    from rlhf_jax.trainers import ppo
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("jax.jit called before the config was validated")
+
+    monkeypatch.setattr(jax, "jit", no_jit)
+    prompts, tokenizer = task_files["ppo_prompts"], task_files["tokenizer"]
+    size = len(loading.load_tokenizer(tokenizer))
+    for i, (overrides, message) in enumerate([
+            ({"rewards.functions": f"{TEST_REWARD},tests.reward_functions:needs_gold"},
+             "config.rewards.functions: reward function tests.reward_functions:needs_gold needs the prompt-file field "
+             f"'gold', but config.data.prompts='{prompts}' has the columns ['answer', 'solution'] besides the prompt; "
+             "add the column to the file or give the parameter a default"),
+            ({"model.vocab_size": size - 1},
+             f"config.data.tokenizer='{tokenizer}': the tokenizer has {size} tokens (ids up to {size - 1}) but "
+             f"config.model.vocab_size={size - 1}; set config.model.vocab_size to 0 (= the tokenizer's size) or at "
+             f"least {size}"),
+            ({"rollout.batch_size": 512},
+             f"config.rollout.batch_size=512 (128 x config.algorithm.group_size=4) is larger than the 64 prompts in "
+             f"{prompts}: an epoch would have no step; lower config.rollout.batch_size (to at most 256) or add data")]):
+        with pytest.raises(ValueError) as error:
+            ppo.train(rl_config(task_files, tmp_path / "data", **overrides), str(tmp_path / f"run{i}"))
+        assert str(error.value) == message
+        assert not (tmp_path / f"run{i}" / "checkpoints").exists()
+
+
+def test_a_raising_reward_function_prints_its_fatal_line_below_the_progress_bar(task_files, tmp_path, capsys):
+    """The bar is closed before the one-line error is printed: the FATAL line starts a line of its own."""
+    from rlhf_jax.trainers import ppo, setup
+
+    config = rl_config(task_files, tmp_path / "data", num_steps=2,
+                       **{"rewards.functions": "tests.reward_functions:always_raises"})
+    with pytest.raises(SystemExit) as stop, setup.one_line_errors():
+        ppo.train(config, str(tmp_path / "run"))
+    assert stop.value.code == setup.EXIT_ERROR
+    err = capsys.readouterr().err
+    fatal = ("FATAL config error: config.rewards.functions: reward function tests.reward_functions:always_raises "
+             "raised RuntimeError: reward server down on prompt index")
+    assert "grpo:" in err and fatal in err  # the bar was drawn, then the error
+    assert [line for line in err.split("\n") if fatal in line][0].startswith(fatal), err[-1000:]
 
 
 def _pieces(config, mesh, workdir):

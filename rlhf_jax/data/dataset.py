@@ -34,14 +34,19 @@ class TokenizedSplit:
         self.num_dropped = int(sum(drops.counts.values()))
         self.template, self.unk_token = template, unk_token
         self.truncated, self.longest = dict(drops.truncated), dict(drops.longest)
+        self.response_budget = drops.response_budget  # (min, max) tokens a truncated response kept, or None
         self.num_tokens, self.num_unk = token_counts(examples, unk_id)
 
     def summary(self) -> dict:
         """What was read and what was done to it: files, kind, template, rows read / kept, drops by
         reason, rows with a truncated prompt / response (count and % of kept rows), longest prompt and
-        response before truncation (tokens), tokens and the share mapped to the unknown token."""
+        response before truncation (tokens), the smallest / largest budget a truncated response had
+        (max_len minus its kept prompt; 0 when none was cut), tokens and the share mapped to the
+        unknown token. A text corpus is packed: its rows become `packed_sequences` sequences of up to
+        max_len tokens (`rows_kept` counts those sequences; None for other kinds)."""
         kept = len(self.examples)
         pct = lambda n, total: round(100.0 * n / max(total, 1), 2)  # noqa: E731
+        budget = self.response_budget or (0, 0)
         return {"files": self.paths, "kind": self.kind, "batch_format": self.batch_format, "template": self.template,
                 "rows_read": self.num_source_rows, "rows_kept": kept, "dropped": self.drop_counts,
                 "dropped_pct": pct(self.num_dropped, self.num_source_rows),
@@ -50,27 +55,56 @@ class TokenizedSplit:
                 "responses_truncated": self.truncated.get("response", 0),
                 "responses_truncated_pct": pct(self.truncated.get("response", 0), kept),
                 "longest_prompt": self.longest.get("prompt", 0), "longest_response": self.longest.get("response", 0),
+                "response_budget_min": budget[0], "response_budget_max": budget[1],
                 "max_len": self.max_len, "max_prompt_len": self.max_prompt_len, "tokens": self.num_tokens,
-                "unk_tokens": self.num_unk, "unk_pct": pct(self.num_unk, self.num_tokens)}
+                "unk_tokens": self.num_unk, "unk_pct": pct(self.num_unk, self.num_tokens),
+                "packed_sequences": kept if self.kind == "text" else None}
 
-    def warnings(self, length_keys: str = "max_len / max_prompt_len") -> list[str]:
+    def warnings(self, length_keys: str | tuple[str, str] = ("max_len", "max_prompt_len")) -> list[str]:
         """One line per problem, each with its fix: more than 5% of rows dropped or with a truncated
-        prompt / response, more than 1% of tokens mapped to the unknown token. `length_keys` names
-        the settings that set the budgets (e.g. "config.data.max_len / config.data.max_prompt_len")."""
+        prompt / response, more than 1% of tokens mapped to the unknown token. `length_keys` names the
+        settings of the budgets: a pair (the max_len key, the max_prompt_len key), e.g.
+        ("config.data.max_len", "config.data.max_prompt_len"), or one key for them all (prompt
+        batches: "config.rollout.prompt_len"). A response's budget is max_len minus its kept prompt."""
         s, where, out = self.summary(), ", ".join(self.paths), []
+        pair = not isinstance(length_keys, str)
+        raise_keys = " / ".join(length_keys) if pair else length_keys
         if s["dropped_pct"] > 5:
             fixes = {"tied_responses": "a ranking row with identical responses carries no preference: write distinct "
-                                       "responses", "too_long": f"raise {length_keys} or allow truncation"}
+                                       "responses", "too_long": f"raise {raise_keys} or allow truncation"}
             out.append(f"{where}: {s['dropped_pct']}% of rows dropped {s['dropped']} ("
                        + "; ".join(f"{k}: {fixes[k]}" for k in sorted(s["dropped"])) + ")")
-        for part, budget in (("prompt", s["max_prompt_len"]), ("response", s["max_len"])):
-            if s[f"{part}s_truncated_pct"] > 5:
-                out.append(f"{where}: {s[f'{part}s_truncated_pct']}% of rows have a truncated {part} (longest "
-                           f"{s[f'longest_{part}']} tokens, budget {budget}): raise {length_keys}")
+        if s["prompts_truncated_pct"] > 5:
+            out.append(f"{where}: {s['prompts_truncated_pct']}% of rows have a truncated prompt (longest "
+                       f"{s['longest_prompt']} tokens, budget {s['max_prompt_len']}): raise {raise_keys}")
+        if s["responses_truncated_pct"] > 5:
+            low, high = s["response_budget_min"], s["response_budget_max"]
+            budget = f"{low}" if low == high else f"{low}-{high}"
+            max_len_key, prompt_key = length_keys if pair else ("max_len", "max_prompt_len")
+            fix = f"raise {max_len_key} or lower {prompt_key}" if pair else f"raise {length_keys}"
+            out.append(f"{where}: {s['responses_truncated_pct']}% of rows have a truncated response (longest "
+                       f"{s['longest_response']} tokens, budget {budget} tokens = {max_len_key} {s['max_len']} minus "
+                       f"the prompt, which keeps up to {s['max_prompt_len']} tokens ({prompt_key})): {fix}")
         if s["unk_pct"] > 1:
             out.append(f"{where}: {s['unk_pct']}% of tokens map to the tokenizer's unknown token {self.unk_token!r}: "
                        "the tokenizer does not cover this data; use the model's own tokenizer or train one on it")
         return out
+
+    def check_batch_size(self, batch_size: int, key: str, what: str = "examples", group: int = 1,
+                         group_key: str = "") -> None:
+        """A training iterator's batch must not be larger than the split (an epoch would have no step):
+        a one-line ValueError naming `key` (e.g. "config.batch_size"), the number of `what` kept and
+        the files. `group` rows of the batch come from one example (RL groups, named by `group_key`)."""
+        needed = batch_size // group
+        if needed <= len(self):
+            return
+        if self.kind == "text":
+            what = f"sequences of {self.max_len} tokens (packed from {self.num_source_rows} rows)"
+        elif self.num_source_rows != len(self):
+            what = f"{what} kept of {self.num_source_rows} rows"
+        asked = f"{key}={batch_size}" + (f" ({needed} x {group_key}={group})" if group > 1 else "")
+        raise ValueError(f"{asked} is larger than the {len(self)} {what} in {', '.join(self.paths)}: an epoch "
+                         f"would have no step; lower {key} (to at most {len(self) * group}) or add data")
 
     def __len__(self) -> int:
         return len(self.examples)

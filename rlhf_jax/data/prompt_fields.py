@@ -28,6 +28,7 @@ class PromptRows:
 
     prompts: list[str]
     fields: dict[str, list]
+    source: str = ""  # the files they were read from (comma-separated), for error messages
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -89,4 +90,4 @@ def read_prompt_rows(paths: str | Sequence[str]) -> PromptRows:
                 fields[name].append(row[name])
     if not prompts:
         raise DataError(", ".join(paths), None, None, "no prompt rows")
-    return PromptRows(prompts, fields)
+    return PromptRows(prompts, fields, ", ".join(paths))

@@ -32,6 +32,8 @@ def make_data(config, workdir: str, tokenizer=None, group_size: int = 1, report:
                                     batch_format="prompts", template=config.data.template, data_dir=cache_dir)
         if report:
             report("prompts", split, "config.rollout.prompt_len")
+        split.check_batch_size(config.rollout.batch_size, "config.rollout.batch_size", "prompts", group_size,
+                               "config.algorithm.group_size")
         prompts = split.iterator(num_prompts, config.seed)
     else:
         prompts = SyntheticPrompts(num_prompts, config.rollout.prompt_len, config.data.min_prompt_len,
@@ -42,6 +44,7 @@ def make_data(config, workdir: str, tokenizer=None, group_size: int = 1, report:
         split = load_split("text", config.data.ptx, tokenizer, max_len=config.ptx.seq_len, data_dir=cache_dir)
         if report:
             report("ptx", split, "config.ptx.seq_len")
+        split.check_batch_size(config.ptx.batch_size, "config.ptx.batch_size")
         ptx = split.iterator(config.ptx.batch_size, config.seed + 1)
     elif config.ptx.coef:
         low = max(config.rollout.pad_id, *stop) + 1

@@ -52,13 +52,15 @@ def kept_positions(ids: np.ndarray, keep: int, bos: int | None = None) -> np.nda
 
 class DataStats:
     """Counts dropped rows per reason (remembering their source lines), rows whose prompt or
-    response(s) were truncated, and the longest prompt / response seen (tokens)."""
+    response(s) were truncated, the longest prompt / response seen (tokens) and the smallest and
+    largest response budget of a cut row (max_len minus its kept prompt)."""
 
     def __init__(self):
         self.counts = collections.Counter()
         self.lines = collections.defaultdict(list)
         self.truncated = collections.Counter()  # "prompt" / "response": rows cut
         self.longest = collections.Counter()  # "prompt" / "response": tokens before truncation
+        self.response_budget: tuple[int, int] | None = None  # (min, max) tokens a cut response kept
 
     def drop(self, reason: str, line: int) -> None:
         self.counts[reason] += 1
@@ -70,7 +72,10 @@ class DataStats:
         self.longest["prompt"] = max(self.longest["prompt"], prompt_len)
         self.longest["response"] = max(self.longest["response"], response_len)
         self.truncated["prompt"] += keep_prompt is not None and keep_prompt < prompt_len
-        self.truncated["response"] += keep_response is not None and keep_response < response_len
+        if keep_response is not None and keep_response < response_len:
+            self.truncated["response"] += 1
+            low, high = self.response_budget or (keep_response, keep_response)
+            self.response_budget = (min(low, keep_response), max(high, keep_response))
 
 
 def _bos_id(tokenizer) -> int | None:

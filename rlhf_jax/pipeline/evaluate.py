@@ -64,7 +64,11 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     - win_rate_vs_sft: sample s of PPO against sample s of SFT under the gold judge, ties 1/2;
     - best_of_4_gold: gold of the RM's favourite among the SFT samples (first `eval.best_of`);
     - kl_to_sft: mean over prompts of sum_t log pi_ppo - log pi_sft on the PPO samples
-      (`rl.kl_k1` summed over each response, a single-sample estimate: Ziegler et al. 2019);
+      (`rl.kl_k1` summed over each response, a single-sample estimate: Ziegler et al. 2019, and the RL
+      stage's `kl`). Unbiased for KL(pi || pi_sft) >= 0, but one response's term can be negative, so
+      the mean can come out slightly below 0 from sampling noise; `kl_to_sft_stderr` is its standard
+      error over prompts and `kl_to_sft_k3` the same mean with `rl.kl_k3` (also unbiased, >= 0 by
+      construction, as the RL stage's `kl/k3`);
     - rm_heldout_accuracy: RM pairwise accuracy on the held-out labeler rankings.
     """
     start = time.perf_counter()
@@ -107,6 +111,7 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
     sft_lp = evaluation.teacher_forced_logprobs(logprob_fn, sft_params, *args)
     # [R, S]: per-response sums in float32 (as in training), averaged over prompts in float64
     kl = np.asarray(jnp.sum(rl.kl_k1(ppo_lp, sft_lp, ppo_out["mask"]), axis=-1), np.float64)
+    kl_k3 = np.asarray(jnp.sum(rl.kl_k3(ppo_lp, sft_lp, ppo_out["mask"]), axis=-1), np.float64)
     bar.update()
 
     scores, ranks = ranking_scores(rm_model, rm_params, layout.rankings_heldout, tokenizer,
@@ -121,6 +126,8 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
         "rm_heldout_accuracy": rm_heldout_accuracy(scores, ranks),
         "labeler_agreement": float(labeler_agreement),
         "kl_to_sft": float(kl.mean(axis=1).mean()),
+        "kl_to_sft_stderr": report.standard_error(kl.mean(axis=1)),
+        "kl_to_sft_estimator": report.KL_TO_SFT_ESTIMATOR,
         "win_rate_vs_sft": tasks.win_rate(ppo_gold.ravel(), sft_gold.ravel()),
         "wall_seconds": 0.0,
         "sft_rm_score": float(sft_rm.mean()),
@@ -134,6 +141,8 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
         "algorithm": algorithm,
         "policy_gold": float(ppo_gold.mean()),
     }
+    if np.isfinite(kl_k3).all():  # exp(log r) can overflow float32 for a token the policy all but never samples
+        summary["kl_to_sft_k3"] = float(kl_k3.mean(axis=1).mean())
     if algorithm != "ppo":  # ppo_gold is the PPO policy's; other algorithms report policy_gold only
         del summary["ppo_gold"]
     samples = [{"prompt": prompts.examples[i].prompt, "sft": sft_texts[i][0], "sft_gold": float(sft_gold[i, 0]),
@@ -156,7 +165,8 @@ def evaluate(config, layout: Layout, ppo_dir: str | pathlib.Path, out_dir: str |
              "the algorithm.)"]
     report.write_report(out_dir / "report.md", summary, samples, plots, notes)
     echo(f"[eval] win rate {summary['win_rate_vs_sft']:.2f}, gold {summary['sft_gold']:.3f} -> "
-         f"{summary['policy_gold']:.3f}, KL {summary['kl_to_sft']:.2f}")
+         f"{summary['policy_gold']:.3f}, KL {summary['kl_to_sft']:.2f} ± {summary['kl_to_sft_stderr']:.2f} "
+         "(sampled estimate: small negative values are noise)")
     return summary
 
 

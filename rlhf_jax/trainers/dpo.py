@@ -217,7 +217,6 @@ def train(config, workdir: str) -> loop.LoopResult:
 
     # ---- policy state (resumed when WORKDIR/checkpoints has one), frozen reference ------------------
     model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))
-    loading.check_vocab(model, tokenizer)
     adapted = lora_state.setup(config, model, mesh, options, keep_initial=True)  # None unless config.lora.rank > 0
     built = state_lib.build_state(config, adapted.model if adapted else model, mesh, workdir, num_steps, options,
                                   trainable=adapted.trainable if adapted else None)

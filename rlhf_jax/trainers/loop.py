@@ -123,55 +123,57 @@ def train_loop(config, *, state: Any, step_fn: Callable, batches: Iterator, plac
         setup.record_config(config, writer.path.parent, step)
         writer.start_wandb(config)  # only with config.wandb.enabled
 
-    with PreemptionGuard() as guard:
-        while step < num_steps:
-            # ---- one step ------------------------------------------------------------------------
-            t0 = time.perf_counter()
-            host_batch = next(batches)
-            device_batch = place(host_batch)
-            data_time += time.perf_counter() - t0
-            state, step_metrics, *outputs = step_fn(state, device_batch)
-            step += 1
-            steps_since_log += 1
-            bar.update(1)
+    try:  # the bar is closed also when an error stops the run, so the script's FATAL line starts a line of its own
+        with PreemptionGuard() as guard:
+            while step < num_steps:
+                # ---- one step --------------------------------------------------------------------
+                t0 = time.perf_counter()
+                host_batch = next(batches)
+                device_batch = place(host_batch)
+                data_time += time.perf_counter() - t0
+                state, step_metrics, *outputs = step_fn(state, device_batch)
+                step += 1
+                steps_since_log += 1
+                bar.update(1)
 
-            is_last = step == num_steps
-            stop = guard.should_stop(step)
-            do_log = step % config.log_every == 0 or is_last or stop
-            do_eval = eval_fn is not None and (is_last or (config.eval_every and step % config.eval_every == 0))
-            do_save = is_last or stop or step % config.checkpoint.save_every == 0
+                is_last = step == num_steps
+                stop = guard.should_stop(step)
+                do_log = step % config.log_every == 0 or is_last or stop
+                do_eval = eval_fn is not None and (is_last or (config.eval_every and step % config.eval_every == 0))
+                do_save = is_last or stop or step % config.checkpoint.save_every == 0
 
-            # ---- metrics on the host: also where a run of non-finite steps is caught -------------
-            if do_log or do_save:
-                row = {k: metrics_lib.to_scalar(v) for k, v in step_metrics.items()}
-                if row["nonfinite_streak"] >= config.max_nonfinite_streak:
-                    writer.write(step, row)
-                    checkpointer.wait()  # earlier (good) saves are committed before the process stops
-                    raise nonfinite_error(row["nonfinite_streak"], step, last_saved, checkpointer.directory, what)
-                if on_step is not None:
-                    row.update(on_step(step, host_batch, outputs[0] if outputs else None, row))
-            if do_log:
-                elapsed = time.perf_counter() - tick
-                row.update({"time/step": elapsed / steps_since_log, "time/data": data_time / steps_since_log})
-                if do_eval:
-                    t0 = time.perf_counter()
-                    row.update(eval_fn(state))
-                    row["time/eval"] = time.perf_counter() - t0
-                last_row = writer.write(step, row)
-                bar.set_postfix(metrics_lib.short_postfix(last_row, postfix))
-                tick, data_time, steps_since_log = time.perf_counter(), 0.0, 0
-            elif do_eval:
-                last_row = writer.write(step, eval_fn(state))
+                # ---- metrics on the host: also where a run of non-finite steps is caught ---------
+                if do_log or do_save:
+                    row = {k: metrics_lib.to_scalar(v) for k, v in step_metrics.items()}
+                    if row["nonfinite_streak"] >= config.max_nonfinite_streak:
+                        writer.write(step, row)
+                        checkpointer.wait()  # earlier (good) saves are committed before the process stops
+                        raise nonfinite_error(row["nonfinite_streak"], step, last_saved, checkpointer.directory, what)
+                    if on_step is not None:
+                        row.update(on_step(step, host_batch, outputs[0] if outputs else None, row))
+                if do_log:
+                    elapsed = time.perf_counter() - tick
+                    row.update({"time/step": elapsed / steps_since_log, "time/data": data_time / steps_since_log})
+                    if do_eval:
+                        t0 = time.perf_counter()
+                        row.update(eval_fn(state))
+                        row["time/eval"] = time.perf_counter() - t0
+                    last_row = writer.write(step, row)
+                    bar.set_postfix(metrics_lib.short_postfix(last_row, postfix))
+                    tick, data_time, steps_since_log = time.perf_counter(), 0.0, 0
+                elif do_eval:
+                    last_row = writer.write(step, eval_fn(state))
 
-            # ---- checkpoint, preemption ----------------------------------------------------------
-            if do_save:
-                checkpointer.save(step, items_fn(state), meta_fn(state))
-                last_saved = step
-            if stop and not is_last:
-                preempted = True
-                break
-        checkpointer.wait()  # still under the guard: a signal now cannot kill a save half-way
-    bar.close()
+                # ---- checkpoint, preemption ------------------------------------------------------
+                if do_save:
+                    checkpointer.save(step, items_fn(state), meta_fn(state))
+                    last_saved = step
+                if stop and not is_last:
+                    preempted = True
+                    break
+            checkpointer.wait()  # still under the guard: a signal now cannot kill a save half-way
+    finally:
+        bar.close()
     if preempted:
         logging.warning("Stopped by %s at step %d (started at %d). Checkpoint saved to %s/%d; run the same "
                         "command again to resume.", guard.signal_name, step, start_step, checkpointer.directory, step)

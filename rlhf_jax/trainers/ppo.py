@@ -43,7 +43,7 @@ def load_tokenizer(config, models: Models):
     else its HF dir), checked against the model's vocabulary and the configured EOS / pad ids."""
     tokenizer = loading.load_tokenizer(loading.tokenizer_path(config.data.tokenizer, config.actor.init,
                                                               key="config.actor.init"))
-    loading.check_vocab(models.actor, tokenizer, "config.actor.init")
+    loading.check_vocab(models.actor, tokenizer, config.actor.init, "config.actor.init", config.data.tokenizer)
     rl_config.check_special_tokens(config.rollout, tokenizer, "config.rollout")
     return tokenizer
 

@@ -54,17 +54,19 @@ class RankingData:
 
 
 def load_data(config, workdir: str) -> RankingData:
-    """Resolve, tokenize and count: raises a config.batch_size error when an epoch has no step."""
+    """Resolve, check the tokenizer against the model's vocabulary (`loading.check_vocab`), tokenize and
+    count: raises a config.batch_size error when an epoch would have no step
+    (`TokenizedSplit.check_batch_size`); all before any weights are built."""
     files = resolve_data(config, workdir)
     tokenizer = loading.load_tokenizer(files.tokenizer)
+    model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))
+    loading.check_vocab(model, tokenizer, config.init, tokenizer_setting=config.data.tokenizer)  # before tokenizing
     loading.save_tokenizer(tokenizer, workdir)
     train_split = load_ranking_split(config, files.train, tokenizer, workdir)
     eval_split = load_ranking_split(config, files.eval, tokenizer, workdir) if files.eval else None
     for name, split in (("train", train_split), ("eval", eval_split)):
         if split is not None:
-            setup.report_data(workdir, name, split, "config.data.max_len / config.data.max_prompt_len")
+            setup.report_data(workdir, name, split, ("config.data.max_len", "config.data.max_prompt_len"))
+    train_split.check_batch_size(config.batch_size, "config.batch_size", "ranked prompts")
     num_steps = config.num_steps or config.num_epochs * (len(train_split) // config.batch_size)
-    if num_steps <= 0:
-        raise ValueError(f"config.batch_size={config.batch_size} is larger than the {len(train_split)} training "
-                         f"prompts: an epoch has no step")
     return RankingData(tokenizer, train_split, eval_split, num_steps)

@@ -145,7 +145,6 @@ def train(config, workdir: str) -> loop.LoopResult:
 
     # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ------------------------
     model = loading.architecture(config.init, config.model, heads=("value",), vocab_size=len(tokenizer))
-    loading.check_vocab(model, tokenizer)
     # LoRA (config.lora.rank > 0): adapters + the scalar head trained, the base frozen
     adapted = lora_state.setup(config, model, mesh, options, modules_to_save=("value_head",))
     built = state_lib.build_state(config, adapted.model if adapted else model, mesh, workdir, num_steps, options,

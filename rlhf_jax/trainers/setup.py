@@ -239,17 +239,24 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # DIR/data_summary.json: what each split read, dropped and truncated
 # ----------------------------------------------------------------------------------------------
-def report_data(workdir: str | pathlib.Path, name: str, split, length_keys: str) -> dict:
+def report_data(workdir: str | pathlib.Path, name: str, split, length_keys: str | tuple[str, str]) -> dict:
     """The data summary of one split (`TokenizedSplit.summary`): one line on stdout, each problem
     (`split.warnings(length_keys)`) as a "WARNING data[name]: ..." line on stderr, and the summary stored under `name` in
-    WORKDIR/data_summary.json (this run's file: it describes the data the run is using now)."""
+    WORKDIR/data_summary.json (this run's file: it describes the data the run is using now). A packed
+    text corpus says how many sequences its rows became (nothing of it is lost)."""
     summary, problems = split.summary(), split.warnings(length_keys)
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary["dropped"].items())) or "none"
     if jax.process_index() == 0:
-        print(f"data[{name}] {', '.join(summary['files'])}: {summary['rows_read']} rows read, {summary['rows_kept']} "
-              f"kept, dropped: {dropped}; truncated prompts {summary['prompts_truncated_pct']}%, responses "
-              f"{summary['responses_truncated_pct']}%; template {summary['template']}; unknown tokens "
-              f"{summary['unk_pct']}%", flush=True)
+        files = ", ".join(summary["files"])
+        if summary["packed_sequences"] is not None:
+            print(f"data[{name}] {files}: {summary['rows_read']} rows read, packed into {summary['packed_sequences']} "
+                  f"sequences of up to {summary['max_len']} tokens ({summary['tokens']} tokens), dropped: {dropped}; "
+                  f"unknown tokens {summary['unk_pct']}%", flush=True)
+        else:
+            print(f"data[{name}] {files}: {summary['rows_read']} rows read, {summary['rows_kept']} kept, dropped: "
+                  f"{dropped}; truncated prompts {summary['prompts_truncated_pct']}%, responses "
+                  f"{summary['responses_truncated_pct']}%; template {summary['template']}; unknown tokens "
+                  f"{summary['unk_pct']}%", flush=True)
         for line in problems:  # a plain line, not an absl log record: scripts keep absl quiet
             print(f"WARNING data[{name}]: {line}", file=sys.stderr, flush=True)
         path = pathlib.Path(workdir) / "data_summary.json"

@@ -60,7 +60,7 @@ def resolve_data(config, workdir: str) -> setup.DataFiles:
     return setup.DataFiles(train=train, eval=eval_file, tokenizer=tokenizer)
 
 
-LENGTH_KEYS = "config.data.max_len / config.data.max_prompt_len"
+LENGTH_KEYS = ("config.data.max_len", "config.data.max_prompt_len")  # the data summary's budgets (report_data)
 
 
 def load_lm_split(config, files, tokenizer, workdir: str, batch_format: str = "lm"):
@@ -165,6 +165,8 @@ def train(config, workdir: str) -> loop.LoopResult:
     options = setup.compiler_options(config)
     files = resolve_data(config, workdir)
     tokenizer = loading.load_tokenizer(files.tokenizer)
+    model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))
+    loading.check_vocab(model, tokenizer, config.init, tokenizer_setting=config.data.tokenizer)  # before tokenizing
     loading.save_tokenizer(tokenizer, workdir)
     train_split = load_lm_split(config, files.train, tokenizer, workdir)
     eval_split = prompt_split = None
@@ -175,10 +177,9 @@ def train(config, workdir: str) -> loop.LoopResult:
     for name, split in (("train", train_split), ("eval", eval_split)):
         if split is not None:
             setup.report_data(workdir, name, split, LENGTH_KEYS)
+    train_split.check_batch_size(config.batch_size, "config.batch_size")  # before the model is built
 
     # ---- model, optimizer, state (resumed when WORKDIR/checkpoints has one) ----------------------
-    model = loading.architecture(config.init, config.model, heads=("lm",), vocab_size=len(tokenizer))
-    loading.check_vocab(model, tokenizer)
     adapted = lora_state.setup(config, model, mesh, options)  # None unless config.lora.rank > 0
     built = state_lib.build_state(config, adapted.model if adapted else model, mesh, workdir, config.num_steps,
                                   options, trainable=adapted.trainable if adapted else None)
