@@ -185,3 +185,33 @@ def ranking_files(tmp_path_factory, word_rankings):
         tasks.save_tokenizer(root / "tokenizer")
         return root
     return make
+
+
+def ranking_data_that_does_not_fit(files) -> list:
+    """(config overrides, expected error start) for an RM / DPO stage on `ranking_files`' data: a batch
+    larger than the 64 ranked prompts (with config.num_steps set, and with 0 = epochs) and a tokenizer
+    with more ids than the model's vocabulary."""
+    train, tokenizer = files / "train.jsonl", files / "tokenizer"
+    return [({"batch_size": 72}, f"config.batch_size=72 is larger than the 64 ranked prompts in {train}: an epoch "
+                                  "would have no step; lower config.batch_size (to at most 64) or add data"),
+            ({"batch_size": 72, "num_steps": 0}, f"config.batch_size=72 is larger than the 64 ranked prompts in "
+                                                  f"{train}: an epoch would have no step"),
+            ({"model.vocab_size": 40}, f"config.data.tokenizer='{tokenizer}': the tokenizer has 120 tokens (ids up "
+                                        "to 119) but config.model.vocab_size=40; set config.model.vocab_size to 0 (= "
+                                        "the tokenizer's size) or at least 120")]
+
+
+def assert_one_line_errors_before_jit(train, cases, tmp_path, monkeypatch) -> None:
+    """`train(overrides, workdir)` raises ValueError starting with each case's message before any
+    `jax.jit` (patched to fail) and writes no checkpoint."""
+    import jax
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("jax.jit called before the config was validated")
+
+    monkeypatch.setattr(jax, "jit", no_jit)
+    for i, (override, message) in enumerate(cases):
+        with pytest.raises(ValueError) as error:
+            train(override, str(tmp_path / f"run{i}"))
+        assert str(error.value).startswith(message)
+        assert not (tmp_path / f"run{i}" / "checkpoints").exists()

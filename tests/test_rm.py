@@ -17,6 +17,7 @@ import pytest
 
 import rlhf_jax
 from configs import rm as rm_configs
+from conftest import assert_one_line_errors_before_jit, ranking_data_that_does_not_fit
 from rlhf_jax import checkpoint, loading, metrics, sharding
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
 from rlhf_jax.models import reward as reward_lib
@@ -210,23 +211,8 @@ def test_config_errors_name_the_key_before_any_compilation(files, tmp_path, over
 def test_data_that_does_not_fit_is_one_line_naming_the_key_before_any_compilation(files, tmp_path, monkeypatch):
     """A batch larger than the training prompts (with config.num_steps set, too) and a tokenizer with more
     ids than the model's vocabulary: one line naming the key, the counts and the file, before any jit."""
-    def no_jit(*args, **kwargs):
-        raise AssertionError("jax.jit called before the config was validated")
-
-    monkeypatch.setattr(jax, "jit", no_jit)
-    train, tokenizer = files / "train.jsonl", files / "tokenizer"
-    for i, (override, message) in enumerate([
-            ({"batch_size": 72}, f"config.batch_size=72 is larger than the 64 ranked prompts in {train}: an epoch "
-                                  "would have no step; lower config.batch_size (to at most 64) or add data"),
-            ({"batch_size": 72, "num_steps": 0}, f"config.batch_size=72 is larger than the 64 ranked prompts in "
-                                                  f"{train}: an epoch would have no step"),
-            ({"model.vocab_size": 40}, f"config.data.tokenizer='{tokenizer}': the tokenizer has 120 tokens (ids up "
-                                        "to 119) but config.model.vocab_size=40; set config.model.vocab_size to 0 (= "
-                                        "the tokenizer's size) or at least 120")]):
-        with pytest.raises(ValueError) as error:
-            rm.train(tiny_config(files, **override), str(tmp_path / f"run{i}"))
-        assert str(error.value).startswith(message)
-        assert not (tmp_path / f"run{i}" / "checkpoints").exists()
+    assert_one_line_errors_before_jit(lambda override, workdir: rm.train(tiny_config(files, **override), workdir),
+                                      ranking_data_that_does_not_fit(files), tmp_path, monkeypatch)
 
 
 def test_presets_build_and_later_stage_presets_require_a_checkpoint():
