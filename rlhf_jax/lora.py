@@ -39,6 +39,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 
 from rlhf_jax.models import Transformer
@@ -142,12 +143,65 @@ class _MatmulIntercept:
         return self.dot_general(x, w, dims, preferred_element_type=out_dtype).astype(out_dtype or x.dtype)
 
 
+@functools.cache
+def _nf4_table() -> tuple:
+    """The 16 NF4 values (fp32), read from qwix itself: `qwix.dequantize` of the codes 0..15."""
+    with jax.ensure_compile_time_eval():
+        codes = qwix.QArray(jnp.arange(16, dtype=jnp.uint4), jnp.ones((16,), jnp.float32), None, "nf4")
+        return tuple(np.asarray(qwix.dequantize(codes), np.float32))
+
+
+def _nf4_values(codes: jax.Array) -> jax.Array:
+    """fp32 NF4 value of each uint4 code, same shape as `codes`. qwix's own lookup goes through
+    `codes.ravel()` (a 1-D gather), which loses a sharded kernel's layout, so XLA builds the whole
+    fp32 kernel on every device; here it is elementwise (16 selects), so the sharding carries through."""
+    codes = codes.astype(jnp.int32)
+    out = jnp.zeros(codes.shape, jnp.float32)
+    for i, value in enumerate(_nf4_table()):
+        out = jnp.where(codes == i, value, out)
+    return out
+
+
+def _scale_blocks(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [.., in, out] times its block scales [.., in / block, out] (qwix's generic broadcast)."""
+    x_shape, s_shape = [], []
+    for a, b in zip(x.shape, scale.shape):
+        if a == b or b == 1:
+            x_shape.append(a)
+            s_shape.append(b)
+        else:
+            x_shape.extend((b, a // b))
+            s_shape.extend((b, 1))
+    return (x.reshape(x_shape) * scale.reshape(s_shape)).reshape(x.shape)
+
+
+def dequantize_qarray(q) -> jax.Array:
+    """`qwix.dequantize(q)`, the same values bit for bit, with an NF4 kernel's code lookup kept
+    elementwise (`_nf4_values`): a sharded quantised kernel dequantises to a kernel sharded the same
+    way (qwix's own NF4 path made XLA replicate it: plan_memory's QLoRA temporaries, up to +41 GiB
+    per device for Llama-2-7B on 8 devices)."""
+    if q.qtype != "nf4" or q.zero_point is not None:
+        return qwix.dequantize(q)
+    return _scale_blocks(_nf4_values(q.qvalue).astype(q.scale.dtype), q.scale)
+
+
+def _dot_general(lhs, rhs, dimension_numbers, **kwargs):
+    """qwix's `dot_general` for the PTQ providers, a quantised rhs dequantised by `dequantize_qarray`
+    first (qwix takes the same dequantise-then-matmul path for a float lhs; module doc)."""
+    if isinstance(rhs, qwix.QArray) and rhs.qtype == "nf4":
+        rhs = dequantize_qarray(rhs)
+    return qwix.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+
+
 class _Provider(_MatmulIntercept, qwix.LoraProvider):
-    pass
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dot_general_fn = _dot_general
 
 
 class _QuantProvider(_MatmulIntercept, qwix.PtqProvider):
-    pass
+    def __init__(self, rules):
+        super().__init__(rules, _dot_general_fn=_dot_general)
 
 
 def lora_model(model: Transformer, spec: LoraSpec, *, train: bool = True) -> Transformer:
@@ -200,7 +254,7 @@ def quantize_base(model: Transformer, base: dict) -> dict:
 
 def dequantize(x):
     """fp32 array of a kernel (`quantize_base`'s quantised form or an array, returned as is)."""
-    return qwix.dequantize(x.array) if is_quantized(x) else x
+    return dequantize_qarray(x.array) if is_quantized(x) else x
 
 
 def _name(path) -> str:

@@ -102,6 +102,23 @@ def test_frozen_bytes_per_device_shrink_by_the_stored_width(base):
     assert lora_state.per_device_bytes(frozen) == expected < 4 * lora.count(params)
 
 
+@pytest.mark.parametrize("axes", [("fsdp", None), (None, "tensor"), (None, None)])
+def test_nf4_dequantisation_is_qwix_bit_for_bit_and_keeps_the_kernel_sharding(axes):
+    """`lora.dequantize_qarray` = `qwix.dequantize` exactly (fp32 and bf16 scales), and a kernel
+    sharded over fsdp or tensor dequantises to the same sharding (qwix's 1-D NF4 lookup made XLA
+    gather the whole kernel: experiments/plan_memory.py's QLoRA temporaries)."""
+    kernel = jax.random.normal(jax.random.PRNGKey(0), (2, 256, 64), jnp.float32) * 0.02
+    q = jax.vmap(lambda w: lora.qwix.quantize(w, "nf4", channelwise_axes=(1,), tiled_axes={0: 64}))(kernel)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        np.testing.assert_array_equal(lora.dequantize_qarray(q.astype(dtype)), lora.qwix.dequantize(q.astype(dtype)))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    spec = jax.sharding.PartitionSpec(None, *axes)
+    q_sh = jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, spec), q)
+    compiled = jax.jit(lora.dequantize_qarray, in_shardings=(q_sh,)).lower(q).compile()
+    assert compiled.output_shardings.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 3)
+    assert "all-gather" not in compiled.as_text()
+
+
 def test_bad_quantisation_config_names_the_key(base):
     cfg = ml_collections.ConfigDict(dict(rank=4, alpha=8.0, dropout=0.0, target_modules=".*", modules_to_save="",
                                          quantize="int4", quantize_block=64))
