@@ -115,8 +115,9 @@ def lora_config(**fields) -> ml_collections.ConfigDict:
         #   separated: "embed", "pos_embed", "final_norm", "lm_head" (the RM / a shared critic add "value_head")
         quantize="none",  # QLoRA: store the frozen adapted kernels as "int8" or "nf4" (4-bit NormalFloat,
         #   Dettmers et al. 2023), dequantised on the fly; "none" = fp32
-        quantize_block=64,  # inputs per absmax scale of the quantised kernels (must divide d_model and d_ff;
-        #   0 = one scale per output channel)
+        quantize_block=64,  # inputs per absmax scale of the quantised kernels (must divide d_model, d_ff and
+        #   heads x head_dim; 0 = one scale per output channel). With quantize, rank must differ from every
+        #   projection size
     )
     base.update(fields)
     return ml_collections.ConfigDict(base)

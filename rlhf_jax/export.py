@@ -2,6 +2,7 @@
 
     python experiments/export_hf.py --workdir runs/sft --out exported/sft   # policy: AutoModelForCausalLM
     python experiments/export_hf.py --workdir runs/rm  --out exported/rm    # RM: AutoModelForSequenceClassification
+    python experiments/export_hf.py --workdir runs/sft_lora --out exported/adapters --adapters   # PEFT adapters
 
 A policy (an SFT, pretraining or RL run: `heads=("lm",)`) becomes `*ForCausalLM` with its tokenizer
 and a `generation_config.json` carrying the eos / pad / bos ids, so `generate` stops at our EOS.
@@ -13,6 +14,10 @@ when the model has no spare row for it, one zero row to the embedding, which no 
 so right-padded batches score the same in both. transformers' score is the *raw* value-head output;
 ours is normalised, (raw - mean) / std, with the mean and std written to config.json as
 `rlhf_jax_reward_norm`.
+
+A LoRA run exports merged by default (a plain model, `lora.merge`); `export_peft` (`--adapters`)
+writes its adapters alone in the PEFT format instead (`lora.save_peft`), to load with
+`peft.PeftModel.from_pretrained(<the base exported or downloaded as a transformers model>, out)`.
 
 Never overwrites another directory's files: `--out` must be new or empty, or an earlier export of
 the same run (it holds our `export.json`).
@@ -126,4 +131,37 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, *, tokenizer
               "kind": kind, "eos_token_id": extra["eos_token_id"], "pad_token_id": pad,
               "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def export_peft(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
+    """Write the LoRA adapters of `workdir`'s newest checkpoint to `out` in the PEFT format
+    (`lora.save_peft`: adapter_config.json + adapter_model.safetensors, `base_model_name_or_path` =
+    the base the run adapted, as its metadata records it). Returns the record written to
+    `out/export.json` (plus "base": the base's source and path). Raises ExportError (one line) for
+    a run without adapters, a base that was never saved (scratch), or `out` holding other files;
+    ValueError from `save_peft` for adapters PEFT cannot express (modules_to_save, GPT-2)."""
+    from rlhf_jax import lora
+
+    workdir = pathlib.Path(workdir)
+    meta = loading.stage_meta(str(workdir), "--workdir")
+    if "lora" not in meta:
+        raise ExportError(f"--workdir {workdir} is not a LoRA run (no adapters in its checkpoint); drop --adapters "
+                          "for the full model")
+    base = meta["lora"]["base"]
+    if base["source"] == "scratch":
+        raise ExportError(f"--workdir {workdir}: adapters of a freshly initialised model (init.source='scratch'), "
+                          "whose base was never saved: there is nothing for PEFT to load them onto")
+    run = json.loads((workdir / "run.json").read_text()) if (workdir / "run.json").is_file() else {}
+    source = {"workdir": str(workdir.absolute()), "run_id": run.get("run_id"), "stage": meta.get("stage")}
+    check_out_dir(out, source)
+    spec = lora.LoraSpec.from_meta(meta["lora"])
+    model = loading.model_from_meta(meta["model"])
+    adapters = loading.load_lora_trainable(str(workdir), lora.lora_model(model, spec, train=False), spec,
+                                           loading.single_device_mesh())
+    lora.save_peft(model, adapters, spec, out, base_model_name_or_path=base["path"])
+    record = {**source, "step": checkpoint_lib.checkpoint_step(workdir), "kind": "peft_adapters",
+              "base": {"source": base["source"], "path": base["path"]},
+              "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (pathlib.Path(out) / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -145,13 +145,20 @@ def load_checkpoint_params(path: str, model: Transformer, param_sh: Any) -> Any:
                          "was never saved, so the adapters cannot be merged (start LoRA runs from a checkpoint or hf)")
     base = initial_params(base_init, model, param_sh, jax.random.PRNGKey(0), key=f"{path} (lora base)")
     lmodel = lora.lora_model(model, spec, train=False)
-    mesh = jax.tree.leaves(param_sh)[0].mesh
-    shapes, shardings = lora.split(param_shapes(lmodel), spec)[0], lora.split(
-        sharding.param_shardings(lmodel, mesh), spec)[0]
-    trainable = checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(shapes, shardings))
+    trainable = load_lora_trainable(path, lmodel, spec, jax.tree.leaves(param_sh)[0].mesh)
     if spec.quantized:  # QLoRA: the adapters were trained on the quantised base; merge into its dequantised form
         base = jax.jit(lambda b: lora.quantize_base(lmodel, b))(base)
     return sharding.shard_params(lora.merge(lora.combine(trainable, base), spec), param_sh)
+
+
+def load_lora_trainable(path: str, lmodel: Transformer, spec, mesh) -> Any:
+    """The "params" item of a LoRA checkpoint as it is stored: the adapters (fp32 `*_lora_a` /
+    `*_lora_b`) and `spec.modules_to_save`, for the LoRA model `lmodel` (`lora.lora_model`)."""
+    from rlhf_jax import lora
+
+    shapes, shardings = lora.split(param_shapes(lmodel), spec)[0], lora.split(
+        sharding.param_shardings(lmodel, mesh), spec)[0]
+    return checkpoint_lib.load_params(path, checkpoint_lib.abstract_tree(shapes, shardings))
 
 
 def fit_heads(params: Mapping[str, Any], model: Transformer, rng: jax.Array, key: str) -> dict:

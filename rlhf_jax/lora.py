@@ -69,6 +69,7 @@ class LoraSpec:
     modules_to_save: tuple = ()
     quantize: str = "none"
     quantize_block: int = 64
+    key: str = dataclasses.field(default="config.lora", compare=False)  # the config section, for errors
 
     @property
     def scale(self) -> float:
@@ -78,6 +79,9 @@ class LoraSpec:
     def from_config(cls, cfg, key: str = "config.lora", modules_to_save: tuple = ()) -> "LoraSpec | None":
         """`None` when `cfg.rank == 0` (LoRA off); ValueError naming the key for a bad value."""
         if cfg.rank == 0:
+            if cfg.get("quantize", "none") != "none":
+                raise ValueError(f"{key}.quantize={cfg.quantize!r} needs {key}.rank > 0 (QLoRA quantises the frozen "
+                                 "base under LoRA adapters; with rank 0 every weight is trained in fp32)")
             return None
         if cfg.rank < 0:
             raise ValueError(f"{key}.rank={cfg.rank} must be >= 0 (0 = LoRA off)")
@@ -99,7 +103,7 @@ class LoraSpec:
         if cfg.quantize_block < 0:
             raise ValueError(f"{key}.quantize_block={cfg.quantize_block} must be >= 0 (0 = per output channel)")
         return cls(int(cfg.rank), float(cfg.alpha), float(cfg.dropout), cfg.target_modules,
-                   tuple(dict.fromkeys(tuple(modules_to_save) + extra)), cfg.quantize, int(cfg.quantize_block))
+                   tuple(dict.fromkeys(tuple(modules_to_save) + extra)), cfg.quantize, int(cfg.quantize_block), key)
 
     @classmethod
     def from_meta(cls, meta: dict) -> "LoraSpec":
@@ -117,16 +121,25 @@ class LoraSpec:
                 "target_modules": self.target_modules, "modules_to_save": list(self.modules_to_save),
                 "quantize": self.quantize, "quantize_block": self.quantize_block}
 
-    def rule_fields(self, model: Transformer, key: str = "config.lora") -> dict:
+    def rule_fields(self, model: Transformer) -> dict:
         """qwix rule fields of the base quantisation (`weight_qtype`, `tile_size`); ValueError naming
-        `key`.quantize_block when the block does not divide a projection's input size."""
+        `self.key`.quantize_block when the block does not divide a projection's input size, or
+        `.rank` when it equals a projection's input or output size (qwix finds a quantised kernel
+        among its module's params by shape, and A [in, r] / B [r, out] would then match too)."""
         if not self.quantized:
             return {}
         cfg = model.config
-        for size in sorted({cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.d_ff}):
+        inputs = {cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.d_ff}
+        sizes = sorted(inputs | {cfg.kv_heads * cfg.dim_per_head})
+        for size in sorted(inputs):
             if self.quantize_block and size % self.quantize_block:
-                raise ValueError(f"{key}.quantize_block={self.quantize_block} does not divide the projection input "
-                                 f"size {size} (d_model {cfg.d_model}, d_ff {cfg.d_ff}); use a divisor or 0")
+                raise ValueError(f"{self.key}.quantize_block={self.quantize_block} does not divide the projection "
+                                 f"input size {size} (d_model {cfg.d_model}, d_ff {cfg.d_ff}, heads x head_dim "
+                                 f"{cfg.n_heads * cfg.dim_per_head}); use a divisor or 0")
+        if self.rank in sizes:
+            raise ValueError(f"{self.key}.rank={self.rank} with {self.key}.quantize={self.quantize!r}: the rank equals "
+                             f"a projection size of the model ({', '.join(map(str, sizes))}), and qwix tells a "
+                             "quantised kernel from its adapters by shape; pick another rank")
         return {"weight_qtype": QTYPES[self.quantize], "tile_size": self.quantize_block or None}
 
 

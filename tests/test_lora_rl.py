@@ -201,6 +201,21 @@ def test_lora_critic_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"^config.critic.lora.quantize='none' with config.critic.init.source='actor': "
                                          r"the critic reads the actor's frozen base in place"):
         ppo.train(config, str(tmp_path / "b"))
+    config = lora_ppo_config(**{"actor.lora.quantize": "nf4", "critic.lora.rank": 4, "critic.lora.quantize": "nf4",
+                                "critic.lora.quantize_block": 32})
+    with pytest.raises(ValueError, match=r"^config.critic.lora.quantize_block=32 with config.critic.init.source="
+                                         r"'actor': .* set critic.lora.quantize_block=16 \(the actor's\)$"):
+        ppo.train(config, str(tmp_path / "c"))
+    config = lora_ppo_config(**{"actor.lora.quantize": "nf4", "actor.lora.quantize_block": 24})
+    with pytest.raises(ValueError, match=r"^config.actor.lora.quantize_block=24 does not divide"):
+        ppo.train(config, str(tmp_path / "d"))
+
+
+def test_a_lora_actor_on_a_scratch_base_warns_that_it_cannot_be_reloaded(tmp_path, capsys):
+    ppo.train(lora_ppo_config(num_steps=1), str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert "WARNING config.actor.lora.rank=4 on a freshly initialised actor (config.actor.init.source='scratch'): " \
+           "that base is never saved" in err
 
 
 # ---- QLoRA critic over the RM; exact resume with both bases quantised -------------------------

@@ -79,9 +79,13 @@ def test_resume_on_another_mesh(files, reference, tmp_path, sigterm_after_step):
                  jax.device_get(second.state.params), reference[2].params)
 
 
-def test_merged_export_loads_in_transformers_with_the_lora_logits(files, reference, tmp_path):
+def test_merged_and_peft_exports_of_the_run_load_with_the_lora_logits(files, reference, tmp_path):
+    """The run loads merged (and saves as a plain HF model), and `export.export_peft` (export_hf.py
+    --adapters) writes its adapters for peft on the base it adapted: both give the LoRA model's logits."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from rlhf_jax import export
     workdir, _, state = reference
     model, merged = loading.load_model(str(workdir))  # a LoRA checkpoint comes back merged
     assert not any(lora.is_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(merged)[0])
@@ -96,6 +100,15 @@ def test_merged_export_loads_in_transformers_with_the_lora_logits(files, referen
     with torch.no_grad():
         got = hf(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4)
+    record = export.export_peft(workdir, tmp_path / "adapters")
+    assert record["kind"] == "peft_adapters" and record["base"] == {"source": "hf", "path": str(files / "base")}
+    with torch.no_grad():
+        with_adapters = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+            record["base"]["path"], torch_dtype=torch.float32), tmp_path / "adapters")
+        got = with_adapters(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4)
+    with pytest.raises(export.ExportError, match=r"^--out .*/hf is not empty"):  # never over another export
+        export.export_peft(workdir, tmp_path / "hf")
     plain = Transformer(model.config).apply({"params": base}, jnp.asarray(ids)).logits
     assert float(jnp.abs(plain - expected).max()) > 1e-3  # training moved the adapters away from zero
 

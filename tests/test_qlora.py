@@ -128,3 +128,14 @@ def test_bad_quantisation_config_names_the_key(base):
     spec = lora.LoraSpec.from_config(cfg)
     with pytest.raises(ValueError, match=r"^config.lora.quantize_block=64 does not divide the projection input size"):
         lora.lora_model(base[0], spec)
+    # A rank equal to a projection size (d_model 16 here): qwix would take an adapter for the kernel.
+    cfg.update(quantize_block=16, rank=16)
+    with pytest.raises(ValueError, match=r"^config.lora.rank=16 with config.lora.quantize='nf4': the rank equals a "
+                                         r"projection size of the model \(8, 16, 32\)"):
+        lora.lora_model(base[0], lora.LoraSpec.from_config(cfg))
+    cfg.rank = 12
+    lora.lora_model(base[0], lora.LoraSpec.from_config(cfg))  # any other rank builds
+    # quantize without LoRA would be a silent fp32 fine-tune; the section's key is in the message
+    cfg.rank = 0
+    with pytest.raises(ValueError, match=r"^config.actor.lora.quantize='nf4' needs config.actor.lora.rank > 0"):
+        lora.LoraSpec.from_config(cfg, "config.actor.lora")

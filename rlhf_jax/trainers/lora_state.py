@@ -119,16 +119,17 @@ def memory_report(state: state_lib.TrainState, frozen: Any = None) -> dict:
     return memory_line(state.params, frozen, state.opt_state)
 
 
-def memory_line(trainable: Any, frozen: Any, opt_state: Any) -> dict:
+def memory_line(trainable: Any, frozen: Any, opt_state: Any, what: str = "") -> dict:
     """The start-up `memory:` line of a LoRA stage (printed by process 0) and its numbers: parameters
     (trainable + frozen pytrees; a quantised kernel counts its weights), the trainable share, and
-    MiB per device (the most-loaded device) of the parameters and of the optimizer state."""
+    MiB per device (the most-loaded device) of the parameters and of the optimizer state (the
+    buffers' real bytes: XLA:CPU holds an nf4 code in a byte). `what` names the models counted."""
     frozen = {} if frozen is None else frozen
     report = {"params": lora.count(trainable) + lora.count(frozen), "trainable_params": lora.count(trainable),
               "params_MiB_per_device": (per_device_bytes(trainable) + per_device_bytes(frozen)) / 2**20,
               "opt_state_MiB_per_device": per_device_bytes(opt_state) / 2**20}
     if jax.process_index() == 0:  # a start-up line on stdout like the data summary (scripts keep absl quiet)
-        print(f"memory: {report['params']:,} parameters ({report['trainable_params']:,} trainable, "
+        print(f"memory: {what + ': ' if what else ''}{report['params']:,} parameters ({report['trainable_params']:,} trainable, "
               f"{100.0 * report['trainable_params'] / max(report['params'], 1):.2f}%); per device: parameters "
               f"{report['params_MiB_per_device']:.1f} MiB, optimizer state {report['opt_state_MiB_per_device']:.1f} MiB",
               flush=True)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import pathlib
+import sys
 import time
 from typing import Callable, Iterator, Mapping, Optional
 
@@ -160,6 +161,11 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
     mesh = setup.setup_run(config, workdir, validate=lambda shape: validate_config(config, shape), stage="ppo")
     models = build_models(config)
     validate_models(config, models)
+    if models.actor_lora is not None and config.actor.init.source == "scratch" and jax.process_index() == 0:
+        print(f"WARNING config.actor.lora.rank={config.actor.lora.rank} on a freshly initialised actor "
+              "(config.actor.init.source='scratch'): that base is never saved, so this run's adapters cannot be "
+              "loaded, merged or exported later (rlhf_jax.load refuses them); start from an SFT checkpoint or HF "
+              "model for a run you keep", file=sys.stderr, flush=True)
     has_rm = config.reward.init.source != "none"
     settings = settings_from_config(config, loading.reward_norm(config.reward.init.path) if has_rm else None)
     optimizers = make_optimizers(config, models)
@@ -210,8 +216,10 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
         return info
 
     if models.actor_lora is not None or models.critic_lora is not None:  # the LoRA stages' start-up line
+        roles = ["actor", "reference (the actor's base)"] + ["critic"] * (state.critic is not None) + \
+            ["reward model"] * (state.reward is not None)
         lora_state.memory_line({"actor": state.actor, "critic": state.critic}, {"ref": state.ref, "reward": state.reward},
-                               {"actor": state.actor_opt, "critic": state.critic_opt})
+                               {"actor": state.actor_opt, "critic": state.critic_opt}, " + ".join(roles))
 
     # ---- compile once, ahead of time (else at the first call: profile_phases, nf4 bases) -------------
     t0 = time.perf_counter()

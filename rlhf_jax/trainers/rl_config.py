@@ -51,10 +51,10 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
     if config.actor.lora.rank and config.reference.init.source != "actor":
         fail(f"config.actor.lora.rank={config.actor.lora.rank} needs config.reference.init.source='actor' (the "
              f"reference is the adapter-free actor), got {config.reference.init.source!r}")
-    if config.actor.lora.rank:
-        lora.LoraSpec.from_config(config.actor.lora, "config.actor.lora")
-    if config.critic.lora.rank and algorithm.critic != "none":
+    lora.LoraSpec.from_config(config.actor.lora, "config.actor.lora")  # also: quantize without a rank
+    if algorithm.critic != "none":
         lora.LoraSpec.from_config(config.critic.lora, "config.critic.lora")
+    if config.critic.lora.rank and algorithm.critic != "none":
         if config.critic.type == "shared":
             fail(f"config.critic.lora.rank={config.critic.lora.rank} with config.critic.type='shared': the shared "
                  "value head sits on the actor's trunk, whose adapters are config.actor.lora's (set critic.lora.rank=0)")
@@ -68,10 +68,13 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
                  f"actor's starting weights), got {config.reference.init.source!r}")
         if config.critic.init.source == "actor" and quantised_base(config.critic.lora) != quantised_base(
                 config.actor.lora):
-            fail(f"config.critic.lora.quantize={config.critic.lora.quantize!r} with config.critic.init.source='actor': "
-                 "the critic reads the actor's frozen base in place, held as config.actor.lora stores it; set "
-                 "critic.lora quantize, quantize_block and target_modules to the actor's (quantize "
-                 f"{config.actor.lora.quantize!r} at rank {config.actor.lora.rank})")
+            stored = lambda c: quantised_base(c) or ("none",)  # noqa: E731
+            fields = ("quantize", "quantize_block", "target_modules")
+            differ = [f for f, a, b in zip(fields, stored(config.actor.lora), stored(config.critic.lora)) if a != b] or \
+                ["quantize"]
+            fail(f"config.critic.lora.{differ[0]}={config.critic.lora[differ[0]]!r} with config.critic.init.source="
+                 "'actor': the critic reads the actor's frozen base in place, stored as config.actor.lora stores it; "
+                 "set " + ", ".join(f"critic.lora.{f}={config.actor.lora[f]!r}" for f in differ) + " (the actor's)")
     for role, allowed in INIT_SOURCES.items():
         if role != "critic" or algorithm.critic != "none":
             loading.check_init(config[role].init, f"config.{role}.init", allowed)
