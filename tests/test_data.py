@@ -286,6 +286,23 @@ def test_drops_are_counted_with_lines(tokenizer, data_dir, tmp_path):
         load_split("comparisons", only_tied, tokenizer, max_len=32, data_dir=data_dir)
 
 
+
+def test_a_row_the_chat_template_cannot_render_names_its_file_and_line(backend, tmp_path, data_dir):
+    """The built-in task's template knows user and assistant turns only: a system turn on line 2 is
+    one DataError naming the file, the line and the field, not a jinja2 traceback."""
+    from rlhf_jax.tasks.tokenizer import CHAT_TEMPLATE
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                  chat_template=CHAT_TEMPLATE)
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    path = write(tmp_path / "system.jsonl", [json.dumps({"messages": turns}),
+                                             json.dumps({"messages": [{"role": "system", "content": "Be brief."}, *turns]})])
+    with pytest.raises(DataError, match=re.escape(path) + r", line 2, field 'messages': the chat template cannot "
+                                        r"render this row's messages: unsupported chat role: system$"):
+        load_split("demonstrations", path, tok, max_len=32, data_dir=data_dir)
+    assert len(load_split("demonstrations", write(tmp_path / "ok.jsonl", [json.dumps({"messages": turns})]), tok,
+                          max_len=32, data_dir=data_dir)) == 1
+
 # ----------------------------------------------------------------------------------------------
 # Iteration: shuffling, resume, sharding, drop_remainder, bucketing
 # ----------------------------------------------------------------------------------------------

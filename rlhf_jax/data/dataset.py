@@ -206,14 +206,18 @@ def load_split(kind: str, path: str | Sequence[str], tokenizer, *, max_len: int,
     records = [builders.decode_record(r) for r in source.__getitems__(list(range(len(source))))]
     drops = tokenization.DataStats()
     args = (records, tokenizer, template)
-    if kind == "text":
-        examples = tokenization.packed_text_examples(records, tokenizer, max_len)
-    elif batch_format == "lm":
-        examples = tokenization.lm_examples(*args, max_len, max_prompt_len, truncate, drops)
-    elif batch_format == "ranking":
-        examples = tokenization.ranking_examples(*args, max_len, max_prompt_len, truncate, drops)
-    else:
-        examples = tokenization.prompt_examples(*args, max_prompt_len, truncate, drops)
+    try:
+        if kind == "text":
+            examples = tokenization.packed_text_examples(records, tokenizer, max_len)
+        elif batch_format == "lm":
+            examples = tokenization.lm_examples(*args, max_len, max_prompt_len, truncate, drops)
+        elif batch_format == "ranking":
+            examples = tokenization.ranking_examples(*args, max_len, max_prompt_len, truncate, drops)
+        else:
+            examples = tokenization.prompt_examples(*args, max_prompt_len, truncate, drops)
+    except tokenization.RowError as error:  # the file and line of a row the chat template cannot render
+        where = paths[0] if len(paths) == 1 else f"one of {', '.join(paths)}"
+        raise formats.DataError(where, error.line, "messages", error.problem) from None
     if not examples:
         raise formats.DataError(", ".join(paths), None, None,
                                 f"empty split: all {len(records)} rows were dropped {dict(drops.counts)}")

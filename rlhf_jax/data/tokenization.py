@@ -82,13 +82,33 @@ def _bos_id(tokenizer) -> int | None:
     return tokenizer.bos_token_id
 
 
+class RowError(ValueError):
+    """A record the chat template cannot render (e.g. a role it does not know): its 1-based `line`
+    and the `problem`; `data.dataset` adds the file (formats.DataError)."""
+
+    def __init__(self, line: int, problem: str):
+        self.line, self.problem = line, problem
+        super().__init__(f"line {line}: {problem}")
+
+
+def _segments(record: dict, render, *args):
+    """`render(*args)` (chat.prompt_segments / response_segments), its failure a RowError naming the row."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return render(*args)
+    except (TemplateError, ValueError) as error:
+        raise RowError(record["line"], f"the chat template cannot render this row's messages: {error}") from None
+
+
 def tokenize_chat(records: list[dict], tokenizer, template: str, with_responses: bool):
-    """Each record -> (prompt ids, prompt target flags, [response ids], [response target flags])."""
-    prompt_rows = [chat.prompt_segments(tokenizer, r["messages"], template) for r in records]
+    """Each record -> (prompt ids, prompt target flags, [response ids], [response target flags]);
+    RowError for a record the template cannot render."""
+    prompt_rows = [_segments(r, chat.prompt_segments, tokenizer, r["messages"], template) for r in records]
     prompts = chat.tokenize_segments(tokenizer, prompt_rows)
     if not with_responses:
         return [(p, t, [], []) for p, t in prompts]
-    response_rows = [chat.response_segments(tokenizer, r["messages"], resp, template)
+    response_rows = [_segments(r, chat.response_segments, tokenizer, r["messages"], resp, template)
                      for r in records for resp in r["responses"]]
     eos, stop = chat.eos_id(tokenizer), chat.stop_ids(tokenizer)
     responses = iter(chat.end_response(ids, t, stop, eos) for ids, t in chat.tokenize_segments(tokenizer, response_rows))
