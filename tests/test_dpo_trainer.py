@@ -165,3 +165,19 @@ def test_data_that_does_not_fit_is_one_line_naming_the_key_before_any_compilatio
     ids than the model's vocabulary: one line naming the key, the counts and the file, before any jit."""
     assert_one_line_errors_before_jit(lambda override, workdir: dpo.train(tiny_config(files, **override), workdir),
                                       ranking_data_that_does_not_fit(files), tmp_path, monkeypatch)
+
+
+def test_a_reference_of_another_architecture_is_one_line_naming_the_key(files, tmp_path):
+    """dpo.reference_path pointing at a checkpoint whose model differs from the policy's (here the
+    vocabulary): one line naming the key and the fields that differ, not a shape error deep in a restore."""
+    from rlhf_jax.models import Transformer, TransformerConfig, init_params
+
+    other = Transformer(TransformerConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=32))
+    saver = checkpoint.Checkpointer(tmp_path / "other" / "checkpoints")
+    saver.save(1, {"params": jax.device_get(init_params(other, jax.random.PRNGKey(0)))},
+               {"model": loading.model_meta(other), "stage": "sft"})
+    saver.close()
+    config = tiny_config(files, **{"dpo.reference_path": str(tmp_path / "other")})
+    with pytest.raises(ValueError, match=r"^config.dpo.reference_path='.*/other' holds another architecture than the "
+                                         r"policy: vocab_size=40 \(policy 120\)"):
+        dpo.train(config, str(tmp_path / "run"))

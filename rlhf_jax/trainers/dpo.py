@@ -28,6 +28,7 @@ plus the starting values of any `modules_to_save`), with no second copy of the b
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 
@@ -183,8 +184,23 @@ def reference_of(config, model, mesh, adapted: lora_state.LoraStage | None, opti
     if config.dpo.reference_path:
         ref_init = ml_collections.ConfigDict({"source": "checkpoint", "path": config.dpo.reference_path})
         key = "config.dpo.reference"
+        check_same_architecture(model, config.dpo.reference_path)
     param_sh = sharding.param_shardings(model, mesh)
     return model, loading.initial_params(ref_init, model, param_sh, init_rng, options, key=key)
+
+
+def check_same_architecture(model, reference_path: str) -> None:
+    """One-line ValueError naming config.dpo.reference_path when its model is not the policy's
+    architecture (vocabulary, widths, layers, ...; the runtime dtype / remat / dropout aside)."""
+    saved = loading.model_from_meta(loading.stage_meta(reference_path, "config.dpo.reference_path")["model"]).config
+    runtime = {k: getattr(model.config, k) for k in loading.RUNTIME_FIELDS}
+    differ = {f.name: (getattr(saved, f.name), getattr(model.config, f.name))
+              for f in dataclasses.fields(saved) if f.name not in runtime
+              and getattr(saved, f.name) != getattr(model.config, f.name)}
+    if differ:
+        raise ValueError(f"config.dpo.reference_path={reference_path!r} holds another architecture than the policy: "
+                         + ", ".join(f"{k}={a} (policy {b})" for k, (a, b) in differ.items())
+                         + "; the reference must be a checkpoint of the policy's model")
 
 
 def precompute_reference(model, ref_params, param_sh, split, batch_size: int, mesh, options=None) -> None:
