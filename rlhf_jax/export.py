@@ -63,6 +63,12 @@ def check_out_dir(out: str | pathlib.Path, source: dict | None = None) -> None:
         raise ExportError(f"--out {out} is not empty ({what}); nothing was written: give a new or empty directory")
 
 
+def run_source(workdir: pathlib.Path, meta: dict) -> dict:
+    """What an export records of the run it came from: workdir, run id (WORKDIR/run.json) and stage."""
+    run = json.loads((workdir / "run.json").read_text()) if (workdir / "run.json").is_file() else {}
+    return {"workdir": str(workdir.absolute()), "run_id": run.get("run_id"), "stage": meta.get("stage")}
+
+
 def find_tokenizer(workdir: str | pathlib.Path, tokenizer: str | None = None):
     """`tokenizer` when given, else the run's (loading.run_tokenizer_dir); ExportError naming
     --tokenizer when it has none."""
@@ -104,8 +110,7 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, *, tokenizer
 
     workdir = pathlib.Path(workdir)
     meta = loading.stage_meta(str(workdir), "--workdir")
-    run = json.loads((workdir / "run.json").read_text()) if (workdir / "run.json").is_file() else {}
-    source = {"workdir": str(workdir.absolute()), "run_id": run.get("run_id"), "stage": meta.get("stage")}
+    source = run_source(workdir, meta)
     check_out_dir(out, source)
     tok = find_tokenizer(workdir, tokenizer)
     heads = tuple(meta["model"]["heads"])
@@ -152,8 +157,7 @@ def export_peft(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
     if base["source"] == "scratch":
         raise ExportError(f"--workdir {workdir}: adapters of a freshly initialised model (init.source='scratch'), "
                           "whose base was never saved: there is nothing for PEFT to load them onto")
-    run = json.loads((workdir / "run.json").read_text()) if (workdir / "run.json").is_file() else {}
-    source = {"workdir": str(workdir.absolute()), "run_id": run.get("run_id"), "stage": meta.get("stage")}
+    source = run_source(workdir, meta)
     check_out_dir(out, source)
     spec = lora.LoraSpec.from_meta(meta["lora"])
     model = loading.model_from_meta(meta["model"])

@@ -31,9 +31,9 @@ from rlhf_jax.data import rollout_data
 from rlhf_jax.data.rollout_data import abstract_batch, iteration_batches, make_data, place_batch
 from rlhf_jax.trainers import host_step, lora_state, loop, rl_config, setup
 from rlhf_jax.trainers.rl_config import (  # noqa: F401 (validate_config, settings_from_config: also ppo.*)
-    group_size, penalty_coef, reference_init, settings_from_config, validate_config, validate_models)
+    group_size, penalty_coef, settings_from_config, validate_config, validate_models)
 from rlhf_jax.trainers.rl_models import (  # noqa: F401 (build_models, initial_state, ...: also ppo.*)
-    build_models, compiles_ahead, frozen_params, initial_state, make_optimizers, quantizer, state_from_items,
+    build_models, compiles_ahead, frozen_params, initial_state, make_optimizers, reread_roles, state_from_items,
     state_items)
 
 # ----------------------------------------------------------------------------------------------
@@ -184,20 +184,15 @@ def train(config, workdir: str, *, gold_scorer: Optional[GoldScorer] = None, pro
                                                max_to_keep=config.checkpoint.max_to_keep)
     target = algorithms.abstract_state(models, optimizers, state_sh, config.kl.coef, config.ema_decay > 0,
                                        penalty_coef(config))
-    reread_reward = quantizer(models, "reward") is not None
-    items_fn = functools.partial(state_items, with_ref=models.actor_lora is None, with_reward=not reread_reward)
+    reread = reread_roles(models)
+    items_fn = functools.partial(state_items, with_ref="ref" not in reread, with_reward="reward" not in reread)
     restored = checkpointer.restore(items_fn(target))
     if restored is None:
         state, resume_step = initial_state(config, models, optimizers, state_sh), None
     else:
         state, resume_step = state_from_items(restored.items), restored.step
-        init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]  # initial_state's
-        if models.actor_lora is not None:  # the base is not in the checkpoint: read it where it started
-            state = state.replace(ref=frozen_params(reference_init(config), models, "ref", state_sh.ref, init_rng,
-                                                    options, "config.reference.init"))
-        if reread_reward:
-            state = state.replace(reward=frozen_params(config.reward.init, models, "reward", state_sh.reward,
-                                                       init_rng, options, "config.reward.init"))
+        for role in reread:  # frozen bases not in the checkpoint: read again where they started
+            state = state.replace(**{role: frozen_params(config, models, role, state_sh, options)})
         prompts_it.set_state(restored.meta["prompt_data"])
         if ptx_it is not None:
             ptx_it.set_state(restored.meta["ptx_data"])

@@ -66,12 +66,10 @@ def validate_config(config, mesh_shape: tuple[int, int, int]) -> None:
             fail(f"config.critic.lora.rank={config.critic.lora.rank} with config.critic.init.source='actor' needs "
                  "config.reference.init.source='actor' (the critic's frozen base is the reference's copy of the "
                  f"actor's starting weights), got {config.reference.init.source!r}")
-        if config.critic.init.source == "actor" and quantised_base(config.critic.lora) != quantised_base(
-                config.actor.lora):
-            stored = lambda c: quantised_base(c) or ("none",)  # noqa: E731
-            fields = ("quantize", "quantize_block", "target_modules")
-            differ = [f for f, a, b in zip(fields, stored(config.actor.lora), stored(config.critic.lora)) if a != b] or \
-                ["quantize"]
+        actor_base, critic_base = quantised_base(config.actor.lora), quantised_base(config.critic.lora)
+        if config.critic.init.source == "actor" and critic_base != actor_base:
+            fields = ("quantize", "quantize_block", "target_modules") if actor_base and critic_base else ("quantize",)
+            differ = [f for f in fields if config.critic.lora[f] != config.actor.lora[f]]
             fail(f"config.critic.lora.{differ[0]}={config.critic.lora[differ[0]]!r} with config.critic.init.source="
                  "'actor': the critic reads the actor's frozen base in place, stored as config.actor.lora stores it; "
                  "set " + ", ".join(f"critic.lora.{f}={config.actor.lora[f]!r}" for f in differ) + " (the actor's)")

@@ -85,10 +85,19 @@ def quantizer(models: Models, role: str) -> Optional[Transformer]:
     return None
 
 
-def frozen_params(init, models: Models, role: str, param_sh: Any, rng: jax.Array, options: Optional[dict],
-                  key: str) -> Any:
-    """Starting weights of the frozen `role` ("ref" or "reward") on `param_sh`: `loading.initial_params`,
-    quantised in place of the fp32 copy when a QLoRA role reads them (`quantizer`)."""
+def init_keys(config) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init_rng, head_rng, state_rng) of a run: scratch / HF weights, fresh value heads and adapters,
+    the state's own RNG. Every read of a role's starting weights uses the same init_rng."""
+    return tuple(jax.random.split(jax.random.PRNGKey(config.seed), 3))
+
+
+def frozen_params(config, models: Models, role: str, state_sh: RLState, options: Optional[dict] = None) -> Any:
+    """Starting weights of the frozen `role` ("ref" or "reward") from its init section, on its
+    shardings in `state_sh`: `loading.initial_params`, quantised in place of the fp32 copy when a
+    QLoRA role reads them (`quantizer`)."""
+    init, key = ((reference_init(config), "config.reference.init") if role == "ref" else
+                 (config.reward.init, "config.reward.init"))
+    rng, param_sh = init_keys(config)[0], getattr(state_sh, role)
     model, quantizing = getattr(models, role), quantizer(models, role)
     if quantizing is None:
         return loading.initial_params(init, model, param_sh, rng, options, key)
@@ -97,6 +106,12 @@ def frozen_params(init, models: Models, role: str, param_sh: Any, rng: jax.Array
     fp32 = loading.initial_params(init, plain, sharding.param_shardings(plain, mesh), rng, options, key)
     return jax.jit(lambda p: lora.quantize_base(quantizing, p), out_shardings=param_sh, donate_argnums=(0,),
                    compiler_options=options)(fp32)
+
+
+def reread_roles(models: Models) -> tuple[str, ...]:
+    """The frozen roles left out of checkpoints and read again (`frozen_params`) on resume: "ref"
+    under a LoRA actor (the base it reads), "reward" under a QLoRA critic over the RM (quantised)."""
+    return ("ref",) * (models.actor_lora is not None) + ("reward",) * (quantizer(models, "reward") is not None)
 
 
 def make_optimizers(config, models: Models) -> Optimizers:
@@ -111,15 +126,11 @@ def initial_state(config, models: Models, optimizers: Optimizers, state_sh: RLSt
     """Reference and actor from their init sections (the actor a copy of the reference when they
     share one), RM params, critic from the RM or the actor (trunk copied, unembedding dropped,
     fresh value head) or its own init; optimizer moments created sharded."""
-    init_rng, head_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    init_rng, head_rng, state_rng = init_keys(config)
     options = setup.compiler_options(config)
     lm_actor = Transformer(models.actor.config, heads=("lm",))
-    ref = frozen_params(reference_init(config), models, "ref", state_sh.ref, init_rng, options,
-                        "config.reference.init")
-    reward = None
-    if models.reward is not None:
-        reward = frozen_params(config.reward.init, models, "reward", state_sh.reward, init_rng, options,
-                               "config.reward.init")
+    ref = frozen_params(config, models, "ref", state_sh, options)
+    reward = None if models.reward is None else frozen_params(config, models, "reward", state_sh, options)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 — actor/critic must not alias frozen params
     jit = functools.partial(jax.jit, compiler_options=options)
     if config.reference.init.source == "actor":
